@@ -1,0 +1,132 @@
+"""The open distilled-data format: ``data.parquet`` + ``meta.json`` (+ ``init_params.safetensors``).
+
+A distilled set is a directory:
+
+* ``data.parquet`` — one row per image: ``image`` list<float32> (C·H·W, row-major,
+  normalised with ``mean``/``std``), ``label`` int64, ``step`` int32 (which of the S
+  batches, 0‥S−1). Rows are ordered by step, then by position within the step.
+* ``meta.json`` — ``shape`` [C, H, W], ``lrs`` (T step sizes in order of application,
+  epoch-major: step t uses batch t mod S), ``steps``, ``epochs``, ``mean``, ``std``,
+  ``dataset``, ``model``, ``classes``, ``init`` {``mode``, ``scheme``}, ``iterations``
+  (meta-steps completed), ``method``, ``ddray_version``, ``config`` (the full run config).
+* ``init_params.safetensors`` — for fixed-init modes only: θ₀ keyed by the model's
+  parameter names (``conv1.weight``, …).
+
+Training on it without ddray: for t in 0‥T−1, take the rows with ``step == t % S``,
+reshape ``image`` to ``shape``, and do one SGD step with step size ``lrs[t]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ddray import __version__
+
+DATA_FILE, META_FILE, INIT_FILE = "data.parquet", "meta.json", "init_params.safetensors"
+
+
+@dataclass
+class Distilled:
+    """A distilled (or baseline) set in memory.
+
+    Attributes:
+        images: (S, N, C, H, W) float32, normalised.
+        labels: (N,) int64, the same for every step.
+        lrs: (T,) step sizes in order of application.
+        meta: the rest of ``meta.json``.
+        init_params: θ₀ for fixed-init modes, else None.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    lrs: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    init_params: dict[str, torch.Tensor] | None = None
+
+    @property
+    def steps(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def epochs(self) -> int:
+        return len(self.lrs) // self.steps
+
+    @property
+    def step_index(self) -> torch.Tensor:
+        """(S·N,) batch index of each image in row order."""
+        return torch.arange(self.steps).repeat_interleave(self.images.shape[1])
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_distilled(path: str | Path, d: Distilled) -> Path:
+    """Write ``d`` in the open format to directory ``path`` (created); returns the path."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    s, n = d.images.shape[:2]
+    flat = d.images.detach().to(torch.float32).reshape(s * n, -1).numpy()
+    table = pa.table({
+        "image": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]).cast(
+            pa.list_(pa.float32())),
+        "label": pa.array(d.labels.repeat(s).numpy().astype(np.int64)),
+        "step": pa.array(d.step_index.numpy().astype(np.int32)),
+    })
+    pq.write_table(table, out / DATA_FILE)
+    meta = dict(d.meta)
+    meta.update(shape=list(d.images.shape[2:]), lrs=[float(v) for v in d.lrs], steps=s,
+                epochs=len(d.lrs) // s)
+    meta.setdefault("ddray_version", __version__)
+    if d.init_params is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in d.init_params.items()}, str(out / INIT_FILE))
+    write_json_atomic(out / META_FILE, meta)
+    return out
+
+
+def load_distilled(path: str | Path) -> Distilled:
+    """Read a distilled-data directory (or an MLflow ``runs:/<id>`` URI, see ddray.tracking).
+
+    Returns images (S, N, C, H, W), labels (N,), step sizes (T,), meta and θ₀ if saved.
+    """
+    src = str(path)
+    if src.startswith("runs:/") or src.startswith("models:/"):
+        from ddray.tracking import download_distilled
+
+        path = download_distilled(src)
+    p = Path(path)
+    if not (p / META_FILE).is_file() or not (p / DATA_FILE).is_file():
+        raise ValueError(f"{p}: not a distilled-data directory (expected {META_FILE} and {DATA_FILE})")
+    meta = json.loads((p / META_FILE).read_text())
+    table = pq.read_table(p / DATA_FILE)
+    steps = int(meta["steps"])
+    shape = tuple(int(v) for v in meta["shape"])
+    step = table.column("step").to_numpy()
+    order = np.argsort(step, kind="stable")
+    flat = np.stack(table.column("image").to_numpy(zero_copy_only=False))[order].astype(np.float32)
+    labels_all = table.column("label").to_numpy()[order]
+    n = len(flat) // steps
+    images = torch.from_numpy(flat).view(steps, n, *shape)
+    labels = torch.from_numpy(labels_all[:n].astype(np.int64))
+    init = None
+    if (p / INIT_FILE).is_file():
+        from safetensors.torch import load_file
+
+        init = load_file(str(p / INIT_FILE))
+    return Distilled(images, labels, torch.tensor(meta["lrs"], dtype=torch.float32), meta, init)

@@ -1,0 +1,252 @@
+"""``ddray distill | evaluate | baseline | pretrain | show`` — the command line.
+
+Every subcommand that runs the method takes ``--config FILE.yaml`` plus flag
+overrides; an invalid value is a one-line error (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from ddray.config import (FIELD_SECTION, INIT_MODES, INIT_SCHEMES, MEMORY_MODES, MODELS, PLACEMENTS,
+                          SYN_INITS, SYNC_MODES, Config, load_config)
+
+# flag → (type, help); flag names are config field names with '_' → '-'.
+OVERRIDES: dict[str, tuple[Any, str]] = {
+    "dataset": (str, "data set: mnist5k (default, embedded), digits (embedded), mnist, fashion_mnist, "
+                     "cifar10, svhn, usps (from --data-root)"),
+    "data_root": (str, "directory of a torchvision data set's files"),
+    "image_size": (int, "resize images to this square size (e.g. 28 to adapt USPS/digits to MNIST)"),
+    "model": (str, f"network: {', '.join(MODELS)} (default lenet)"),
+    "init_scheme": (str, f"θ₀ distribution: {', '.join(INIT_SCHEMES)} (default xavier)"),
+    "init": (str, f"init mode: {', '.join(INIT_MODES)} (default random)"),
+    "pretrained": (str, "pool directory made by `ddray pretrain` (pretrained init modes)"),
+    "steps": (int, "S: distinct synthetic batches (default 10)"),
+    "epochs": (int, "E: passes over the S batches; T = S×E learned step sizes (default 3)"),
+    "ipc": (int, "M: images per class per step (default 1)"),
+    "iterations": (int, "total meta-steps of the run (default 1000)"),
+    "nets": (int, "K: networks θ₀ per meta-step, gradients averaged (default 4)"),
+    "batch_size": (int, "real images per meta-step (default 1024)"),
+    "lr": (float, "outer Adam learning rate (default 0.01)"),
+    "lr_decay": (float, "outer lr factor per decay (default 0.5)"),
+    "lr_decay_every": (int, "meta-steps between outer lr decays (default 400)"),
+    "init_lr": (float, "initial learned step size (default 0.02)"),
+    "syn_init": (str, f"synthetic image init: {', '.join(SYN_INITS)} (default noise)"),
+    "attack": (str, "A:B — distil data that makes nets predict class A as B"),
+    "memory": (str, f"unroll backward: {', '.join(MEMORY_MODES)} (recompute: memory flat in T)"),
+    "workers": (int, "Ray worker actors (default 1)"),
+    "mode": (str, f"parameter-server mode: {', '.join(SYNC_MODES)}"),
+    "max_staleness": (int, "async mode: drop gradients older than this many versions"),
+    "shards": (int, "parameter-server shards (blocks of classes)"),
+    "placement": (str, f"placement-group strategy: {', '.join(PLACEMENTS)}"),
+    "address": (str, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
+    "seed": (int, "run seed (default 0)"),
+    "out": (str, "output directory (default runs/<timestamp>)"),
+    "checkpoint_every": (int, "meta-steps between checkpoints (default 100)"),
+    "storage": (str, "checkpoint location: a path or a pyarrow filesystem URI (default OUT/checkpoints)"),
+    "eval_every": (int, "evaluate every N meta-steps (0: only at the end)"),
+    "eval_nets": (int, "held-out networks per evaluation (default 20)"),
+    "tracking_uri": (str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
+    "experiment": (str, "MLflow experiment name (default ddray)"),
+}
+assert set(OVERRIDES) <= set(FIELD_SECTION)
+
+
+def _add_overrides(p: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data/model/distill/cluster/run)")
+    g = p.add_argument_group("config overrides")
+    for name in names or OVERRIDES:
+        typ, help_ = OVERRIDES[name]
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    g.add_argument("--download", dest="download", action="store_const", const=True, default=None,
+                   help="let torchvision download a missing data set into --data-root")
+    g.add_argument("--no-tracking", dest="tracking", action="store_const", const=False, default=None,
+                   help="do not record the run in MLflow")
+    g.add_argument("--tracking-optional", dest="tracking_optional", action="store_const", const=True,
+                   default=None, help="continue with a warning when the tracking server is unreachable")
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    flat = {k: getattr(args, k, None) for k in FIELD_SECTION}
+    return load_config(getattr(args, "config", None), **flat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ddray`` argument parser (also used to validate RayJob entrypoints)."""
+    p = argparse.ArgumentParser(prog="ddray", description="Dataset distillation (Wang et al. 2018) on Ray.")
+    from ddray import __version__
+
+    p.add_argument("--version", action="version", version=f"ddray {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("distill", help="learn a distilled data set and its step sizes, then evaluate it")
+    _add_overrides(d)
+    d.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    d.add_argument("--baselines", action="store_true",
+                   help="also evaluate the four real-image baselines at the same budget and print a table")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--local", action="store_true",
+                   help="run in this process without Ray (the single-process reference path)")
+
+    e = sub.add_parser("evaluate", help="train fresh held-out networks on a distilled set; report test accuracy")
+    e.add_argument("path", metavar="DIR|runs:/ID", help="distilled-data directory or MLflow run URI")
+    e.add_argument("--nets", type=int, default=20, help="held-out networks (default 20)")
+    e.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
+    e.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
+    e.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("baseline", help="real-image baselines at the same budget: random|optimized|kmeans|average")
+    b.add_argument("--method", required=True, help="random, optimized, kmeans or average")
+    b.add_argument("--candidates", type=int, default=50, help="random sets drawn by 'optimized' (default 50)")
+    _add_overrides(b)
+
+    pt = sub.add_parser("pretrain", help="train a pool of networks for the pretrained init modes")
+    _add_overrides(pt, ["dataset", "data_root", "image_size", "model", "init_scheme", "seed", "out"])
+    pt.add_argument("--nets", type=int, default=10, help="networks in the pool (default 10)")
+    pt.add_argument("--epochs", type=int, default=5, help="training epochs per network (default 5)")
+    pt.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("show", help="write a PNG grid of a distilled set (rows = steps, columns = classes)")
+    s.add_argument("path", metavar="DIR|runs:/ID")
+    s.add_argument("--png", help="output file (default DIR/grid.png)")
+    return p
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ddray.distill import distill
+
+    cfg = _config_from(args)
+    if args.resume:
+        saved_cfg = Path(args.resume) / "config.yaml"
+        if not saved_cfg.is_file():
+            raise ValueError(f"--resume: {args.resume} is not a ddray run directory (no config.yaml)")
+        flat = {k: getattr(args, k, None) for k in FIELD_SECTION}
+        cfg = load_config(args.config or saved_cfg, **flat)
+    r = distill(cfg, progress=not args.no_progress, resume=args.resume)
+    rows = [("distilled (ddray)", r.result), ("distilled, shuffled batch order", r.shuffled)]
+    if args.baselines:
+        rows += [(f"baseline: {m}", res) for m, res in run_baselines(cfg, r.out)]
+    print(f"\n{'set':34s} test accuracy (mean ± std over held-out nets)")
+    for name, res in rows:
+        print(f"{name:34s} {res}")
+    print(f"\nseconds per meta-step: {r.seconds_per_step:.3f}")
+    print(f"distilled data: {r.out.resolve()}")
+    print(f"image grid:     {(r.out / 'grid.png').resolve()}")
+    return 0
+
+
+def run_baselines(cfg: Config, out: Path, methods: Sequence[str] | None = None,
+                  candidates: int = 50) -> list[tuple[str, Any]]:
+    """Evaluate baselines with ``cfg``'s budget; each is written to ``out/baselines/<method>``."""
+    from ddray.artifact import save_distilled
+    from ddray.core.baselines import METHODS, make_baseline
+    from ddray.distill import to_distilled
+    from ddray.core.synthetic import SyntheticSet, inverse_softplus
+    from ddray.problem import build_problem
+    import torch
+
+    problem = build_problem(cfg)
+    c, data = cfg.distill, problem.data
+    results = []
+    for m in methods or METHODS:
+        bl = make_baseline(m, problem.model, problem.sampler(), problem.sampler(for_eval=True), data.x_train,
+                           data.y_train, data.x_test, data.y_test, c.steps, c.epochs, c.ipc, data.num_classes,
+                           cfg.run.seed, cfg.run.eval_nets, candidates, problem.attack)
+        raw = torch.full((c.total_steps,), inverse_softplus(bl.lr))
+        d = to_distilled(problem, SyntheticSet(bl.images, bl.labels, raw, c.epochs), 0, method=f"baseline-{m}")
+        d.meta["eval"] = bl.result.to_dict()
+        save_distilled(out / "baselines" / m, d)
+        results.append((m, bl.result))
+    return results
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from ddray.core.baselines import METHODS
+
+    if args.method not in METHODS:
+        raise ValueError(f"--method: invalid value {args.method!r}; choose one of {', '.join(METHODS)}")
+    from ddray.distill import default_out
+
+    cfg = _config_from(args)
+    out = Path(cfg.run.out or default_out())
+    [(m, res)] = run_baselines(cfg, out, [args.method], args.candidates)
+    print(f"baseline {m}: {res}")
+    print(f"written to: {(out / 'baselines' / m).resolve()}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ddray.artifact import load_distilled
+    from ddray.distill import evaluate_distilled
+    from ddray.problem import build_problem
+
+    if args.nets < 1:
+        raise ValueError(f"--nets: invalid value {args.nets}; expected a positive integer")
+    d = load_distilled(args.path)
+    cfg = Config.from_dict(d.meta.get("config", {})).override(data_root=args.data_root, eval_nets=args.nets)
+    problem = build_problem(cfg)
+    if d.init_params is not None:
+        problem.fixed = d.init_params
+    r = evaluate_distilled(problem, d, args.nets)
+    if args.json:
+        print(json.dumps({"mean": r.mean, "std": r.std, "n": r.n}))
+        return 0
+    s = evaluate_distilled(problem, d, args.nets, shuffled=True)
+    print(f"test accuracy:                  {r}")
+    print(f"test accuracy, shuffled order:  {s}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from ddray.data import load_dataset
+    from ddray.distill import default_out
+    from ddray.pretrain import pretrain
+
+    for name in ("nets", "epochs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: invalid value {getattr(args, name)}; expected a positive integer")
+    cfg = _config_from(args)
+    data = load_dataset(cfg.data.dataset, cfg.data.data_root, cfg.data.download, cfg.data.image_size)
+    out = pretrain(data, cfg.model.model, cfg.model.init_scheme, args.nets, args.epochs,
+                   cfg.run.out or default_out(), cfg.run.seed, progress=not args.no_progress)
+    meta = json.loads((out / "pool.json").read_text())
+    accs = meta["test_acc"]
+    print(f"pool of {len(accs)} {cfg.model.model} nets on {data.name}: test accuracy "
+          f"{100 * sum(accs) / len(accs):.1f} % (mean)")
+    print(f"written to: {out.resolve()}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from ddray.artifact import load_distilled
+    from ddray.viz import save_grid
+
+    d = load_distilled(args.path)
+    png = Path(args.png) if args.png else (Path(args.path) / "grid.png" if Path(args.path).is_dir()
+                                          else Path("grid.png"))
+    print(save_grid(d, png).resolve())
+    return 0
+
+
+COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "baseline": cmd_baseline,
+            "pretrain": cmd_pretrain, "show": cmd_show}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ValueError as e:
+        print(f"ddray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddray {args.command}: interrupted; resume with `ddray distill --resume DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

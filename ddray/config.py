@@ -1,0 +1,285 @@
+"""Run configuration: one frozen dataclass per concern, validated at construction.
+
+A YAML config file is a mapping with optional sections ``data``, ``model``,
+``distill``, ``cluster`` and ``run``, each holding the fields of the dataclass of
+the same name::
+
+    data:    {dataset: mnist5k}
+    model:   {model: lenet, init_scheme: xavier}
+    distill: {init: random, steps: 10, epochs: 3, ipc: 1, iterations: 1000, nets: 4}
+    run:     {seed: 0, out: runs/mnist}
+
+Field names are unique across sections, so a flat ``{"ipc": 2}`` (a CLI flag, a
+Tune search-space key, an MLflow param) names exactly one field; see
+:meth:`Config.override`. Every invalid value raises ``ValueError`` naming the
+option, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+INIT_MODES = ("fixed", "random", "fixed-pretrained", "random-pretrained")
+INIT_SCHEMES = ("xavier", "kaiming", "normal", "orthogonal", "default")
+MODELS = ("lenet", "alexcifarnet", "convnet")
+SYN_INITS = ("noise", "real")
+MEMORY_MODES = ("full", "recompute")
+SYNC_MODES = ("sync", "async")
+PLACEMENTS = ("spread", "strict-spread", "pack")
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{_opt(name)}: invalid value {value!r}; {allowed}")
+
+
+def _positive_int(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, n, v,
+                 "expected a positive integer")
+
+
+def _nonneg_int(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, n, v,
+                 "expected an integer >= 0")
+
+
+def _positive_float(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _require(isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and math.isfinite(v) and v > 0, n, v, "expected a positive number")
+
+
+def _choice(obj: Any, name: str, allowed: tuple[str, ...] | list[str]) -> None:
+    v = getattr(obj, name)
+    _require(v in allowed, name, v, f"choose one of {', '.join(allowed)}")
+
+
+def parse_attack(spec: str | None) -> tuple[int, int] | None:
+    """``"a:b"`` → (a, b): distil data that makes nets predict class a as b."""
+    if spec is None:
+        return None
+    parts = str(spec).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--attack: invalid value {spec!r}; expected SOURCE:TARGET class indices, e.g. 0:1")
+    a, b = int(parts[0]), int(parts[1])
+    if a == b:
+        raise ValueError(f"--attack: invalid value {spec!r}; source and target class must differ")
+    return a, b
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which real data set to distil, and where its files are."""
+
+    dataset: str = "mnist5k"
+    data_root: str | None = None
+    download: bool = False
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        from ddray.data import DATASETS
+
+        _choice(self, "dataset", sorted(DATASETS))
+        if self.image_size is not None:
+            _positive_int(self, "image_size")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network trained in the inner loop and how its θ₀ is drawn."""
+
+    model: str = "lenet"
+    init_scheme: str = "xavier"
+
+    def __post_init__(self) -> None:
+        _choice(self, "model", MODELS)
+        _choice(self, "init_scheme", INIT_SCHEMES)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The method: synthetic-set size, unroll, outer optimisation, init mode.
+
+    S = ``steps`` distinct batches of ``ipc`` images per class; T = S × ``epochs``
+    learned step sizes (softplus-positive, initialised at ``init_lr``); ``nets``
+    θ₀ draws per meta-step; Adam(``lr``, betas (0.5, 0.999)) on the images and raw
+    step sizes, multiplied by ``lr_decay`` every ``lr_decay_every`` meta-steps.
+    """
+
+    init: str = "random"
+    steps: int = 10
+    epochs: int = 3
+    ipc: int = 1
+    iterations: int = 1000
+    nets: int = 4
+    batch_size: int = 1024
+    lr: float = 0.01
+    lr_decay: float = 0.5
+    lr_decay_every: int = 400
+    init_lr: float = 0.02
+    syn_init: str = "noise"
+    attack: str | None = None
+    memory: str = "full"
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice(self, "init", INIT_MODES)
+        _positive_int(self, "steps", "epochs", "ipc", "iterations", "nets", "batch_size",
+                      "lr_decay_every")
+        _positive_float(self, "lr", "lr_decay", "init_lr")
+        _choice(self, "syn_init", SYN_INITS)
+        _choice(self, "memory", MEMORY_MODES)
+        parse_attack(self.attack)
+        if self.init.endswith("pretrained") and not self.pretrained:
+            raise ValueError(f"--init {self.init} needs --pretrained DIR (made by `ddray pretrain`)")
+
+    @property
+    def total_steps(self) -> int:
+        """T = steps × epochs inner SGD steps."""
+        return self.steps * self.epochs
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How the meta-gradient work is spread over Ray actors."""
+
+    workers: int = 1
+    mode: str = "sync"
+    max_staleness: int = 2
+    shards: int = 1
+    placement: str = "spread"
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "workers", "shards")
+        _nonneg_int(self, "max_staleness")
+        _choice(self, "mode", SYNC_MODES)
+        _choice(self, "placement", PLACEMENTS)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Seed, outputs, checkpoints, evaluation and tracking of one run."""
+
+    seed: int = 0
+    out: str | None = None
+    checkpoint_every: int = 100
+    storage: str | None = None
+    eval_every: int = 0
+    eval_nets: int = 20
+    tracking: bool = True
+    tracking_uri: str | None = None
+    tracking_optional: bool = False
+    experiment: str = "ddray"
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+                 "seed", self.seed, "expected an integer >= 0")
+        _positive_int(self, "checkpoint_every", "eval_nets")
+        _nonneg_int(self, "eval_every")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "distill": DistillConfig,
+                             "cluster": ClusterConfig, "run": RunConfig}
+FIELD_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration; written into every checkpoint and MLflow run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        attack = parse_attack(self.distill.attack)
+        if attack is not None:
+            for c in attack:
+                if not 0 <= c < 10_000:
+                    raise ValueError(f"--attack: class {c} out of range")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Config":
+        """Build from nested sections and/or flat field names (flat keys win)."""
+        d = dict(d or {})
+        sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for key, value in d.items():
+            if key in SECTIONS:
+                if value is None:
+                    continue
+                if not isinstance(value, Mapping):
+                    raise ValueError(f"config section {key!r}: expected a mapping, got {value!r}")
+                for k, v in value.items():
+                    if k not in {f.name for f in fields(SECTIONS[key])}:
+                        raise ValueError(f"config: unknown key {key}.{k}; allowed: "
+                                         f"{', '.join(f.name for f in fields(SECTIONS[key]))}")
+                    sections[key][k] = v
+        for key, value in d.items():
+            if key in SECTIONS:
+                continue
+            if key not in FIELD_SECTION:
+                raise ValueError(f"config: unknown key {key!r}; allowed sections: {', '.join(SECTIONS)}")
+            sections[FIELD_SECTION[key]][key] = value
+        return cls(**{s: SECTIONS[s](**kw) for s, kw in sections.items()})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict (YAML/JSON friendly)."""
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+    def flat(self) -> dict[str, Any]:
+        """``{"distill.steps": 10, ...}`` for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def override(self, **values: Any) -> "Config":
+        """A copy with flat fields replaced (``None`` values are ignored)."""
+        merged = self.to_dict()
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key not in FIELD_SECTION:
+                raise ValueError(f"config: unknown option {key!r}")
+            merged[FIELD_SECTION[key]][key] = value
+        return Config.from_dict(merged)
+
+    def dump(self, path: str | Path) -> None:
+        """Write the whole config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> Config:
+    """Load a YAML config (or defaults when ``path`` is None) and apply flat overrides."""
+    base: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"--config: file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ValueError(f"--config: {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        base = dict(loaded or {})
+    try:
+        cfg = Config.from_dict(base)
+    except TypeError as e:  # wrong type of a section
+        raise ValueError(f"--config: {e}") from None
+    return cfg.override(**overrides)

@@ -1,0 +1,103 @@
+"""The learned synthetic set (x̃, ỹ, ρ) and its outer optimiser.
+
+Step sizes are parametrised as η̃ = softplus(ρ), so they stay positive; ρ is
+initialised so that η̃ starts at ``init_lr`` (0.02 by default, as the original).
+The outer optimiser is Adam (betas (0.5, 0.999)) on x̃ and ρ with a step decay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def inverse_softplus(y: float) -> float:
+    """ρ such that softplus(ρ) = y (y > 0)."""
+    return y + math.log(-math.expm1(-y))
+
+
+def class_labels(num_classes: int, ipc: int) -> torch.Tensor:
+    """ỹ for one step: ``ipc`` images of class 0, then of class 1, … — shape (ipc·C,)."""
+    return torch.arange(num_classes).repeat_interleave(ipc)
+
+
+@dataclass
+class SyntheticSet:
+    """x̃ (S, N, C, H, W), ỹ (N,) and raw step sizes ρ (T,), T = S × epochs."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    raw_lrs: torch.Tensor
+    epochs: int
+
+    @property
+    def steps(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def lrs(self) -> torch.Tensor:
+        """η̃ = softplus(ρ), (T,) in order of application."""
+        return F.softplus(self.raw_lrs)
+
+    @classmethod
+    def initial(cls, steps: int, epochs: int, ipc: int, num_classes: int,
+                shape: tuple[int, int, int], init_lr: float, generator: torch.Generator,
+                real: tuple[torch.Tensor, torch.Tensor] | None = None) -> "SyntheticSet":
+        """Noise images (N(0, 1) in normalised space, as the original) or, given
+        ``real`` = (x_train, y_train), randomly drawn real images of each class."""
+        labels = class_labels(num_classes, ipc)
+        n = labels.numel()
+        if real is None:
+            images = torch.randn((steps, n, *shape), generator=generator)
+        else:
+            x, y = real
+            images = torch.empty((steps, n, *shape))
+            for c in range(num_classes):
+                pool = torch.flatnonzero(y == c)
+                if pool.numel() == 0:
+                    raise ValueError(f"--syn-init real: class {c} has no training images")
+                pick = pool[torch.randint(pool.numel(), (steps, ipc), generator=generator)]
+                images[:, c * ipc:(c + 1) * ipc] = x[pick]
+        raw = torch.full((steps * epochs,), inverse_softplus(init_lr))
+        return cls(images, labels, raw, epochs)
+
+
+class OuterOptimizer:
+    """Adam on (x̃, ρ) with lr × ``decay`` every ``decay_every`` applied updates.
+
+    State is explicit and serialisable (:meth:`state_dict`), so a checkpointed
+    run resumes bit for bit.
+    """
+
+    def __init__(self, syn: SyntheticSet, lr: float, decay: float, decay_every: int,
+                 betas: tuple[float, float] = (0.5, 0.999)) -> None:
+        self.syn = syn
+        syn.images.requires_grad_(False)
+        syn.raw_lrs.requires_grad_(False)
+        self._params = [syn.images, syn.raw_lrs]
+        self.opt = torch.optim.Adam(self._params, lr=lr, betas=betas)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=decay_every, gamma=decay)
+
+    def apply(self, grad_images: torch.Tensor, grad_raw_lrs: torch.Tensor) -> None:
+        """One Adam step with the given (averaged) meta-gradients."""
+        self.syn.images.grad = grad_images.to(self.syn.images.dtype)
+        self.syn.raw_lrs.grad = grad_raw_lrs.to(self.syn.raw_lrs.dtype)
+        self.opt.step()
+        self.sched.step()
+        self.syn.images.grad = None
+        self.syn.raw_lrs.grad = None
+
+    @property
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
