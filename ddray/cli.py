@@ -181,16 +181,12 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddray.artifact import load_distilled
-    from ddray.distill import evaluate_distilled
-    from ddray.problem import build_problem
+    from ddray.distill import evaluate_distilled, problem_for
 
     if args.nets < 1:
         raise ValueError(f"--nets: invalid value {args.nets}; expected a positive integer")
     d = load_distilled(args.path)
-    cfg = Config.from_dict(d.meta.get("config", {})).override(data_root=args.data_root, eval_nets=args.nets)
-    problem = build_problem(cfg)
-    if d.init_params is not None:
-        problem.fixed = d.init_params
+    problem = problem_for(d, args.data_root)
     r = evaluate_distilled(problem, d, args.nets)
     if args.json:
         print(json.dumps({"mean": r.mean, "std": r.std, "n": r.n}))

@@ -54,6 +54,14 @@ def evaluate_distilled(problem: Problem, d: Distilled, nets: int, shuffled: bool
                         problem.data.x_test, problem.data.y_test, nets, problem.attack, order)
 
 
+def problem_for(d: Distilled, data_root: str | None = None) -> Problem:
+    """The problem a saved set was made for (its config), with its own θ₀ for fixed-init sets."""
+    problem = build_problem(Config.from_dict(d.meta.get("config", {})).override(data_root=data_root))
+    if d.init_params is not None:
+        problem.fixed = d.init_params
+    return problem
+
+
 @dataclass
 class DistillResult:
     """Where the artifact went, the learned set and its evaluation."""

@@ -1,0 +1,32 @@
+"""Embedded data sets: the documented splits and normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddray.data import load_dataset
+
+
+def test_mnist5k_split_is_first_400_train_last_100_test_per_class() -> None:
+    d = load_dataset("mnist5k")
+    assert d.x_train.shape == (4000, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28)
+    assert torch.equal(torch.bincount(d.y_train), torch.full((10,), 400))
+    assert torch.equal(torch.bincount(d.y_test), torch.full((10,), 100))
+    assert d.mean == (0.1307,) and d.std == (0.3081,)
+    raw_min = -0.1307 / 0.3081
+    assert d.x_train.min().item() == pytest.approx(raw_min, abs=1e-5)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+
+
+def test_digits_split_and_resize() -> None:
+    d = load_dataset("digits")
+    assert d.shape == (1, 8, 8)
+    assert len(d.x_train) + len(d.x_test) == 1797
+    assert d.x_train.mean().abs().item() < 1e-5 and d.x_train.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert load_dataset("digits", image_size=28).shape == (1, 28, 28)
+
+
+def test_unknown_dataset() -> None:
+    with pytest.raises(ValueError, match="--dataset: unknown data set 'nope'"):
+        load_dataset("nope")
