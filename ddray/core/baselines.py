@@ -49,7 +49,7 @@ def random_real(x: torch.Tensor, y: torch.Tensor, steps: int, ipc: int, num_clas
     """Random real images of each class, without replacement where possible."""
     per_class = []
     for c in range(num_classes):
-        pool = torch.flatnonzero(y == c)
+        pool = torch.nonzero(y == c).flatten()
         pick = pool[torch.randperm(len(pool), generator=g)[: steps * ipc]]
         if len(pick) < steps * ipc:
             pick = pool[torch.randint(len(pool), (steps * ipc,), generator=g)]

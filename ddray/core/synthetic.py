@@ -57,7 +57,7 @@ class SyntheticSet:
             x, y = real
             images = torch.empty((steps, n, *shape))
             for c in range(num_classes):
-                pool = torch.flatnonzero(y == c)
+                pool = torch.nonzero(y == c).flatten()
                 if pool.numel() == 0:
                     raise ValueError(f"--syn-init real: class {c} has no training images")
                 pick = pool[torch.randint(pool.numel(), (steps, ipc), generator=generator)]

@@ -1,0 +1,123 @@
+"""The command line end to end on the embedded data, in-process (the Ray path has its own tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddray.cli import build_parser, main
+from ddray.artifact import load_distilled
+
+TINY = ["--steps", "2", "--epochs", "2", "--ipc", "1", "--iterations", "3", "--nets", "2", "--batch-size", "64",
+        "--eval-nets", "2", "--no-tracking"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["distill", "--local", "--no-progress", "--init", "fixed", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_distill_writes_artifact_grid_eval_and_checkpoint(distilled: Path) -> None:
+    for f in ("data.parquet", "meta.json", "init_params.safetensors", "grid.png", "lrs.png", "eval.json",
+              "config.yaml"):
+        assert (distilled / f).is_file(), f
+    assert list((distilled / "checkpoints").glob("step-00000003.pt"))
+    meta = json.loads((distilled / "meta.json").read_text())
+    assert meta["iterations"] == 3 and meta["init"] == {"mode": "fixed", "scheme": "xavier"}
+    assert meta["config"]["distill"]["steps"] == 2
+    report = json.loads((distilled / "eval.json").read_text())
+    assert report["test"]["n"] == 2 and 0.0 <= report["test"]["mean"] <= 1.0
+    assert "shuffled_order" in report
+
+
+def test_evaluate_json_uses_the_saved_theta0(distilled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "evaluate", str(distilled), "--nets", "3", "--json")
+    assert rc == 0
+    r = json.loads(out)
+    assert set(r) == {"mean", "std", "n"} and r["n"] == 3
+    assert r["std"] == 0.0  # fixed init: every network starts from the same saved θ₀
+
+
+def test_show_prints_png_path(distilled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "show", str(distilled), "--png", str(tmp_path / "g.png"))
+    assert rc == 0 and out.strip() == str((tmp_path / "g.png").resolve())
+    from PIL import Image
+
+    img = Image.open(tmp_path / "g.png")
+    # 2 rows (steps) × 10 columns (classes) of 28-pixel images, 2-pixel padding, ×3 scale
+    assert img.size == ((10 * 30 + 2) * 3, (2 * 30 + 2) * 3)
+
+
+@pytest.mark.parametrize("method", ["random", "optimized", "kmeans", "average"])
+def test_baselines_write_the_same_format(method: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "baseline", "--method", method, "--candidates", "5", "--out", str(tmp_path), *TINY)
+    assert rc == 0, out
+    d = load_distilled(tmp_path / "baselines" / method)
+    assert d.images.shape == (2, 10, 1, 28, 28) and d.lrs.shape == (4,)
+    assert torch.all(d.lrs == d.lrs[0]), "baselines use one fixed step size"
+    assert d.meta["method"] == f"baseline-{method}"
+    if method == "average":
+        assert torch.allclose(d.images[0], d.images[1])
+
+
+def test_pretrain_then_adapt_with_both_pretrained_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pool = tmp_path / "pool"
+    rc, out, _ = run(capsys, "pretrain", "--dataset", "digits", "--image-size", "28", "--nets", "3", "--epochs", "1",
+                     "--out", str(pool), "--no-progress")
+    assert rc == 0 and (pool / "pool.json").is_file() and len(list(pool.glob("net-*.safetensors"))) == 3
+    for mode in ("fixed-pretrained", "random-pretrained"):
+        rc, out, err = run(capsys, "distill", "--local", "--no-progress", "--init", mode, "--pretrained", str(pool),
+                           "--out", str(tmp_path / mode), *TINY)
+        assert rc == 0, err
+        assert "distilled (ddray)" in out
+    # a pool for another image size does not fit MNIST-5k's 28×28
+    small = tmp_path / "small"
+    assert main(["pretrain", "--dataset", "digits", "--model", "convnet", "--nets", "1", "--epochs", "1",
+                 "--out", str(small), "--no-progress"]) == 0
+    capsys.readouterr()
+    rc, _, err = run(capsys, "distill", "--local", "--init", "random-pretrained", "--pretrained", str(small),
+                     "--model", "convnet", *TINY)
+    assert rc == 2 and "--pretrained: pool" in err and "--image-size" in err
+
+
+def test_attack_reports_the_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "distill", "--local", "--no-progress", "--attack", "0:1", "--out", str(tmp_path), *TINY)
+    assert rc == 0, err
+    assert "attack success" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["test"]["attack_rate_mean"] is not None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["distill", "--ipc", "0"], "--ipc: invalid value 0; expected a positive integer"),
+    (["distill", "--steps", "-1"], "--steps: invalid value -1"),
+    (["distill", "--dataset", "imagenet"], "--dataset: invalid value 'imagenet'"),
+    (["distill", "--model", "vgg"], "--model: invalid value 'vgg'"),
+    (["distill", "--init", "zeros"], "--init: invalid value 'zeros'"),
+    (["distill", "--dataset", "cifar10", "--data-root", "/nonexistent"], "/nonexistent/cifar-10-batches-py"),
+    (["distill", "--attack", "0:12"], "--attack: 0:12 names a class outside 0..9"),
+    (["evaluate", "/nonexistent"], "not a distilled-data directory"),
+    (["baseline", "--method", "best"], "--method: invalid value 'best'"),
+])
+def test_bad_input_is_one_line_error(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    extra = ["--local"] if argv[0] == "distill" else []
+    rc, out, err = run(capsys, *argv, *extra)
+    assert rc == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_help_lists_subcommands() -> None:
+    text = build_parser().format_help()
+    for cmd in ("distill", "evaluate", "baseline", "pretrain", "show"):
+        assert cmd in text
