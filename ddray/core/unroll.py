@@ -49,9 +49,30 @@ def sgd_step(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
     return {k: v - lr * g[k] for k, v in params.items()}
 
 
+def _single_net_step(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
+                     lr: torch.Tensor) -> Params:
+    """``sgd_step`` for K = 1 with plain autograd: vmap's per-call overhead is not worth it for one net."""
+    graph = torch.is_grad_enabled() and (x.requires_grad or lr.requires_grad
+                                         or any(v.requires_grad for v in params.values()))
+    with torch.enable_grad():
+        # θ₀ (no grad) becomes a fresh leaf; a θₜ inside the graph is used as it is.
+        p = {k: v[0] if v.requires_grad else v[0].detach().requires_grad_() for k, v in params.items()}
+        loss = F.cross_entropy(functional_call(model, p, (x,)), y)
+        g = torch.autograd.grad(loss, list(p.values()), create_graph=graph)
+    out = {k: (v - lr * gk).unsqueeze(0) for (k, v), gk in zip(p.items(), g)}
+    return out if graph else {k: v.detach() for k, v in out.items()}
+
+
 def batched_step(model: nn.Module) -> Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], Params]:
     """``sgd_step`` for K networks at once: params (K, ...), shared x, y and lr."""
-    return vmap(lambda p, x, y, lr: sgd_step(model, p, x, y, lr), in_dims=(0, None, None, None))
+    vmapped = vmap(lambda p, x, y, lr: sgd_step(model, p, x, y, lr), in_dims=(0, None, None, None))
+
+    def step(params: Params, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor) -> Params:
+        if next(iter(params.values())).shape[0] == 1:
+            return _single_net_step(model, params, x, y, lr)
+        return vmapped(params, x, y, lr)
+
+    return step
 
 
 def step_schedule(steps: int, epochs: int) -> list[int]:
