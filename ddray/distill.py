@@ -24,7 +24,7 @@ from ddray.config import Config
 from ddray.core.evaluate import EvalResult, evaluate_set, shuffled_order
 from ddray.core.synthetic import OuterOptimizer, SyntheticSet
 from ddray.problem import Problem, build_problem
-from ddray.tracking import NullTracker, Tracker
+from ddray.tracking import NullTracker, Tracker, log_eval_grid
 
 CKPT_DIR = "checkpoints"
 
@@ -143,8 +143,10 @@ def distill(config: Config, tracker: Tracker | None = None, progress: bool = Tru
                    "lr_max": float(lrs.max()), "outer_lr": opt.lr,
                    "nets_per_s": nets * (done - start) / (time.perf_counter() - t0)}
         if config.run.eval_every and done % config.run.eval_every == 0 and done < iters:
-            r = evaluate_distilled(problem, to_distilled(problem, syn, done), config.run.eval_nets)
+            snapshot = to_distilled(problem, syn, done)
+            r = evaluate_distilled(problem, snapshot, config.run.eval_nets)
             metrics.update(eval_acc_mean=r.mean, eval_acc_std=r.std)
+            log_eval_grid(tracker, snapshot, out, done)
         tracker.log_metrics(metrics, step=done)
         if on_step:
             on_step(done, metrics)
@@ -172,9 +174,9 @@ def finish(problem: Problem, syn: SyntheticSet, iterations: int, out: Path, trac
     if result.attack_rate_mean is not None:
         metrics["attack_rate_mean"] = result.attack_rate_mean
     tracker.log_metrics(metrics, step=iterations)
-    for f in ("data.parquet", "meta.json", "init_params.safetensors"):
-        if (out / f).is_file():
-            tracker.log_artifact(out / f, "distilled")
-    for f in (grid, plot, out / "eval.json", out / "config.yaml"):
-        tracker.log_artifact(f)
+    for name in ("data.parquet", "meta.json", "init_params.safetensors"):
+        if (out / name).is_file():
+            tracker.log_artifact(out / name, "distilled")
+    for path in (grid, plot, out / "eval.json", out / "config.yaml"):
+        tracker.log_artifact(path)
     return DistillResult(out, d, result, shuffled, seconds_per_step)

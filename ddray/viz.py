@@ -30,7 +30,7 @@ def save_grid(d: Distilled, path: str | Path, scale: int = 3) -> Path:
 
     arr = grid_array(d)
     img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     p = Path(path)
     img.save(p)
     return p

@@ -132,8 +132,9 @@ def init_params(model: nn.Module, scheme: str, generator: torch.Generator) -> Pa
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for m in model.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+                reset = getattr(m, "reset_parameters", None)
+                if callable(reset):
+                    reset()
         return {k: v.detach().clone() for k, v in model.named_parameters()}
     for name, p in model.named_parameters():
         t = torch.empty_like(p)

@@ -1,0 +1,34 @@
+# Two commands on a fresh machine (each creates .venv on first use):
+#   make run    distil MNIST-5k (embedded), evaluate, print the result beside the baselines
+#   make test   run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: run test test-fast bench tools clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# kubectl (for `kubectl kustomize` in the deployment tests) from Debian's packages.
+tools:
+	@command -v kubectl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq kubectl >/dev/null; }
+
+run: $(VENV)/.installed
+	$(VENV)/bin/ddray distill --baselines
+
+test: $(VENV)/.installed tools
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m 'not slow'
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_core.py
+
+clean:
+	rm -rf $(VENV) runs mlflow.db .pytest_cache
