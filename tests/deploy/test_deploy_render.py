@@ -1,0 +1,178 @@
+"""k8s/ renders with a real kustomize, and what it renders is valid: core kinds
+against Kubernetes' OpenAPI schemas (kubernetes-validate), RayCluster/RayJob
+against KubeRay's v1 CRD schemas, plus the checks the KubeRay operator makes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from deploy_support import (
+    CRD_SCHEMAS, K8S, KUBERNETES_VERSION, Doc, Kustomize, base_name, by_kind, crd_errors, one, pod_specs,
+    ray_cluster_specs, render,
+)
+
+CORE_KINDS = {"Namespace", "ConfigMap", "Secret", "Service", "PersistentVolumeClaim", "Deployment",
+              "StatefulSet", "Job", "NetworkPolicy"}
+RAY_KINDS = {"RayCluster", "RayJob"}
+
+
+def test_every_yaml_under_k8s_parses() -> None:
+    files = sorted(K8S.rglob("*.yaml")) + sorted(K8S.rglob("*.yml"))
+    assert files, "no YAML under k8s/"
+    for f in files:
+        docs = list(yaml.safe_load_all(f.read_text()))
+        assert any(d is not None for d in docs), f"{f}: empty"
+
+
+def test_overlays_render_cleanly(renders: dict[str, tuple[list[Doc], str]]) -> None:
+    for overlay, (docs, stderr) in renders.items():
+        # deprecated fields (patchesStrategicMerge, commonLabels, bases, …) make kustomize warn
+        assert "warning" not in stderr.lower(), f"{overlay}: kustomize warned:\n{stderr}"
+        kinds = {d["kind"] for d in docs}
+        assert CORE_KINDS | RAY_KINDS <= kinds, f"{overlay}: missing kinds {CORE_KINDS | RAY_KINDS - kinds}"
+        assert kinds <= CORE_KINDS | RAY_KINDS, f"{overlay}: unexpected kinds {kinds - CORE_KINDS - RAY_KINDS}"
+
+
+def test_base_renders_on_its_own(kustomize: Kustomize) -> None:
+    docs, stderr = render(kustomize, K8S / "base")
+    assert "warning" not in stderr.lower(), stderr
+    assert {d["kind"] for d in docs} >= RAY_KINDS
+
+
+def test_everything_lives_in_the_namespace(docs: list[Doc]) -> None:
+    [ns] = by_kind(docs, "Namespace")
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == ns["metadata"]["name"], f"{d['kind']}/{d['metadata']['name']}"
+
+
+def test_core_objects_validate_against_kubernetes_schemas(docs: list[Doc]) -> None:
+    import kubernetes_validate
+
+    errors = []
+    for d in docs:
+        if d["kind"] in RAY_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(d, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{d['kind']}/{d['metadata']['name']}: {'/'.join(map(str, e.path))}: {e.message}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["schema", "strict"])
+def test_ray_objects_validate_against_kuberay_crd_schemas(docs: list[Doc], strict: bool) -> None:
+    for kind, path in CRD_SCHEMAS.items():
+        assert path.is_file(), f"KubeRay CRD schema missing: {path}"
+    errors = []
+    for d in docs:
+        if d["kind"] in RAY_KINDS:
+            errors += [f"{d['kind']}/{d['metadata']['name']}: {e}" for e in crd_errors(d, strict=strict)]
+    assert not errors, "\n".join(errors)
+
+
+def test_strict_crd_check_rejects_unknown_fields(docs: list[Doc]) -> None:
+    """The strict pass is not vacuous: a misspelt field is reported."""
+    job = dict(one(docs, "RayJob", "ddray-distill"))
+    job = {**job, "spec": {**job["spec"], "shutdownAfterJobFinish": True}}
+    assert crd_errors(job) == []
+    assert any("shutdownAfterJobFinish" in e for e in crd_errors(job, strict=True))
+
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def test_kuberay_operator_validation(docs: list[Doc]) -> None:
+    """The checks of KubeRay's ValidateRayClusterSpec / ValidateRayJobSpec that a
+    CRD schema cannot express (ray-operator/controllers/ray/utils/validation.go)."""
+    for d in by_kind(docs, "RayCluster"):
+        name = d["metadata"]["name"]
+        assert len(name) <= 53 and DNS1035.match(name), f"RayCluster name {name!r}"
+    for d in by_kind(docs, "RayJob"):
+        name, spec = d["metadata"]["name"], d["spec"]
+        assert len(name) <= 47 and DNS1035.match(name), f"RayJob name {name!r}"
+        assert "rayClusterSpec" in spec or spec.get("clusterSelector"), name
+        assert spec.get("ttlSecondsAfterFinished", 0) >= 0, name
+        if not spec.get("shutdownAfterJobFinishes"):
+            assert spec.get("ttlSecondsAfterFinished", 0) == 0, name
+        assert spec.get("activeDeadlineSeconds", 1) > 0, name
+        assert spec.get("backoffLimit", 0) >= 0, name
+        assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode", f"{name}: submitterPodTemplate needs K8sJobMode"
+        assert isinstance(yaml.safe_load(spec.get("runtimeEnvYAML", "{}")), dict), f"{name}: runtimeEnvYAML"
+        assert spec["submitterPodTemplate"]["spec"].get("restartPolicy") == "Never", name
+    for where, spec in ray_cluster_specs(docs):
+        groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+        for gname, g in groups:
+            assert g["template"]["spec"]["containers"], f"{where} {gname}: no container"
+            params = g.get("rayStartParams", {})
+            assert "labels" not in params, f"{where} {gname}: use the group's labels field"
+            if any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
+                assert not g.get("resources"), f"{where} {gname}: resources in rayStartParams and resources"
+        for g in spec.get("workerGroupSpecs", []):
+            assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], where
+
+
+def test_every_rayjob_cluster_is_the_raycluster(docs: list[Doc]) -> None:
+    """replacements copied the overlay's (patched) RayCluster spec into each RayJob."""
+    cluster = one(docs, "RayCluster", "ddray")["spec"]
+    jobs = by_kind(docs, "RayJob")
+    assert {j["metadata"]["name"] for j in jobs} == {"ddray-distill", "ddray-tune"}
+    for j in jobs:
+        assert j["spec"]["rayClusterSpec"] == cluster, j["metadata"]["name"]
+
+
+def test_references_resolve(docs: list[Doc]) -> None:
+    """Every ConfigMap, Secret and PVC a pod uses is rendered (with its hashed name)."""
+    names = {k: {d["metadata"]["name"] for d in by_kind(docs, k)}
+             for k in ("ConfigMap", "Secret", "PersistentVolumeClaim")}
+    missing = []
+    for pod in pod_specs(docs):
+        claim_templates = {t["metadata"]["name"] for t in pod.owner.get("spec", {}).get("volumeClaimTemplates", [])}
+        for v in pod.spec.get("volumes", []):
+            if "configMap" in v and v["configMap"]["name"] not in names["ConfigMap"]:
+                missing.append(f"{pod.where}: ConfigMap {v['configMap']['name']}")
+            if "secret" in v and v["secret"]["secretName"] not in names["Secret"]:
+                missing.append(f"{pod.where}: Secret {v['secret']['secretName']}")
+            if "persistentVolumeClaim" in v and v["persistentVolumeClaim"]["claimName"] not in names["PersistentVolumeClaim"]:
+                missing.append(f"{pod.where}: PVC {v['persistentVolumeClaim']['claimName']}")
+        volumes = {v["name"] for v in pod.spec.get("volumes", [])} | claim_templates
+        for c in pod.all_containers:
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in volumes:
+                    missing.append(f"{pod.where} {c['name']}: volume {m['name']}")
+            for src in c.get("envFrom", []):
+                for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                    if key in src and src[key]["name"] not in names[kind]:
+                        missing.append(f"{pod.where} {c['name']}: {kind} {src[key]['name']}")
+            for e in c.get("env", []):
+                for kind, key in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                    ref = e.get("valueFrom", {}).get(key)
+                    if ref is None:
+                        continue
+                    obj = next((d for d in by_kind(docs, kind) if d["metadata"]["name"] == ref["name"]), None)
+                    if obj is None or ref["key"] not in {**obj.get("data", {}), **obj.get("stringData", {})}:
+                        missing.append(f"{pod.where} {c['name']}: {kind} {ref['name']} key {ref['key']}")
+    assert not missing, "\n".join(missing)
+
+
+def test_services_select_pods_and_name_their_ports(docs: list[Doc]) -> None:
+    pods = list(pod_specs(docs))
+    for svc in by_kind(docs, "Service"):
+        sel = svc["spec"]["selector"]
+        targets = [p for p in pods if all(p.labels.get(k) == v for k, v in sel.items())]
+        assert len(targets) == 1, f"Service/{svc['metadata']['name']} selects {[p.where for p in targets]}"
+        ports = {p.get("name") for c in targets[0].spec["containers"] for p in c.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in ports, f"Service/{svc['metadata']['name']}: targetPort {port['targetPort']}"
+
+
+def test_staged_apply_labels(docs: list[Doc]) -> None:
+    """docs/kubernetes.md applies the platform with -l '!ddray.io/workload' and each
+    Ray workload with -l ddray.io/workload=<name>: only the Ray objects carry it."""
+    labelled = {f"{d['kind']}/{base_name(d)}": d["metadata"].get("labels", {}).get("ddray.io/workload")
+                for d in docs if "ddray.io/workload" in d["metadata"].get("labels", {})}
+    assert labelled == {"RayCluster/ddray": "raycluster", "RayJob/ddray-distill": "distill",
+                        "RayJob/ddray-tune": "tune"}
