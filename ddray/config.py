@@ -6,7 +6,7 @@ the same name::
 
     data:    {dataset: mnist5k}
     model:   {model: lenet, init_scheme: xavier}
-    distill: {init: random, steps: 10, epochs: 3, ipc: 1, iterations: 1000, nets: 4}
+    distill: {init: random, steps: 10, epochs: 3, ipc: 1, iterations: 500, nets: 4}
     run:     {seed: 0, out: runs/mnist}
 
 Field names are unique across sections, so a flat ``{"ipc": 2}`` (a CLI flag, a
@@ -125,7 +125,7 @@ class DistillConfig:
     steps: int = 10
     epochs: int = 3
     ipc: int = 1
-    iterations: int = 1000
+    iterations: int = 500
     nets: int = 4
     batch_size: int = 1024
     lr: float = 0.01
