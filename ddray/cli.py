@@ -28,7 +28,7 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "steps": (int, "S: distinct synthetic batches (default 10)"),
     "epochs": (int, "E: passes over the S batches; T = S×E learned step sizes (default 3)"),
     "ipc": (int, "M: images per class per step (default 1)"),
-    "iterations": (int, "total meta-steps of the run (default 1000)"),
+    "iterations": (int, "total meta-steps of the run (default 500)"),
     "nets": (int, "K: networks θ₀ per meta-step, gradients averaged (default 4)"),
     "batch_size": (int, "real images per meta-step (default 1024)"),
     "lr": (float, "outer Adam learning rate (default 0.01)"),
@@ -75,6 +75,27 @@ def _config_from(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), **flat)
 
 
+def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
+    """MLflow flags for commands without --config (evaluate, load, tune)."""
+    g = p.add_argument_group("tracking")
+    g.add_argument("--tracking-uri", dest="tracking_uri", help=OVERRIDES["tracking_uri"][1])
+    g.add_argument("--experiment", dest="experiment", help=OVERRIDES["experiment"][1])
+    g.add_argument("--no-tracking", dest="tracking", action="store_const", const=False, default=None,
+                   help="do not record the run in MLflow")
+    g.add_argument("--tracking-optional", dest="tracking_optional", action="store_const", const=True,
+                   default=None, help="continue with a warning when the tracking server is unreachable")
+
+
+def _with_tracking(cfg: Config, args: argparse.Namespace) -> Config:
+    """``cfg`` with its tracking settings taken from this command line (defaults where not given)."""
+    import dataclasses
+
+    run = dataclasses.replace(cfg.run, tracking=args.tracking is not False, tracking_uri=args.tracking_uri,
+                              tracking_optional=bool(args.tracking_optional),
+                              experiment=args.experiment or "ddray")
+    return dataclasses.replace(cfg, run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ddray`` argument parser (also used to validate RayJob entrypoints)."""
     p = argparse.ArgumentParser(prog="ddray", description="Dataset distillation (Wang et al. 2018) on Ray.")
@@ -98,6 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
     e.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
     e.add_argument("--no-progress", action="store_true")
+    _add_tracking_flags(e)
+
+    ld = sub.add_parser("load", help="fetch a distilled set from MLflow (runs:/ID) and evaluate it")
+    ld.add_argument("path", metavar="runs:/ID|DIR", help="MLflow run URI (or a distilled-data directory)")
+    ld.add_argument("--nets", type=int, default=20, help="held-out networks (default 20)")
+    ld.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
+    ld.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
+    ld.add_argument("--no-progress", action="store_true")
+    _add_tracking_flags(ld)
+
+    t = sub.add_parser("tune", help="Ray Tune search over distillation settings (tune_configs/*.yaml)")
+    t.add_argument("spec", metavar="CONFIG.yaml", help="search file: fixed config, search space, metric, "
+                                                        "scheduler, resources (see tune_configs/)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the interrupted search (unfinished trials resumed, errored ones restarted)")
+    t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    t.add_argument("--storage-path", dest="storage_path", help="override the file's storage_path")
+    t.add_argument("--data-root", dest="data_root", help="override the file's data_root")
+    _add_tracking_flags(t)
 
     b = sub.add_parser("baseline", help="real-image baselines at the same budget: random|optimized|kmeans|average")
     b.add_argument("--method", required=True, help="random, optimized, kmeans or average")
@@ -105,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(b)
 
     pt = sub.add_parser("pretrain", help="train a pool of networks for the pretrained init modes")
-    _add_overrides(pt, ["dataset", "data_root", "image_size", "model", "init_scheme", "seed", "out"])
+    _add_overrides(pt, ["dataset", "data_root", "image_size", "model", "init_scheme", "seed", "out", "tracking_uri",
+                        "experiment"])
     pt.add_argument("--nets", type=int, default=10, help="networks in the pool (default 10)")
     pt.add_argument("--epochs", type=int, default=5, help="training epochs per network (default 5)")
     pt.add_argument("--no-progress", action="store_true")
@@ -117,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from ddray.distill import distill
+    if args.local:
+        from ddray.distill import distill
+    else:  # the Ray driver: connects to --address / $RAY_ADDRESS, else starts a local Ray
+        from ddray.distributed import distill_ray as distill
 
     cfg = _config_from(args)
     if args.resume:
@@ -126,10 +170,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume: {args.resume} is not a ddray run directory (no config.yaml)")
         flat = {k: getattr(args, k, None) for k in FIELD_SECTION}
         cfg = load_config(args.config or saved_cfg, **flat)
-    r = distill(cfg, progress=not args.no_progress, resume=args.resume)
-    rows = [("distilled (ddray)", r.result), ("distilled, shuffled batch order", r.shuffled)]
-    if args.baselines:
-        rows += [(f"baseline: {m}", res) for m, res in run_baselines(cfg, r.out)]
+    from ddray.tracking import log_final_checkpoint, tracked
+
+    with tracked(cfg, "distill", tags={"ddray.resumed_from": str(args.resume)} if args.resume else None) as tracker:
+        r = distill(cfg, tracker=tracker, progress=not args.no_progress, resume=args.resume)
+        log_final_checkpoint(tracker, cfg, r.out)
+        rows = [("distilled (ddray)", r.result), ("distilled, shuffled batch order", r.shuffled)]
+        if args.baselines:
+            baselines = run_baselines(cfg, r.out)
+            rows += [(f"baseline: {m}", res) for m, res in baselines]
+            tracker.log_metrics({f"baseline_{m}_acc_mean": res.mean for m, res in baselines},
+                                step=cfg.distill.iterations)
     print(f"\n{'set':34s} test accuracy (mean ± std over held-out nets)")
     for name, res in rows:
         print(f"{name:34s} {res}")
@@ -170,10 +221,15 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     if args.method not in METHODS:
         raise ValueError(f"--method: invalid value {args.method!r}; choose one of {', '.join(METHODS)}")
     from ddray.distill import default_out
+    from ddray.tracking import tracked
 
     cfg = _config_from(args)
     out = Path(cfg.run.out or default_out())
-    [(m, res)] = run_baselines(cfg, out, [args.method], args.candidates)
+    with tracked(cfg, "baseline", run_name=f"baseline-{args.method}") as tracker:
+        tracker.log_params({"baseline.method": args.method, "baseline.candidates": args.candidates})
+        [(m, res)] = run_baselines(cfg, out, [args.method], args.candidates)
+        tracker.log_metrics({"eval_acc_mean": res.mean, "eval_acc_std": res.std}, step=0)
+        _log_set(tracker, out / "baselines" / m)
     print(f"baseline {m}: {res}")
     print(f"written to: {(out / 'baselines' / m).resolve()}")
     return 0
@@ -182,16 +238,28 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddray.artifact import load_distilled
     from ddray.distill import evaluate_distilled, problem_for
+    from ddray.tracking import download_distilled, tracked
 
     if args.nets < 1:
         raise ValueError(f"--nets: invalid value {args.nets}; expected a positive integer")
-    d = load_distilled(args.path)
+    src = args.path
+    if str(src).startswith(("runs:/", "models:/")):
+        src = download_distilled(str(src), args.tracking_uri)
+        if not args.json:
+            print(f"fetched {args.path} → {src}")
+    d = load_distilled(src)
     problem = problem_for(d, args.data_root)
-    r = evaluate_distilled(problem, d, args.nets)
+    with tracked(_with_tracking(problem.config, args), args.command,
+                 tags={"ddray.source": str(args.path)}) as tracker:
+        tracker.log_params({"evaluate.source": str(args.path), "evaluate.nets": args.nets})
+        r = evaluate_distilled(problem, d, args.nets)
+        s = evaluate_distilled(problem, d, args.nets, shuffled=True)
+        tracker.log_metrics({"eval_acc_mean": r.mean, "eval_acc_std": r.std, "eval_shuffled_acc_mean": s.mean,
+                             "eval_shuffled_acc_std": s.std}, step=int(d.meta.get("iterations", 0)))
+        _log_report(tracker, d, {"source": str(args.path), "test": r.to_dict(), "shuffled_order": s.to_dict()})
     if args.json:
         print(json.dumps({"mean": r.mean, "std": r.std, "n": r.n}))
         return 0
-    s = evaluate_distilled(problem, d, args.nets, shuffled=True)
     print(f"test accuracy:                  {r}")
     print(f"test accuracy, shuffled order:  {s}")
     return 0
@@ -205,15 +273,69 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     for name in ("nets", "epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: invalid value {getattr(args, name)}; expected a positive integer")
+    from ddray.tracking import tracked
+
     cfg = _config_from(args)
     data = load_dataset(cfg.data.dataset, cfg.data.data_root, cfg.data.download, cfg.data.image_size)
-    out = pretrain(data, cfg.model.model, cfg.model.init_scheme, args.nets, args.epochs,
-                   cfg.run.out or default_out(), cfg.run.seed, progress=not args.no_progress)
-    meta = json.loads((out / "pool.json").read_text())
-    accs = meta["test_acc"]
+    with tracked(cfg, "pretrain") as tracker:
+        tracker.log_params({"pretrain.nets": args.nets, "pretrain.epochs": args.epochs})
+        out = pretrain(data, cfg.model.model, cfg.model.init_scheme, args.nets, args.epochs,
+                       cfg.run.out or default_out(), cfg.run.seed, progress=not args.no_progress)
+        meta = json.loads((out / "pool.json").read_text())
+        accs = meta["test_acc"]
+        for i, acc in enumerate(accs):
+            tracker.log_metrics({"test_acc": acc}, step=i)
+        tracker.log_metrics({"test_acc_mean": sum(accs) / len(accs), "test_acc_min": min(accs),
+                             "test_acc_max": max(accs)}, step=len(accs))
+        tracker.log_artifact(out, "pool")
     print(f"pool of {len(accs)} {cfg.model.model} nets on {data.name}: test accuracy "
           f"{100 * sum(accs) / len(accs):.1f} % (mean)")
     print(f"written to: {out.resolve()}")
+    return 0
+
+
+def _log_set(tracker: Any, path: Path) -> None:
+    """Log a distilled-data directory (as ``distilled/``, so ``ddray load runs:/ID`` finds it) and its grid."""
+    from ddray.artifact import load_distilled
+    from ddray.viz import save_grid
+
+    for name in ("data.parquet", "meta.json", "init_params.safetensors"):
+        if (path / name).is_file():
+            tracker.log_artifact(path / name, "distilled")
+    tracker.log_artifact(save_grid(load_distilled(path), path / "grid.png"))
+
+
+def _log_report(tracker: Any, d: Any, report: dict[str, Any]) -> None:
+    """Log an evaluation report (eval.json) and the set's image grid."""
+    import tempfile
+
+    from ddray.viz import save_grid
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "eval.json").write_text(json.dumps(report, indent=2))
+        tracker.log_artifact(Path(tmp) / "eval.json")
+        tracker.log_artifact(save_grid(d, Path(tmp) / "grid.png"))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ddray.tune import load_tune_spec, run_search
+
+    overrides = {k: getattr(args, k, None) for k in ("tracking_uri", "experiment", "tracking", "tracking_optional",
+                                                       "address", "data_root")}
+    spec = load_tune_spec(args.spec, **overrides)
+    if args.storage_path:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, storage_path=Path(args.storage_path).expanduser().resolve())
+    s = run_search(spec, resume=args.resume)
+    print(f"\n{s.table(spec.metric, list(spec.search))}\n")
+    print(f"best trial:      {s.best.trial_id} ({spec.metric} {s.best.value:.4f} at step {s.best.value_step})")
+    if s.comparison:
+        print(f"vs reference:    {s.comparison}")
+    print(f"best config:     {s.best_config_path}  (ddray distill --config {s.best_config_path})")
+    print(f"distilled data:  {s.best.distilled_dir}")
+    if s.best.run_id:
+        print(f"in MLflow:       runs:/{s.best.run_id} (parent run {s.parent_run_id})")
     return 0
 
 
@@ -228,8 +350,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "baseline": cmd_baseline,
-            "pretrain": cmd_pretrain, "show": cmd_show}
+COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "load": cmd_evaluate, "baseline": cmd_baseline,
+            "pretrain": cmd_pretrain, "show": cmd_show, "tune": cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,37 @@
 """Tracking behind an interface: the math never calls a tracker directly.
 
-:class:`Tracker` is what the drivers call; :class:`NullTracker` does nothing.
+:class:`Tracker` is what the drivers call; :class:`NullTracker` does nothing
+(``--no-tracking``); :class:`MlflowTracker` records a run in MLflow through an
+explicit ``MlflowClient`` (no global "active run", so it works the same in the
+CLI process, in a Ray Tune trial actor and after a restart). :func:`make_tracker`
+builds the right one from a :class:`~ddray.config.RunConfig`, and :func:`tracked`
+wraps a command so its run ends FINISHED, FAILED or KILLED.
+
+Where runs go: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's
+default, an SQLite store ``mlflow.db`` in the working directory. Relative SQLite
+paths are made absolute, so Ray actors (which run in other directories) write to
+the same store. Only this module imports ``mlflow``, and only when tracking is on.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import subprocess
+import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from ddray.artifact import Distilled
+    from ddray.config import Config
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+DISTILLED_ARTIFACT = "distilled"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
 
 
 class Tracker(Protocol):
@@ -26,6 +51,8 @@ class Tracker(Protocol):
 class NullTracker:
     """A tracker that records nothing (``--no-tracking``)."""
 
+    run_id: str | None = None
+
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
@@ -42,15 +69,349 @@ class NullTracker:
         pass
 
 
-def download_distilled(uri: str) -> Path:
-    """Fetch the distilled-data directory of an MLflow run (``runs:/<run_id>``) to a local path."""
-    import mlflow
+class TrackingUnavailable(ValueError):
+    """The tracking store cannot be reached (the message names the URI)."""
 
-    run_id = uri[len("runs:/"):].strip("/").split("/")[0]
-    if not run_id:
-        raise ValueError(f"{uri}: expected runs:/<run_id>")
+
+# ----------------------------------------------------------------------------- URIs
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``; local paths made absolute."""
+    uri = uri or os.environ.get(TRACKING_ENV) or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        if db and db != ":memory:" and not db.startswith("/"):
+            return "sqlite:///" + str(Path(db).resolve())
+        return uri
+    if uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
+        path = uri[len("file:"):] if uri.startswith("file:") else uri
+        if not path.startswith("//"):
+            return Path(path).resolve().as_uri()
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (:class:`TrackingUnavailable`) when the store at ``uri`` cannot be reached.
+
+    HTTP(S): any HTTP answer from the server counts as reachable; SQLite: the
+    database's directory must exist. MLflow's own client would retry for minutes.
+    """
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            return  # the server answered
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
+                                      f"--tracking-uri / ${TRACKING_ENV}, or pass --tracking-optional or "
+                                      "--no-tracking") from None
+    elif uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        if db != ":memory:" and not Path(db).parent.is_dir():
+            raise TrackingUnavailable(f"MLflow tracking store {uri}: directory {Path(db).parent} does not exist")
+
+
+def tracking_runtime_env(config: "Config") -> dict[str, Any]:
+    """A Ray ``runtime_env`` that hands the tracking URI to actors and trial drivers on every node."""
+    if not config.run.tracking:
+        return {}
+    return {"env_vars": {TRACKING_ENV: resolve_tracking_uri(config.run.tracking_uri)}}
+
+
+# ----------------------------------------------------------------------------- tags
+
+
+def git_commit() -> str | None:
+    """The ddray source's git commit (``$DDRAY_GIT_COMMIT`` in images without .git), or None."""
+    if os.environ.get("DDRAY_GIT_COMMIT"):
+        return os.environ["DDRAY_GIT_COMMIT"]
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="distilled")
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def ray_address(config: "Config") -> str:
+    """The Ray cluster this process is connected to, else the configured one, else ``none``."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            try:
+                return str(ray.get_runtime_context().gcs_address)
+            except Exception:  # older/odd runtimes: fall through to the configured address
+                pass
+    return config.cluster.address or os.environ.get("RAY_ADDRESS") or "none"
+
+
+def run_tags(config: "Config", command: str) -> dict[str, str]:
+    """Tags every ddray run carries: version, git commit, Ray address, command, mode, data set, model."""
+    from ddray import __version__
+
+    tags = {"ddray.version": __version__, "ddray.command": command, "ddray.mode": config.cluster.mode,
+            "ddray.init": config.distill.init, "ddray.dataset": config.data.dataset,
+            "ddray.model": config.model.model, "ddray.ray_address": ray_address(config)}
+    commit = git_commit()
+    if commit:
+        tags["ddray.git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = str(v)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+class MlflowTracker:
+    """One MLflow run, written through ``MlflowClient(uri)``.
+
+    Args:
+        uri: tracking URI (see :func:`resolve_tracking_uri`).
+        experiment: experiment name; created if missing.
+        run_name: display name of a new run.
+        tags: tags of a new run.
+        parent_run_id: makes the new run a nested child of this run (Tune trials).
+        run_id: reopen this existing run instead of creating one (resumed trials).
+        optional: on a logging error, warn once and stop logging instead of raising.
+    """
+
+    def __init__(self, uri: str, experiment: str = "ddray", run_name: str | None = None,
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                 run_id: str | None = None, optional: bool = False) -> None:
+        check_reachable(uri)
+        self.uri, self.optional = uri, optional
+        self._disabled = self._finished = False
+        client = self.client
+        try:
+            if run_id:
+                client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                self.experiment_id = client.get_run(run_id).info.experiment_id
+            else:
+                self.experiment_id = self._experiment_id(experiment)
+                all_tags = dict(tags or {})
+                if parent_run_id:
+                    all_tags["mlflow.parentRunId"] = parent_run_id
+                run = client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+                self.run_id = run.info.run_id
+        except TrackingUnavailable:
+            raise
+        except Exception as e:  # mlflow raises many types for a store it cannot use
+            raise TrackingUnavailable(f"MLflow tracking store {uri}: cannot start a run "
+                                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+    @property
+    def client(self) -> Any:
+        if getattr(self, "_client", None) is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for Ray: the client is rebuilt on arrival
+        return {k: v for k, v in self.__dict__.items() if k != "_client"}
+
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise TrackingUnavailable(f"MLflow experiment {name!r} in {self.uri} is deleted; restore it "
+                                          "(`mlflow experiments restore`) or pick another --experiment")
+            return str(exp.experiment_id)
+        try:
+            return str(self.client.create_experiment(name))
+        except Exception:  # created concurrently by another trial
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return str(exp.experiment_id)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self._disabled:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:
+            if not self.optional:
+                raise
+            self._disabled = True
+            warnings.warn(f"MLflow {what} failed for run {self.run_id} at {self.uri} "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                          "continuing without tracking", stacklevel=3)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in _flatten(params).items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + PARAM_BATCH])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._call("set_tags", self.client.log_batch, self.run_id,
+                   tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        if items:
+            self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
+        self._call("log_artifact", fn, self.run_id, str(p), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED); later calls do nothing."""
+        if self._finished:
+            return
+        self._finished = True
+        self._disabled = False  # the final status is worth one more try
+        self._call("finish", self.client.set_terminated, self.run_id, status)
+
+
+def make_tracker(config: "Config", kind: str, run_name: str | None = None, parent_run_id: str | None = None,
+                 run_id: str | None = None, tags: dict[str, str] | None = None) -> Tracker:
+    """The tracker for a ``kind`` run (distill, evaluate, baseline, pretrain, tune, trial) of ``config``.
+
+    A NullTracker under ``--no-tracking``. Otherwise an MLflow run tagged with
+    :func:`run_tags` (plus ``tags``), holding the full config as params. An
+    unreachable store raises :class:`TrackingUnavailable` (a ValueError naming the
+    URI), or under ``--tracking-optional`` warns and returns a NullTracker.
+    """
+    if not config.run.tracking:
+        return NullTracker()
+    uri = resolve_tracking_uri(config.run.tracking_uri)
+    try:
+        default_name = f"{kind}-{Path(config.run.out).name}" if config.run.out else kind
+        tracker = MlflowTracker(uri, config.run.experiment, run_name=run_name or default_name,
+                                tags={**run_tags(config, kind), **(tags or {})}, parent_run_id=parent_run_id,
+                                run_id=run_id, optional=config.run.tracking_optional)
+    except TrackingUnavailable as e:
+        if not config.run.tracking_optional:
+            raise
+        warnings.warn(f"{e}; continuing without tracking (--tracking-optional)", stacklevel=2)
+        return NullTracker()
+    if run_id is None:
+        tracker.log_params(config.flat())
+    return tracker
+
+
+@contextmanager
+def tracked(config: "Config", kind: str, **kwargs: Any) -> Iterator[Tracker]:
+    """``with tracked(cfg, "distill") as t:`` — the run ends FINISHED, or FAILED/KILLED on an exception."""
+    tracker = make_tracker(config, kind, **kwargs)
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def log_eval_grid(tracker: Tracker, distilled: "Distilled", out: str | Path, step: int) -> Path:
+    """Write the image grid at meta-step ``step`` to OUT/grids/ and log it under ``grids/``."""
+    from ddray.viz import save_grid
+
+    d = Path(out) / "grids"
+    d.mkdir(parents=True, exist_ok=True)
+    png = save_grid(distilled, d / f"step-{step:08d}.png")
+    tracker.log_artifact(png, "grids")
+    return png
+
+
+def log_final_checkpoint(tracker: Tracker, config: "Config", out: str | Path) -> Path | None:
+    """Log the newest checkpoint (and its digest) of a run under ``checkpoint/``; returns it or None."""
+    from ddray.checkpoint import list_checkpoints
+
+    storage = config.run.storage
+    if storage and "://" in storage and not storage.startswith("file://"):
+        remote = list_checkpoints(storage)  # already durable: record where, upload nothing
+        if remote:
+            tracker.set_tags({"ddray.final_checkpoint": str(remote[-1])})
+        return None
+    where = Path(storage[len("file://"):] if storage and storage.startswith("file://") else storage) \
+        if storage else Path(out) / "checkpoints"
+    found = list_checkpoints(where)
+    if not found:
+        return None
+    latest = Path(found[-1])
+    tracker.log_artifact(latest, "checkpoint")
+    digest = Path(str(latest) + ".sha256")
+    if digest.is_file():
+        tracker.log_artifact(digest, "checkpoint")
+    return latest
+
+
+def parse_run_uri(uri: str) -> tuple[str, str]:
+    """``runs:/<run_id>[/<artifact path>]`` → (run_id, artifact path, default ``distilled``)."""
+    if not uri.startswith("runs:/"):
+        raise ValueError(f"{uri}: expected an MLflow run URI runs:/<run_id> (models:/ URIs are not supported)")
+    parts = [p for p in uri[len("runs:/"):].split("/") if p]
+    if not parts:
+        raise ValueError(f"{uri}: expected runs:/<run_id>")
+    return parts[0], "/".join(parts[1:]) or DISTILLED_ARTIFACT
+
+
+def download_distilled(uri: str, tracking_uri: str | None = None) -> Path:
+    """Fetch the distilled-data directory of an MLflow run (``runs:/<run_id>``) to a local path.
+
+    Raises a one-line ValueError when the run does not exist or holds no distilled data.
+    """
+    run_id, artifact_path = parse_run_uri(uri)
+    store = resolve_tracking_uri(tracking_uri)
+    check_reachable(store)
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    try:
+        client.get_run(run_id)
+    except Exception:
+        raise ValueError(f"{uri}: no such MLflow run in {store}") from None
+    try:
+        names = {Path(f.path).name for f in client.list_artifacts(run_id, artifact_path)}
+    except Exception as e:
+        raise ValueError(f"{uri}: cannot list the run's artifacts ({str(e).splitlines()[0]})") from None
+    from ddray.artifact import DATA_FILE, META_FILE
+
+    if not {DATA_FILE, META_FILE} <= names:
+        raise ValueError(f"{uri}: the run holds no distilled data (no {artifact_path}/{DATA_FILE} and "
+                         f"{artifact_path}/{META_FILE} artifacts)")
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    tracking_uri=store)
     except Exception as e:  # mlflow raises several exception types for missing runs/artifacts
-        raise ValueError(f"{uri}: no distilled data found ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{uri}: could not download distilled data ({str(e).splitlines()[0]})") from None
     return Path(local)

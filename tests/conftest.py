@@ -1,0 +1,10 @@
+"""Test-wide settings: no Ray usage stats; MLflow runs go to a temporary store, never ./mlflow.db."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Tests that check tracking set their own store; every other tracked command lands here.
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='ddray-tests-mlflow-')}/mlflow.db")

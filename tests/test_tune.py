@@ -1,0 +1,252 @@
+"""Ray Tune searches: the search file's validation (no Ray), then tiny real searches on one local Ray.
+
+The Ray tests share one ``ray.init(num_cpus=2)`` for the module and log to a temporary
+SQLite MLflow store: a search is one parent run with one nested child run per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from ddray.artifact import load_distilled
+from ddray.cli import main
+from ddray.config import load_config
+from ddray.tune import load_tune_spec, parse_tune_spec, run_search
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(tmp: Path, **changes: Any) -> dict[str, Any]:
+    """Two trials of 4 meta-steps each, evaluated (2 nets) and checkpointed every 2."""
+    spec: dict[str, Any] = {
+        "name": "tiny",
+        "storage_path": str(tmp / "ray"),
+        "fixed": {"distill": {"steps": 2, "epochs": 1, "ipc": 1, "iterations": 4, "nets": 1, "batch_size": 64},
+                  "run": {"eval_every": 2, "eval_nets": 2, "checkpoint_every": 2,
+                          "tracking_uri": f"sqlite:///{tmp}/mlflow.db"}},
+        "search": {"lr": {"loguniform": [0.005, 0.05]}},
+        "reference": {"lr": 0.01},
+        "num_samples": 2,
+        "max_concurrent_trials": 2,
+        "scheduler": {"type": "asha", "grace_period": 2},
+        "resources": {"driver_cpus": 0.5, "ps_cpus": 0.25, "cpus_per_worker": 0.25},
+    }
+    spec.update(changes)
+    return spec
+
+
+def write(tmp: Path, spec: dict[str, Any], name: str = "spec.yaml") -> Path:
+    p = tmp / name
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+# ----------------------------------------------------------------------------- the search file
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_search_files_validate(path: Path) -> None:
+    spec = load_tune_spec(path)
+    assert spec.metric == "eval_acc_mean" and spec.mode == "max" and spec.scheduler.type == "asha"
+    assert spec.reference and {"epochs", "lr", "init_lr"} <= set(spec.search)
+    assert path.read_text().startswith("#")  # documented at the top
+
+
+def test_shipped_quick_search_compares_with_the_default_config() -> None:
+    spec = load_tune_spec(REPO / "tune_configs" / "mnist5k_quick.yaml")
+    ref = spec.trial_config(spec.reference or {})
+    default = load_config(None)
+    for k in ("init", "steps", "epochs", "ipc", "nets", "batch_size", "lr", "init_lr", "syn_init"):
+        assert getattr(ref.distill, k) == getattr(default.distill, k), k
+    assert (ref.data, ref.model) == (default.data, default.model)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"serach": {}}, "serach: unknown key"),
+    ({"search": {"stepz": {"choice": [1]}}}, "search.stepz: unknown config field"),
+    ({"search": {"steps": {"normal": [1, 2]}}}, "search.steps: unknown distribution 'normal'"),
+    ({"search": {"steps": {"uniform": [1, 5]}}}, "search.steps: steps takes integers"),
+    ({"search": {"steps": {"choice": [0, 5]}}}, "search.steps: --steps: invalid value 0"),
+    ({"search": {"lr": {"loguniform": [0, 0.1]}}}, "search.lr: loguniform needs 0 < low"),
+    ({"search": {"lr": {"uniform": [0.1, 0.01]}}}, "search.lr: uniform needs [low, high] with low < high"),
+    ({"search": {"init": {"choice": ["warm"]}}}, "search.init: --init: invalid value 'warm'"),
+    ({"search": {"init": {"randint": [1, 3]}}}, "search.init: init is not numeric"),
+    ({"search": {"out": {"choice": ["a"]}}}, "search.out: out is run bookkeeping"),
+    ({"search": {"steps": 5}}, "search.steps: expected one distribution"),
+    ({"reference": {"stepz": 1}}, "reference.stepz: unknown"),
+    ({"metric": "accuracy"}, "metric: unknown metric 'accuracy'"),
+    ({"mode": "maximum"}, "mode: invalid value 'maximum'"),
+    ({"num_samples": 0}, "num_samples: expected a positive integer"),
+    ({"scheduler": "hyperband"}, "scheduler.type: unknown scheduler 'hyperband'"),
+    ({"scheduler": {"type": "asha", "grace_period": 100}}, "scheduler.grace_period: 100 exceeds"),
+    ({"resources": {"gpus": 1}}, "resources.gpus: unknown key"),
+    ({"resources": {"driver_cpus": 0}}, "resources.driver_cpus: expected a positive number"),
+    ({"fixed": {"distill": {"stepz": 1}}}, "fixed: config: unknown key distill.stepz"),
+    ({"fixed": {"run": {"eval_every": 0}}}, "fixed.run.eval_every: ASHA compares trials on eval_acc_mean"),
+])
+def test_bad_search_file_is_a_one_line_error_naming_the_key(tmp_path: Path, change: dict[str, Any],
+                                                            key: str) -> None:
+    spec = tiny_spec(tmp_path, **change)
+    with pytest.raises(ValueError) as e:
+        parse_tune_spec(spec, "spec.yaml")
+    msg = str(e.value)
+    assert msg.startswith(f"spec.yaml: {key}") and "\n" not in msg, msg
+
+
+def test_cli_reports_a_bad_file_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, tiny_spec(tmp_path, search={"epochs": {"grid": [1, -1]}}))
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "search.epochs" in err and "-1" in err
+
+
+def test_trial_config_and_placement_group(tmp_path: Path) -> None:
+    spec = parse_tune_spec(tiny_spec(tmp_path, search={"workers": {"choice": [1, 3]}},
+                                     reference=None, scheduler="fifo",
+                                     resources={"gpus_per_worker": 1, "cpus_per_worker": 2}), "s.yaml")
+    cfg = spec.trial_config({"workers": 3}, tmp_path / "t")
+    assert cfg.cluster.workers == 3 and cfg.run.out == str(tmp_path / "t") and cfg.run.storage is None
+    assert cfg.run.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    pgf = spec.placement({"workers": 3})
+    # bundle 0: the trial driver; then the parameter server; then one bundle per worker
+    assert pgf.bundles == [{"CPU": 1.0}, {"CPU": 1.0}] + [{"CPU": 2, "GPU": 1}] * 3
+    assert pgf.strategy == "SPREAD"
+
+
+def test_asha_never_stops_the_reference_early() -> None:
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from ddray.tune import ReferenceASHA
+
+    asha = ReferenceASHA({"lr": 0.01}, time_attr="step", metric="eval_acc_mean", mode="max", max_t=10,
+                         grace_period=2, reduction_factor=2)
+    good, ref, bad = (SimpleNamespace(trial_id=i, config={"lr": lr}) for i, lr in (("g", 0.05), ("r", 0.01),
+                                                                                    ("b", 0.02)))
+    for t in (good, ref, bad):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, good, {"step": 2, "eval_acc_mean": 0.9}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, ref, {"step": 2, "eval_acc_mean": 0.1}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, bad, {"step": 2, "eval_acc_mean": 0.1}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, ref, {"step": 10, "eval_acc_mean": 0.2}) == TrialScheduler.STOP  # budget
+
+
+def test_comparison_with_the_reference_says_by_how_much(tmp_path: Path) -> None:
+    from ddray.tune import TrialRow, _compare
+
+    spec = parse_tune_spec(tiny_spec(tmp_path), "s.yaml")
+
+    def row(i: str, v: float, status: str = "done", step: int = 4) -> TrialRow:
+        return TrialRow(i, {}, status, v, step, {2: v - 0.1, step: v}, None, None)
+
+    ref, good, worse = row("ref", 0.70), row("good", 0.74), row("worse", 0.60)
+    assert "beats it by 4.0 points" in str(_compare(good, ref, spec, [ref, good]))
+    assert "did not beat the reference" in str(_compare(ref, ref, spec, [ref, worse]))
+    assert "10.0 points short" in str(_compare(ref, ref, spec, [ref, worse]))
+    stopped = row("ref", 0.30, "stopped", 2)
+    assert "stopped early" in str(_compare(good, stopped, spec, [stopped, good]))
+
+
+def test_fresh_search_refuses_an_existing_experiment(tmp_path: Path) -> None:
+    spec = parse_tune_spec(tiny_spec(tmp_path), "s.yaml")
+    spec.experiment_dir.mkdir(parents=True)
+    (spec.experiment_dir / "x").write_text("")
+    with pytest.raises(ValueError, match="already exists; continue it with --resume"):
+        run_search(spec)
+
+
+# ----------------------------------------------------------------------------- real searches
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def _runs(uri: str) -> list[Any]:
+    c = MlflowClient(tracking_uri=uri)
+    return c.search_runs([c.get_experiment_by_name("ddray").experiment_id])
+
+
+def test_search_two_trials_one_parent_and_nested_child_runs(ray_session: None, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, tiny_spec(tmp_path))
+    assert main(["tune", str(path)]) == 0
+    out = capsys.readouterr().out
+    exp = tmp_path / "ray" / "tiny"
+    # the table, the comparison with the reference point, the best config and its distilled data
+    assert re.search(r"^trial\s+lr\s+eval_acc_mean\s+at step\s+status$", out, re.M)
+    assert "(ref)" in out or "reference point is the best" in out
+    assert "vs reference:" in out
+    best_yaml = Path(re.search(r"^best config:\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    assert best_yaml == exp / "best_config.yaml"
+    cfg = load_config(best_yaml)  # ready to run: `ddray distill --config best_config.yaml`
+    assert cfg.distill.iterations == 4 and cfg.run.out is None and cfg.run.storage is None
+    distilled = Path(re.search(r"^distilled data:\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    d = load_distilled(distilled)
+    assert d.meta["iterations"] == 4 and d.meta["config"]["distill"]["lr"] == cfg.distill.lr
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = _runs(uri)
+    [parent] = [r for r in runs if r.data.tags["ddray.command"] == "tune"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3 and len(children) == 2
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny"
+    assert parent.data.params["search.lr"] == "loguniform[0.005, 0.05]" and "best_eval_acc_mean" in parent.data.metrics
+    c = MlflowClient(tracking_uri=uri)
+    assert {f.path for f in c.list_artifacts(parent.info.run_id)} == {"best_config.yaml", "trials.txt"}
+    assert json.loads((exp / "ddray_tune.json").read_text())["parent_run_id"] == parent.info.run_id
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["ddray.command"] == "trial"
+        assert child.data.params["distill.iterations"] == "4"
+        steps = [m.step for m in c.get_metric_history(child.info.run_id, "outer_loss")]
+        assert sorted(steps)[-1] == 4 or child.data.tags.get("ddray.stopped_early") == "true"
+    assert any({f.path for f in c.list_artifacts(ch.info.run_id, "distilled")} >=
+               {"distilled/data.parquet", "distilled/meta.json"} for ch in children)
+    # Tune checkpoints every checkpoint_every steps (ray.tune.Checkpoint), each with the ddray checkpoint
+    ckpts = sorted(exp.glob("*/checkpoint_*/checkpoints/step-*.pt"))
+    assert ckpts and all((c_.parent.parent / "trial.json").is_file() for c_ in ckpts)
+
+
+def test_resume_restarts_errored_trials(ray_session: None, tmp_path: Path) -> None:
+    # The trials need a pretrained pool that does not exist yet: they fail, the search ends with
+    # no finished trial; then the pool appears and --resume restarts the errored trial.
+    pool = tmp_path / "pool"
+    raw = tiny_spec(tmp_path, name="resumable", reference=None, num_samples=1, scheduler="fifo",
+                    search={"init_lr": {"choice": [0.02]}})
+    raw["fixed"]["distill"].update(init="fixed-pretrained", pretrained=str(pool))
+    spec = parse_tune_spec(raw, "r.yaml")
+    with pytest.raises(ValueError, match="no trial finished"):
+        run_search(spec, verbose=0)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    [parent] = [r for r in _runs(uri) if r.data.tags["ddray.command"] == "tune"]
+    assert parent.info.status == "FAILED"
+
+    from ddray.data import load_dataset
+    from ddray.pretrain import pretrain
+
+    pretrain(load_dataset("mnist5k"), "lenet", "xavier", nets=1, epochs=1, out=pool, progress=False)
+    summary = run_search(spec, resume=True, verbose=0)
+    assert summary.best.status == "done" and summary.best.value is not None
+    assert summary.parent_run_id == parent.info.run_id  # the same parent run continues
+    runs = _runs(uri)
+    assert [r.info.status for r in runs if r.info.run_id == parent.info.run_id] == ["FINISHED"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert "FAILED" in {r.info.status for r in trials} and "FINISHED" in {r.info.status for r in trials}
