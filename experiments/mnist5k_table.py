@@ -28,7 +28,9 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--fixed-nets", type=int, default=1)
     ap.add_argument("--random-nets", type=int, default=4)
-    ap.add_argument("--modes", nargs="+", default=["fixed", "random"])
+    ap.add_argument("--modes", nargs="+", default=["fixed", "random"],
+                    help="init modes; 'attack' is random init with --attack 0:1")
+    ap.add_argument("--pretrained", help="pool directory for the pretrained modes (ddray pretrain)")
     ap.add_argument("--out", default="runs/table")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -37,8 +39,10 @@ def main() -> None:
     rows, record = [], {}
     for mode in args.modes:
         nets = args.fixed_nets if mode == "fixed" else args.random_nets
-        cfg = load_config(None, init=mode, nets=nets, iterations=args.iterations, out=str(out / mode),
-                          tracking=False)
+        init = "random" if mode == "attack" else mode
+        cfg = load_config(None, init=init, nets=nets, iterations=args.iterations, out=str(out / mode),
+                          tracking=False, attack="0:1" if mode == "attack" else None,
+                          pretrained=args.pretrained if "pretrained" in mode else None)
         t0 = time.perf_counter()
         r = distill(cfg, progress=False)
         wall = time.perf_counter() - t0
@@ -53,7 +57,9 @@ def main() -> None:
         print(json.dumps(record[mode]), flush=True)
 
     def pct(res: object) -> str:
-        return f"{100 * res.mean:.1f} ± {100 * res.std:.1f}"  # type: ignore[attr-defined]
+        s = f"{100 * res.mean:.1f} ± {100 * res.std:.1f}"  # type: ignore[attr-defined]
+        rate = getattr(res, "attack_rate_mean", None)
+        return s if rate is None else f"{s} (0→1: {100 * rate:.0f} %)"
 
     print(f"\nMNIST-5k, LeNet, 10 steps × 3 epochs × 1 image/class, {args.iterations} meta-steps; "
           f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}\n")
