@@ -1,12 +1,20 @@
 """Run checkpoints: atomic writes, corruption detection, newest-valid-first reads.
 
-A checkpoint is one ``torch.save`` file ``step-<n>.pt`` in a checkpoint directory
+A checkpoint is one ``torch.save`` file ``step-<n>.pt`` in a checkpoint location
 holding the synthetic set, raw step sizes, outer-optimizer state, the step counter,
 the whole config and ddray's version, followed by a SHA-256 of those bytes in a
-sidecar ``.sha256`` file. It is written to a temporary name and renamed, so a
-reader never sees half a file; a file whose digest does not match is skipped
-with a warning and the previous one is used. (There is no RNG state to save:
-every random draw is derived from (seed, purpose, step, net), see core/inits.py.)
+sidecar ``.sha256`` file. A reader never trusts a file whose digest does not match:
+it is skipped with a warning and the previous one is used. (There is no RNG state
+that must be saved: every random draw is derived from (seed, purpose, step, net),
+see core/inits.py; checkpoints record the seed and that rule under ``rng``.)
+
+The location is a local directory or any URI pyarrow's filesystem layer
+understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``, ``abfs://``, …):
+
+* local paths (and ``file://``/``hdfs://`` URIs): write to a temporary name, then
+  rename, so a reader never sees half a file (local paths are also fsync'ed);
+* object stores (S3, GCS, Azure): the object is written under its final name in a
+  single upload, which the store makes visible atomically — there is no rename.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import io
 import os
 import re
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,17 +35,45 @@ from ddray import __version__
 
 PATTERN = re.compile(r"^step-(\d+)\.pt$")
 KEEP = 3
+RENAMING_FILESYSTEMS = ("local", "hdfs", "mock")  # pyarrow type_names with an atomic move
 
 
-def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` (plus step and version) as ``step-<step>.pt``; keep the newest 3."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+def is_uri(location: str | Path) -> bool:
+    """True for ``scheme://…`` locations (handled by pyarrow.fs), False for plain paths."""
+    return isinstance(location, str) and "://" in location
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow FileSystem, path inside it) for a URI; ValueError naming the URI otherwise."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, … depending on the scheme
+        raise ValueError(f"--storage {uri}: not a usable filesystem URI ({str(e).splitlines()[0]})") from None
+    return fs, path.rstrip("/")
+
+
+def _encode(step: int, state: dict[str, Any]) -> tuple[bytes, bytes]:
     buf = io.BytesIO()
     torch.save({**state, "step": step, "ddray_version": __version__}, buf)
     data = buf.getvalue()
-    target = d / f"step-{step:08d}.pt"
-    for suffix, payload in ((".sha256", hashlib.sha256(data).hexdigest().encode()), ("", data)):
+    return data, hashlib.sha256(data).hexdigest().encode()
+
+
+def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> Path | str:
+    """Atomically write ``state`` (plus step and version) as ``step-<step>.pt``; keep the newest 3.
+
+    Returns the written file (a Path for local directories, a URI string otherwise).
+    """
+    data, digest = _encode(step, state)
+    name = f"step-{step:08d}.pt"
+    if is_uri(directory):
+        return _save_uri(str(directory), name, data, digest)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    target = d / name
+    for suffix, payload in ((".sha256", digest), ("", data)):
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -44,13 +81,45 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> 
             os.fsync(f.fileno())
         os.replace(tmp, str(target) + suffix)
     for old in list_checkpoints(d)[:-KEEP]:
+        assert isinstance(old, Path)
         old.unlink(missing_ok=True)
         Path(str(old) + ".sha256").unlink(missing_ok=True)
     return target
 
 
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Checkpoint files in ``directory``, oldest first."""
+def _save_uri(uri: str, name: str, data: bytes, digest: bytes) -> str:
+    fs, base = _filesystem(uri)
+    fs.create_dir(base, recursive=True)
+    for suffix, payload in ((".sha256", digest), ("", data)):
+        final = f"{base}/{name}{suffix}"
+        if fs.type_name in RENAMING_FILESYSTEMS:
+            tmp = f"{base}/.tmp-{uuid.uuid4().hex}"
+            with fs.open_output_stream(tmp) as f:
+                f.write(payload)
+            fs.move(tmp, final)
+        else:  # object store: one upload under the final name is atomic
+            with fs.open_output_stream(final) as f:
+                f.write(payload)
+    for old in list_checkpoints(uri)[:-KEEP]:
+        for suffix in ("", ".sha256"):
+            try:
+                fs.delete_file(f"{base}/{str(old).rsplit('/', 1)[1]}{suffix}")
+            except OSError:  # already gone (FileNotFoundError is an OSError)
+                pass
+    return f"{uri.rstrip('/')}/{name}"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path | str]:
+    """Checkpoint files in ``directory`` (paths, or URIs for a URI location), oldest first."""
+    if is_uri(directory):
+        import pyarrow.fs as pafs
+
+        uri = str(directory).rstrip("/")
+        fs, base = _filesystem(uri)
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        found_uri = [(int(m.group(1)), f"{uri}/{i.base_name}") for i in infos
+                     if i.type == pafs.FileType.File and (m := PATTERN.match(i.base_name))]
+        return [u for _, u in sorted(found_uri)]  # URIs
     d = Path(directory)
     if not d.is_dir():
         return []
@@ -58,10 +127,21 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _read_verified(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    digest = Path(str(path) + ".sha256")
-    if not digest.is_file() or digest.read_text().strip() != hashlib.sha256(data).hexdigest():
+def _read_bytes(path: str | Path) -> bytes:
+    if is_uri(path):
+        fs, p = _filesystem(str(path))
+        with fs.open_input_stream(p) as f:
+            return bytes(f.read())
+    return Path(path).read_bytes()
+
+
+def _read_verified(path: str | Path) -> dict[str, Any]:
+    data = _read_bytes(path)
+    try:
+        digest = _read_bytes(f"{path}.sha256").decode().strip()
+    except (FileNotFoundError, OSError):
+        digest = ""
+    if digest != hashlib.sha256(data).hexdigest():
         raise ValueError("digest mismatch")
     state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     return state

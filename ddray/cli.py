@@ -159,9 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     if args.local:
-        from ddray.distill import distill
+        import ddray.distill as single_process
+
+        run = single_process.distill
     else:  # the Ray driver: connects to --address / $RAY_ADDRESS, else starts a local Ray
-        from ddray.distributed import distill_ray as distill
+        import ddray.distributed.driver as ray_driver
+
+        run = ray_driver.distill_ray
 
     cfg = _config_from(args)
     if args.resume:
@@ -173,7 +177,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from ddray.tracking import log_final_checkpoint, tracked
 
     with tracked(cfg, "distill", tags={"ddray.resumed_from": str(args.resume)} if args.resume else None) as tracker:
-        r = distill(cfg, tracker=tracker, progress=not args.no_progress, resume=args.resume)
+        r = run(cfg, tracker=tracker, progress=not args.no_progress, resume=args.resume)
         log_final_checkpoint(tracker, cfg, r.out)
         rows = [("distilled (ddray)", r.result), ("distilled, shuffled batch order", r.shuffled)]
         if args.baselines:

@@ -1,0 +1,87 @@
+"""Experimental sync transport: the meta-step as one Ray Compiled Graph (``DDRAY_TRANSPORT=compiled``).
+
+The default transport (:meth:`Fleet.submit`) submits a task per worker per meta-step
+and moves versions and gradients as object-store entries; on a small machine the
+per-task and per-object cost dominates once there are dozens of workers. This one
+compiles the meta-step — server version → shares → server apply — once into a
+graph whose actors exchange data through reusable shared-memory channels, and then
+only feeds it ``(step, checkpoint?)``: no task submission, no object-store entries,
+no reference counting per step. Same actors, same plain classes, same arithmetic
+(bitwise equal to the default transport).
+
+Limits: one parameter-server shard (the server checkpoints itself inside the
+graph). A lost actor shuts the graph down; the driver repairs the fleet exactly as
+for the default transport, redoes the interrupted meta-step(s) from the server's
+step (after a server loss: from the last checkpoint) and compiles again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from ddray.distributed.fleet import Fleet
+
+log = logging.getLogger("ddray.distributed")
+LOOKAHEAD = 2  # executions in flight: step s+1's version read queues behind step s's apply
+MAX_RECOVERIES = 20
+
+
+def compile_step(fleet: Fleet) -> Any:
+    """The compiled graph of one meta-step; its input is ``(step, checkpoint after it?)``."""
+    from ray.dag import InputNode
+
+    if len(fleet.servers) != 1:
+        raise ValueError("DDRAY_TRANSPORT=compiled: needs --shards 1")
+    ps = fleet.servers[0]
+    with InputNode() as job:
+        version = ps.dag_version.bind(job)
+        grads = [fleet.workers[w].dag_compute.bind(job, nets, version) for w, nets in fleet.shares]
+        dag = ps.dag_apply.bind(job, *grads)
+    return dag.experimental_compile(_max_inflight_executions=LOOKAHEAD)
+
+
+def compiled_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bool],
+                    report: Callable[[dict[str, float]], None]) -> None:
+    """Meta-steps ``start`` … ``stop``−1 through the fleet's compiled graph (compiled on first use and
+    again after every repair; :meth:`Fleet.shutdown` tears it down)."""
+    step, recoveries = start, 0
+    while step < stop:
+        pending: deque[Any] = deque()
+        nxt = step
+        try:
+            fleet.graph = fleet.graph or compile_step(fleet)
+            while pending or nxt < stop:
+                while nxt < stop and len(pending) < LOOKAHEAD:
+                    pending.append(fleet.graph.execute((nxt, due(nxt + 1))))
+                    nxt += 1
+                report(pending.popleft().get(timeout=-1))  # a real meta-step may take minutes
+                step, recoveries = step + 1, 0
+        except RayError as e:
+            # repair: the graph shut itself down; redo from where the server is
+            pending.clear()
+            teardown(fleet)
+            recoveries += 1
+            if recoveries > MAX_RECOVERIES:
+                raise RuntimeError(f"meta-step {step + 1}: gave up after {MAX_RECOVERIES} recoveries") from e
+            if fleet.servers_lost():
+                step, _ = fleet.restore()
+                continue
+            lost = [w for w in range(len(fleet.workers)) if fleet.ensure_worker(w, type(e).__name__)]
+            if not lost and not isinstance(e, RayActorError):
+                raise
+            step = int(ray.get(fleet.servers[0].info.remote())["step"])
+
+
+def teardown(fleet: Fleet) -> None:
+    """Shut the fleet's compiled graph down (if any), so its actors take ordinary tasks again."""
+    graph, fleet.graph = fleet.graph, None
+    if graph is not None:
+        try:
+            graph.teardown()
+        except Exception as e:  # already shut down by the failure that brought us here
+            log.debug("compiled graph teardown: %s", e)

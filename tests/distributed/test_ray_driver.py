@@ -1,0 +1,219 @@
+"""The Ray driver end to end on one local Ray (2 CPUs): sync = single process, faults lose nothing,
+resume is bitwise, async and sharded modes complete. Tiny configs: a run takes ~10–20 s here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from dist_support import named_actor, tiny
+
+from ddray.checkpoint import list_checkpoints
+from ddray.distill import DistillResult, distill
+from ddray.distributed.driver import distill_ray
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Workers run one torch thread; so does the single-process reference (same reductions)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def straight(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> DistillResult:
+    """The reference: W = 2, 6 meta-steps, checkpoints at 3 and 6, no faults."""
+    return distill_ray(tiny(tmp_path_factory.mktemp("straight")), progress=False)
+
+
+def same(a: DistillResult, b: DistillResult) -> bool:
+    return torch.equal(a.distilled.images, b.distilled.images) and torch.equal(a.distilled.lrs, b.distilled.lrs)
+
+
+def test_sync_matches_single_process_for_any_worker_count(straight: DistillResult, tmp_path: Path,
+                                                          one_thread: None) -> None:
+    w1 = distill_ray(tiny(tmp_path / "w1", workers=1), progress=False)
+    local = distill(tiny(tmp_path / "local"), progress=False)
+    assert same(w1, local)  # one share = the single-process meta-gradient, same Adam
+    torch.testing.assert_close(straight.distilled.images, w1.distilled.images, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(straight.distilled.lrs, w1.distilled.lrs, rtol=1e-5, atol=1e-7)
+    meta = json.loads((straight.out / "meta.json").read_text())
+    assert meta["iterations"] == 6 and (straight.out / "eval.json").is_file()
+    assert [str(p).rsplit("-", 1)[1] for p in list_checkpoints(straight.out / "checkpoints")] == [
+        "00000003.pt", "00000006.pt"]
+
+
+def test_driver_death_then_resume_is_bitwise(straight: DistillResult, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    def die(step: int, metrics: dict) -> None:
+        if step == 4:  # after the checkpoint of step 3: steps 4.. are redone after the resume
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill_ray(tiny(out), progress=False, on_step=die)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000003.pt"]
+    assert not (out / "meta.json").exists()
+    resumed = distill_ray(tiny(out), progress=False, resume=out)
+    assert same(resumed, straight)
+    assert json.loads((out / "meta.json").read_text())["iterations"] == 6
+
+
+def test_lost_workers_and_server_lose_nothing(straight: DistillResult, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """ray.kill of a worker, SIGKILL of another's process, and a parameter-server crash."""
+    seen: dict[int, dict] = {}
+
+    def faults(step: int, metrics: dict) -> None:
+        seen[step] = metrics
+        if step == 1:
+            ray_kill_worker()
+        elif step == 2:
+            actor, _ = named_actor("worker-0")
+            os.kill(__import__("ray").get(actor.ping.remote())["pid"], signal.SIGKILL)
+        elif step == 4:  # the server restarts from the checkpoint of step 3; steps 4.. are redone
+            actor, _ = named_actor("ps-0")
+            __import__("ray").kill(actor, no_restart=False)
+
+    def ray_kill_worker() -> None:
+        actor, _ = named_actor("worker-1")
+        __import__("ray").kill(actor)  # no restart: the fleet must replace it
+
+    with caplog.at_level(logging.WARNING, logger="ddray.distributed"):
+        r = distill_ray(tiny(tmp_path / "faults"), progress=False, on_step=faults)
+    assert same(r, straight)
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6] and seen[6]["restarts"] == 3 and seen[6]["workers_alive"] == 2
+    log = caplog.text
+    assert "worker 1 died" in log and "replaced by a new actor" in log
+    assert "worker 0 died" in log and "restarted by Ray" in log
+    assert "parameter-server shard 0 died" in log and "rolled back to the checkpoint of meta-step 3" in log
+    assert json.loads((r.out / "meta.json").read_text())["iterations"] == 6
+
+
+def test_async_mode_completes_and_reports_staleness(ray_local: Any, tmp_path: Path) -> None:
+    seen: dict[int, dict] = {}
+    r = distill_ray(tiny(tmp_path / "async", mode="async", max_staleness=1), progress=False,
+                    on_step=lambda s, m: seen.setdefault(s, m))
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+    assert {"staleness_mean", "staleness_max", "dropped", "outer_loss", "nets_per_s"} <= set(seen[6])
+    assert all(m["staleness_max"] <= 1 for m in seen.values())
+    assert json.loads((r.out / "meta.json").read_text())["iterations"] == 6
+    assert list_checkpoints(r.out / "checkpoints")[-1].name == "step-00000006.pt"
+
+
+@pytest.mark.slow
+def test_sharded_servers_match_one_server(straight: DistillResult, tmp_path: Path) -> None:
+    r = distill_ray(tiny(tmp_path / "sharded", shards=3), progress=False)
+    torch.testing.assert_close(r.distilled.images, straight.distilled.images, rtol=0, atol=1e-6)
+    torch.testing.assert_close(r.distilled.lrs, straight.distilled.lrs, rtol=0, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_resume_a_single_process_run_on_ray(straight: DistillResult, tmp_path: Path, one_thread: None) -> None:
+    """Same checkpoint format: a run made with --local continues on Ray."""
+    out = tmp_path / "mixed"
+    distill(tiny(out, iterations=3), progress=False)
+    r = distill_ray(tiny(out), progress=False, resume=out)
+    torch.testing.assert_close(r.distilled.images, straight.distilled.images, rtol=1e-4, atol=1e-5)
+    assert json.loads((out / "meta.json").read_text())["iterations"] == 6
+
+
+@pytest.mark.slow
+def test_cli_driver_sigkilled_then_resumed_is_bitwise(ray_local: Any, tmp_path: Path) -> None:
+    """A real `ddray distill` process attached to this Ray is SIGKILLed after its first checkpoint;
+    `ddray distill --resume` finishes the run with the same bits as an uninterrupted one."""
+    import subprocess
+    import sys
+    import time
+
+    from ddray.artifact import load_distilled
+    from ddray.cli import main
+
+    steps = 40
+    reference = distill_ray(tiny(tmp_path / "ref", iterations=steps), progress=False)
+    out = tmp_path / "killed"
+    flags = ["--dataset", "mnist5k", "--steps", "2", "--epochs", "1", "--ipc", "1", "--batch-size", "64",
+             "--nets", "2", "--workers", "2", "--eval-nets", "2", "--seed", "0", "--checkpoint-every", "3",
+             "--iterations", str(steps), "--no-tracking", "--no-progress"]
+    addr = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # stay on loopback
+    proc = subprocess.Popen([sys.executable, "-m", "ddray.cli", "distill", *flags, "--address", addr,
+                             "--out", str(out)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "step-00000003.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the driver never checkpointed"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup in the driver
+        proc.wait()
+    assert not (out / "meta.json").exists()
+    done = int(list_checkpoints(out / "checkpoints")[-1].name[5:13])
+    assert 3 <= done < steps
+    assert main(["distill", "--resume", str(out), "--no-tracking", "--no-progress"]) == 0
+    d = load_distilled(out)
+    assert torch.equal(d.images, reference.distilled.images) and torch.equal(d.lrs, reference.distilled.lrs)
+    assert d.meta["iterations"] == steps
+
+
+def test_compiled_graph_transport_same_bits_through_faults(straight: DistillResult, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """DDRAY_TRANSPORT=compiled: a worker SIGKILLed and the server crashed mid-run; same result."""
+    import ray
+
+    monkeypatch.setenv("DDRAY_TRANSPORT", "compiled")
+
+    def faults(step: int, metrics: dict) -> None:
+        if step == 2:
+            actor, _ = named_actor("worker-1")
+            os.kill(ray.get(actor.ping.remote())["pid"], signal.SIGKILL)
+        elif step == 4:
+            actor, _ = named_actor("ps-0")
+            ray.kill(actor, no_restart=False)
+
+    with caplog.at_level(logging.WARNING, logger="ddray.distributed"):
+        r = distill_ray(tiny(tmp_path / "compiled"), progress=False, on_step=faults)
+    assert same(r, straight)
+    assert "worker 1 died" in caplog.text and "parameter-server shard 0 died" in caplog.text
+    with pytest.raises(ValueError, match="DDRAY_TRANSPORT: invalid value 'compiled'"):
+        distill_ray(tiny(tmp_path / "x", shards=2), progress=False)
+
+
+@pytest.mark.slow
+def test_inside_a_tune_like_trial_group(straight: DistillResult, tmp_path: Path) -> None:
+    """Run from a task in a group laid out [driver, PS, worker, worker] (as a Ray Tune trial reserves it):
+    the fleet places itself in those bundles instead of asking for a group of its own."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    before = set(placement_group_table())
+    group = placement_group([{"CPU": 0.05}, {"CPU": 0.05}, {"CPU": 0.9}, {"CPU": 0.9}])
+    ray.get(group.ready(), timeout=60)
+
+    @ray.remote(num_cpus=0.05)
+    def trial(cfg: Any) -> tuple[Any, Any]:  # refers only to importable modules (it runs in a worker)
+        from ddray.distributed.driver import distill_ray
+
+        r = distill_ray(cfg, progress=False)
+        return r.distilled.images, r.distilled.lrs
+
+    try:
+        where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0,
+                                                 placement_group_capture_child_tasks=True)
+        images, lrs = ray.get(trial.options(scheduling_strategy=where).remote(tiny(tmp_path / "trial")))
+    finally:
+        remove_placement_group(group)
+    assert set(placement_group_table()) - before == {group.id.hex()}  # no group of its own
+    assert torch.equal(images, straight.distilled.images) and torch.equal(lrs, straight.distilled.lrs)
