@@ -101,7 +101,9 @@ class Plan:
         return "cuda" if self.worker_gpus else "cpu"
 
     def threads(self, worker: int) -> int:
-        return max(1, int(self.worker_cpus[worker] + 1e-9))
+        # Rounded, not floored: a parameter-server shard riding in the bundle holds a 0.05-CPU
+        # sliver and mostly waits, so one worker on a 2-CPU machine should still use both cores.
+        return max(1, round(self.worker_cpus[worker]))
 
     def worker_bundle(self, worker: int) -> int:
         return self.first_worker_bundle + worker

@@ -21,7 +21,12 @@ def test_threads_never_exceed_the_cpus_of_a_node() -> None:
     plan = plan_resources([{"CPU": 16.0}], workers=4, shards=2, placement="pack")
     assert plan.bundles == [{"CPU": 4.0}] * 4 and plan.strategy == "PACK"
     assert sum(plan.threads(i) for i in range(4)) <= 16
-    assert [plan.threads(i) for i in range(4)] == [3, 3, 4, 4]
+    assert [plan.threads(i) for i in range(4)] == [4, 4, 4, 4]  # the PS slivers (0.05 CPU) round away
+
+
+def test_one_worker_on_two_cpus_uses_both() -> None:
+    plan = plan_resources([{"CPU": 2.0}], workers=1, shards=1, placement="spread")
+    assert plan.threads(0) == 2
 
 
 def test_strict_spread_needs_a_node_per_worker() -> None:
