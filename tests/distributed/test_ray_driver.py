@@ -21,10 +21,11 @@ from ddray.distributed.driver import distill_ray
 
 
 @pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Workers run one torch thread; so does the single-process reference (same reductions)."""
+def one_worker_threads() -> Iterator[None]:
+    """The single-process reference runs as many torch threads as one worker on this 2-CPU Ray
+    (2: the parameter server's sliver rounds away), so both do the same reductions."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     yield
     torch.set_num_threads(n)
 
@@ -40,7 +41,7 @@ def same(a: DistillResult, b: DistillResult) -> bool:
 
 
 def test_sync_matches_single_process_for_any_worker_count(straight: DistillResult, tmp_path: Path,
-                                                          one_thread: None) -> None:
+                                                          one_worker_threads: None) -> None:
     w1 = distill_ray(tiny(tmp_path / "w1", workers=1), progress=False)
     local = distill(tiny(tmp_path / "local"), progress=False)
     assert same(w1, local)  # one share = the single-process meta-gradient, same Adam
@@ -118,7 +119,7 @@ def test_sharded_servers_match_one_server(straight: DistillResult, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_resume_a_single_process_run_on_ray(straight: DistillResult, tmp_path: Path, one_thread: None) -> None:
+def test_resume_a_single_process_run_on_ray(straight: DistillResult, tmp_path: Path, one_worker_threads: None) -> None:
     """Same checkpoint format: a run made with --local continues on Ray."""
     out = tmp_path / "mixed"
     distill(tiny(out, iterations=3), progress=False)
