@@ -47,14 +47,15 @@ FINISHED = "ddray_finished"  # result key of a trial's last report (Tune reserve
 
 def run_trial_distillation(config: Config, tracker: Tracker, on_step: Callable[[int, dict[str, float]], None],
                            resume: str | Path | None) -> "DistillResult":
-    """One trial's whole distillation.
+    """One trial's whole distillation, by the Ray driver.
 
-    In-process for now. The Ray driver takes the same arguments: once it places its
-    parameter server and workers in the trial's placement group (bundles 1…, see
-    :meth:`TuneSpec.placement`) instead of creating a group of its own, swap the
-    import below for ``from ddray.distributed.driver import distill_ray as run``.
+    This function runs in bundle 0 of the trial's placement group (the trial driver);
+    :func:`ddray.distributed.driver.distill_ray` finds the group laid out as
+    [driver, PS × shards, worker × workers] (:meth:`TuneSpec.placement`) and puts its
+    parameter server(s) and workers into bundles 1… instead of creating a group of its own.
+    ``resume``: the trial's run directory holding the checkpoints to continue from.
     """
-    from ddray.distill import distill as run
+    from ddray.distributed.driver import distill_ray as run
 
     return run(config, tracker=tracker, progress=False, resume=resume, on_step=on_step)
 
@@ -101,6 +102,9 @@ def tune_trial(params: dict[str, Any], spec: TuneSpec, parent_run_id: str | None
                 _copy_into(ckpts, out / "checkpoints")
                 resume = out
             run_id = state.get("mlflow_run_id")
+    if resume is None:  # Tune starts this trial over: checkpoints left by an earlier attempt are stale
+        # (the Ray driver refuses a fresh run whose storage already holds checkpoints)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     tracker = make_tracker(cfg, "trial", run_name=ctx.get_trial_name(), parent_run_id=parent_run_id,
                            run_id=run_id, tags={"ddray.trial_id": ctx.get_trial_id()})
     run = getattr(tracker, "run_id", None)  # None for a NullTracker

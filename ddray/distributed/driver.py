@@ -41,7 +41,7 @@ from ddray.distributed.param_server import initial_state
 from ddray.distributed.shards import shard_layout
 from ddray.distributed.placement import Plan, alive_nodes, connect, plan_in_group, plan_resources
 from ddray.problem import Problem, build_problem
-from ddray.tracking import NullTracker, Tracker
+from ddray.tracking import NullTracker, Tracker, log_eval_grid
 
 log = logging.getLogger("ddray.distributed")
 LOOKAHEAD = 2  # meta-steps in flight in sync mode
@@ -95,8 +95,10 @@ class Reporter:
     """Progress bar + tracker + ``on_step`` for each applied meta-step (replays after a rollback are not re-logged)."""
 
     def __init__(self, fleet: Fleet, problem: Problem, start: int, tracker: Tracker,
-                 on_step: Callable[[int, dict[str, float]], None] | None, progress: bool) -> None:
+                 on_step: Callable[[int, dict[str, float]], None] | None, progress: bool,
+                 out: Path | None = None) -> None:
         self.fleet, self.problem, self.tracker, self.on_step = fleet, problem, tracker, on_step
+        self.out = out  # where the eval image grids go (OUT/grids/); None: not written
         self.config = problem.config
         self.start = self.logged = start
         self.nets = 0.0
@@ -118,8 +120,11 @@ class Reporter:
             metrics["ps_ms"] = 1e3 * sum(stats[k] for k in ("t_receive", "t_average", "t_adam"))
         c = self.config
         if c.run.eval_every and done % c.run.eval_every == 0 and done < c.distill.iterations:
-            r = evaluate_distilled(self.problem, to_distilled(self.problem, self.syn(), done), c.run.eval_nets)
+            snapshot = to_distilled(self.problem, self.syn(), done)
+            r = evaluate_distilled(self.problem, snapshot, c.run.eval_nets)
             metrics.update(eval_acc_mean=r.mean, eval_acc_std=r.std)
+            if self.out is not None:  # as ddray.distill.distill: the grid of every evaluated snapshot
+                log_eval_grid(self.tracker, snapshot, self.out, done)
         self.tracker.log_metrics(metrics, step=done)
         if self.on_step:
             self.on_step(done, metrics)
@@ -275,7 +280,7 @@ def distill_ray(config: Config, tracker: Tracker | None = None, progress: bool =
         tracker.log_params(config.flat())
         fleet = Fleet(config.to_dict(), layout, state, storage, plan, group=group)
         try:
-            reporter = Reporter(fleet, problem, int(state["step"]), tracker, on_step, progress)
+            reporter = Reporter(fleet, problem, int(state["step"]), tracker, on_step, progress, out)
             LOOPS[config.cluster.mode](fleet, int(state["step"]), config, reporter)
             syn, seconds = reporter.syn(), reporter.seconds_per_step()
         finally:
