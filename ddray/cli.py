@@ -113,21 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local", action="store_true",
                    help="run in this process without Ray (the single-process reference path)")
 
-    e = sub.add_parser("evaluate", help="train fresh held-out networks on a distilled set; report test accuracy")
-    e.add_argument("path", metavar="DIR|runs:/ID", help="distilled-data directory or MLflow run URI")
-    e.add_argument("--nets", type=int, default=20, help="held-out networks (default 20)")
-    e.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
-    e.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
-    e.add_argument("--no-progress", action="store_true")
-    _add_tracking_flags(e)
-
-    ld = sub.add_parser("load", help="fetch a distilled set from MLflow (runs:/ID) and evaluate it")
-    ld.add_argument("path", metavar="runs:/ID|DIR", help="MLflow run URI (or a distilled-data directory)")
-    ld.add_argument("--nets", type=int, default=20, help="held-out networks (default 20)")
-    ld.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
-    ld.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
-    ld.add_argument("--no-progress", action="store_true")
-    _add_tracking_flags(ld)
+    for name, help_, metavar, path_help in (
+            ("evaluate", "train fresh held-out networks on a distilled set; report test accuracy",
+             "DIR|runs:/ID", "distilled-data directory or MLflow run URI"),
+            ("load", "fetch a distilled set from MLflow (runs:/ID) and evaluate it",
+             "runs:/ID|DIR", "MLflow run URI (or a distilled-data directory)")):
+        e = sub.add_parser(name, help=help_)
+        e.add_argument("path", metavar=metavar, help=path_help)
+        e.add_argument("--nets", type=int, default=20, help="held-out networks (default 20)")
+        e.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
+        e.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
+        e.add_argument("--no-progress", action="store_true")
+        _add_tracking_flags(e)
 
     t = sub.add_parser("tune", help="Ray Tune search over distillation settings (tune_configs/*.yaml)")
     t.add_argument("spec", metavar="CONFIG.yaml", help="search file: fixed config, search space, metric, "
