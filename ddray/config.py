@@ -209,13 +209,6 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def __post_init__(self) -> None:
-        attack = parse_attack(self.distill.attack)
-        if attack is not None:
-            for c in attack:
-                if not 0 <= c < 10_000:
-                    raise ValueError(f"--attack: class {c} out of range")
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "Config":
         """Build from nested sections and/or flat field names (flat keys win)."""

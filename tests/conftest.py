@@ -8,3 +8,11 @@ import tempfile
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Tests that check tracking set their own store; every other tracked command lands here.
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='ddray-tests-mlflow-')}/mlflow.db")
+
+
+def pytest_sessionstart(session: object) -> None:
+    """Create the default store up front, so MLflow's one-time "creating tables" log lines do not
+    land in whichever test happens to track first (several tests read stderr line by line)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_experiments()
