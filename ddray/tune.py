@@ -93,6 +93,11 @@ def tune_trial(params: dict[str, Any], spec: TuneSpec, parent_run_id: str | None
     out = Path(ctx.get_trial_dir()) / "distill"
     cfg = spec.trial_config(params, out)
     resume, run_id = None, None
+    # Checkpoints an earlier attempt left in the trial directory are stale: Tune's checkpoint (or none)
+    # says where this attempt starts. (An attempt that failed may have written a newer one with its
+    # pipelined last meta-step, which would skip steps Tune redoes; a fresh start with checkpoints
+    # present is refused by the Ray driver.)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     restored = tune.get_checkpoint()
     if restored is not None:  # a paused, failed or restored trial: continue from its last checkpoint
         with restored.as_directory() as d:
@@ -102,9 +107,6 @@ def tune_trial(params: dict[str, Any], spec: TuneSpec, parent_run_id: str | None
                 _copy_into(ckpts, out / "checkpoints")
                 resume = out
             run_id = state.get("mlflow_run_id")
-    if resume is None:  # Tune starts this trial over: checkpoints left by an earlier attempt are stale
-        # (the Ray driver refuses a fresh run whose storage already holds checkpoints)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     tracker = make_tracker(cfg, "trial", run_name=ctx.get_trial_name(), parent_run_id=parent_run_id,
                            run_id=run_id, tags={"ddray.trial_id": ctx.get_trial_id()})
     run = getattr(tracker, "run_id", None)  # None for a NullTracker

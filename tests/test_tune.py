@@ -284,6 +284,8 @@ def test_failed_trial_continues_from_its_tune_checkpoint_on_the_ray_driver(ray_s
 
         Defined in the test so that Ray pickles it by value.
         """
+        import time
+
         import ddray.tune as dt
         from ddray.distributed.driver import place
 
@@ -300,6 +302,12 @@ def test_failed_trial_continues_from_its_tune_checkpoint_on_the_ray_driver(ray_s
                 log.write_text(json.dumps(attempts))
                 on_step(s, metrics)
                 if len(attempts) == 1 and s == 3:
+                    # the pipelined last meta-step has written its checkpoint: the retry must ignore it
+                    newer = Path(cfg.run.out) / "checkpoints" / "step-00000004.pt"
+                    deadline = time.monotonic() + 60
+                    while not newer.is_file() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    assert newer.is_file()
                     raise RuntimeError("injected trial failure")
 
             return orig(cfg, tracker, step, resume)
