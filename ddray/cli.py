@@ -1,4 +1,4 @@
-"""``ddray distill | evaluate | baseline | pretrain | show`` — the command line.
+"""``ddray distill | evaluate | load | baseline | pretrain | experts | show | tune`` — the command line.
 
 Every subcommand that runs the method takes ``--config FILE.yaml`` plus flag
 overrides; an invalid value is a one-line error (exit code 2), never a traceback.
@@ -7,6 +7,7 @@ overrides; an invalid value is a one-line error (exit code 2), never a traceback
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 
 from ddray.config import (FIELD_SECTION, INIT_MODES, INIT_SCHEMES, MEMORY_MODES, MODELS, PLACEMENTS,
                           SYN_INITS, SYNC_MODES, Config, load_config)
+from ddray.methods import METHOD_NAMES
 
 # flag → (type, help); flag names are config field names with '_' → '-'.
 OVERRIDES: dict[str, tuple[Any, str]] = {
@@ -31,13 +33,26 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "iterations": (int, "total meta-steps of the run (default 500)"),
     "nets": (int, "K: networks θ₀ per meta-step, gradients averaged (default 4)"),
     "batch_size": (int, "real images per meta-step (default 1024)"),
-    "lr": (float, "outer Adam learning rate (default 0.01)"),
+    "method": (str, f"distillation method: {', '.join(METHOD_NAMES)} (default dd; see README 'Methods')"),
+    "lr": (float, "outer learning rate on the images (default: the method's — dd 0.01 (Adam), dc/dsa 0.1, "
+                  "dm 1, mtt 1000 (SGD, momentum 0.5))"),
     "lr_decay": (float, "outer lr factor per decay (default 0.5)"),
     "lr_decay_every": (int, "meta-steps between outer lr decays (default 400)"),
     "init_lr": (float, "initial learned step size (default 0.02)"),
-    "syn_init": (str, f"synthetic image init: {', '.join(SYN_INITS)} (default noise)"),
+    "syn_init": (str, f"synthetic image init: {', '.join(SYN_INITS)} (default: noise for dd, real otherwise)"),
     "attack": (str, "A:B — distil data that makes nets predict class A as B"),
-    "memory": (str, f"unroll backward: {', '.join(MEMORY_MODES)} (recompute: memory flat in T)"),
+    "memory": (str, f"unroll backward (dd, mtt): {', '.join(MEMORY_MODES)} (recompute: memory flat in T)"),
+    "dsa_strategy": (str, "DSA augmentations, '_'-joined (default color_crop_cutout_flip_scale_rotate)"),
+    "real_per_class": (int, "dc/dsa/dm: real images per class per meta-step (default 256)"),
+    "outer_loop": (int, "dc/dsa: outer steps per fresh network (default by --ipc as the paper: 1→1, 10→10, 50→50)"),
+    "inner_loop": (int, "dc/dsa: epochs on the synthetic set between outer steps (default 1→1, 10→50, 50→10)"),
+    "net_lr": (float, "dc/dsa: lr of the network between outer steps; mtt: initial step size (default 0.01)"),
+    "experts": (str, "mtt: expert-trajectory directory made by `ddray experts`"),
+    "syn_steps": (int, "mtt: student steps on the synthetic set per meta-step (default 20)"),
+    "expert_epochs": (int, "mtt: M, expert epochs the student should cover (default 2)"),
+    "max_start_epoch": (int, "mtt: the student starts at a random expert epoch below this (default 20)"),
+    "lr_lr": (float, "mtt: outer learning rate of the step size (default 1e-5)"),
+    "width": (int, "convnet: channels per layer (default 128, the papers')"),
     "workers": (int, "Ray worker actors (default 1)"),
     "mode": (str, f"parameter-server mode: {', '.join(SYNC_MODES)}"),
     "max_staleness": (int, "async mode: drop gradients older than this many versions"),
@@ -50,6 +65,9 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "storage": (str, "checkpoint location: a path or a pyarrow filesystem URI (default OUT/checkpoints)"),
     "eval_every": (int, "evaluate every N meta-steps (0: only at the end)"),
     "eval_nets": (int, "held-out networks per evaluation (default 20)"),
+    "eval_protocol": (str, "evaluation: dd (the set's own schedule) or dc (ConvNet-style training, the DC line's; "
+                           "default dd for --method dd, dc otherwise)"),
+    "eval_epochs": (int, "protocol dc: training epochs per network (default 300; the papers: 1000)"),
     "tracking_uri": (str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
     "experiment": (str, "MLflow experiment name (default ddray)"),
 }
@@ -62,6 +80,11 @@ def _add_overrides(p: argparse.ArgumentParser, names: Sequence[str] | None = Non
     for name in names or OVERRIDES:
         typ, help_ = OVERRIDES[name]
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    if names is None:
+        g.add_argument("--dsa", dest="dsa", action="store_const", const=True, default=None,
+                       help="differentiable siamese augmentation on (default: on for dsa, dm, mtt)")
+        g.add_argument("--no-dsa", dest="dsa", action="store_const", const=False, default=None,
+                       help="DSA off (dc, dm, mtt)")
     g.add_argument("--download", dest="download", action="store_const", const=True, default=None,
                    help="let torchvision download a missing data set into --data-root")
     g.add_argument("--no-tracking", dest="tracking", action="store_const", const=False, default=None,
@@ -88,8 +111,6 @@ def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
 
 def _with_tracking(cfg: Config, args: argparse.Namespace) -> Config:
     """``cfg`` with its tracking settings taken from this command line (defaults where not given)."""
-    import dataclasses
-
     run = dataclasses.replace(cfg.run, tracking=args.tracking is not False, tracking_uri=args.tracking_uri,
                               tracking_optional=bool(args.tracking_optional),
                               experiment=args.experiment or "ddray")
@@ -120,7 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
              "runs:/ID|DIR", "MLflow run URI (or a distilled-data directory)")):
         e = sub.add_parser(name, help=help_)
         e.add_argument("path", metavar=metavar, help=path_help)
-        e.add_argument("--nets", type=int, default=20, help="held-out networks (default 20)")
+        e.add_argument("--nets", type=int, default=None,
+                       help="held-out networks (default 20; protocol dc: 5 — the papers use 20)")
+        e.add_argument("--protocol", choices=("dd", "dc"), default=None,
+                       help="dd: train with the set's own steps and step sizes; dc: as DC/DSA/DM/MTT — "
+                            "the set's network from scratch, SGD 0.01 (MTT: its learned step size), momentum "
+                            "0.9, weight decay 5e-4, lr ×0.1 at half, batch 256, DSA (default: the set's "
+                            "method's: dd for dd, dc otherwise)")
+        e.add_argument("--epochs", type=int, default=300,
+                       help="protocol dc: training epochs per network (default 300 on CPU; the papers: 1000)")
+        e.add_argument("--no-dsa", dest="dsa", action="store_false",
+                       help="protocol dc: train without DSA augmentation")
         e.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
         e.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
         e.add_argument("--no-progress", action="store_true")
@@ -137,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_flags(t)
 
     b = sub.add_parser("baseline", help="real-image baselines at the same budget: random|optimized|kmeans|average")
-    b.add_argument("--method", required=True, help="random, optimized, kmeans or average")
+    b.add_argument("--method", dest="baseline", required=True, help="random, optimized, kmeans or average")
     b.add_argument("--candidates", type=int, default=50, help="random sets drawn by 'optimized' (default 50)")
-    _add_overrides(b)
+    _add_overrides(b, [n for n in OVERRIDES if n != "method"])
 
     pt = sub.add_parser("pretrain", help="train a pool of networks for the pretrained init modes")
     _add_overrides(pt, ["dataset", "data_root", "image_size", "model", "init_scheme", "seed", "out", "tracking_uri",
@@ -147,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--nets", type=int, default=10, help="networks in the pool (default 10)")
     pt.add_argument("--epochs", type=int, default=5, help="training epochs per network (default 5)")
     pt.add_argument("--no-progress", action="store_true")
+
+    x = sub.add_parser("experts", help="train expert networks on real data and store their parameter "
+                                       "trajectories (for --method mtt)")
+    _add_overrides(x, ["dataset", "data_root", "image_size", "model", "width", "dsa_strategy", "seed", "out",
+                       "tracking_uri", "experiment"])
+    x.add_argument("--num-experts", type=int, default=5, help="expert networks (default 5; MTT: 100)")
+    x.add_argument("--train-epochs", type=int, default=20,
+                   help="epochs per expert, one snapshot each (default 20; MTT: 50)")
+    x.add_argument("--expert-lr", type=float, default=0.01, help="SGD learning rate of the experts (default 0.01)")
+    x.add_argument("--expert-batch-size", type=int, default=256, help="real images per step (default 256)")
+    x.add_argument("--no-dsa", dest="expert_dsa", action="store_false",
+                   help="train the experts without DSA augmentation")
+    x.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("show", help="write a PNG grid of a distilled set (rows = steps, columns = classes)")
     s.add_argument("path", metavar="DIR|runs:/ID")
@@ -176,13 +220,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     with tracked(cfg, "distill", tags={"ddray.resumed_from": str(args.resume)} if args.resume else None) as tracker:
         r = run(cfg, tracker=tracker, progress=not args.no_progress, resume=args.resume)
         log_final_checkpoint(tracker, cfg, r.out)
-        rows = [("distilled (ddray)", r.result), ("distilled, shuffled batch order", r.shuffled)]
+        rows = [(f"distilled ({cfg.distill.method})", r.result)]
+        if r.shuffled is not None:
+            rows.append(("distilled, shuffled batch order", r.shuffled))
         if args.baselines:
             baselines = run_baselines(cfg, r.out)
             rows += [(f"baseline: {m}", res) for m, res in baselines]
             tracker.log_metrics({f"baseline_{m}_acc_mean": res.mean for m, res in baselines},
                                 step=cfg.distill.iterations)
-    print(f"\n{'set':34s} test accuracy (mean ± std over held-out nets)")
+    print(f"\n{'set':34s} test accuracy (protocol {cfg.protocol}; mean ± std over held-out nets)")
     for name, res in rows:
         print(f"{name:34s} {res}")
     print(f"\nseconds per meta-step: {r.seconds_per_step:.3f}")
@@ -193,42 +239,49 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def run_baselines(cfg: Config, out: Path, methods: Sequence[str] | None = None,
                   candidates: int = 50) -> list[tuple[str, Any]]:
-    """Evaluate baselines with ``cfg``'s budget; each is written to ``out/baselines/<method>``."""
+    """Evaluate baselines with ``cfg``'s budget and evaluation protocol; each is written to
+    ``out/baselines/<method>``. Under protocol dc (DC/DSA/DM/MTT) the default baselines are
+    random and k-means real images (``optimized`` and ``average`` tune for DD's protocol)."""
+    import torch
+
     from ddray.artifact import save_distilled
     from ddray.core.baselines import METHODS, make_baseline
-    from ddray.distill import to_distilled
     from ddray.core.synthetic import SyntheticSet, inverse_softplus
+    from ddray.distill import evaluate_distilled, to_distilled
     from ddray.problem import build_problem
-    import torch
 
     problem = build_problem(cfg)
     c, data = cfg.distill, problem.data
+    steps, epochs = c.layout
+    dc = cfg.protocol == "dc"
     results = []
-    for m in methods or METHODS:
+    for m in methods or (("random", "kmeans") if dc else METHODS):
         bl = make_baseline(m, problem.model, problem.sampler(), problem.sampler(for_eval=True), data.x_train,
-                           data.y_train, data.x_test, data.y_test, c.steps, c.epochs, c.ipc, data.num_classes,
+                           data.y_train, data.x_test, data.y_test, steps, epochs, c.ipc, data.num_classes,
                            cfg.run.seed, cfg.run.eval_nets, candidates, problem.attack)
-        raw = torch.full((c.total_steps,), inverse_softplus(bl.lr))
-        d = to_distilled(problem, SyntheticSet(bl.images, bl.labels, raw, c.epochs), 0, method=f"baseline-{m}")
-        d.meta["eval"] = bl.result.to_dict()
+        raw = torch.full((steps * epochs,), inverse_softplus(bl.lr))
+        d = to_distilled(problem, SyntheticSet(bl.images, bl.labels, raw, epochs), 0)
+        d.meta["method"] = f"baseline-{m}"
+        result = evaluate_distilled(problem, d, cfg.run.eval_nets) if dc else bl.result
+        d.meta["eval"] = result.to_dict()
         save_distilled(out / "baselines" / m, d)
-        results.append((m, bl.result))
+        results.append((m, result))
     return results
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from ddray.core.baselines import METHODS
 
-    if args.method not in METHODS:
-        raise ValueError(f"--method: invalid value {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.baseline not in METHODS:
+        raise ValueError(f"--method: invalid value {args.baseline!r}; choose one of {', '.join(METHODS)}")
     from ddray.distill import default_out
     from ddray.tracking import tracked
 
     cfg = _config_from(args)
     out = Path(cfg.run.out or default_out())
-    with tracked(cfg, "baseline", run_name=f"baseline-{args.method}") as tracker:
-        tracker.log_params({"baseline.method": args.method, "baseline.candidates": args.candidates})
-        [(m, res)] = run_baselines(cfg, out, [args.method], args.candidates)
+    with tracked(cfg, "baseline", run_name=f"baseline-{args.baseline}") as tracker:
+        tracker.log_params({"baseline.method": args.baseline, "baseline.candidates": args.candidates})
+        [(m, res)] = run_baselines(cfg, out, [args.baseline], args.candidates)
         tracker.log_metrics({"eval_acc_mean": res.mean, "eval_acc_std": res.std}, step=0)
         _log_set(tracker, out / "baselines" / m)
     print(f"baseline {m}: {res}")
@@ -238,11 +291,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddray.artifact import load_distilled
+    from ddray.core.protocol import ProtocolDC
     from ddray.distill import evaluate_distilled, problem_for
     from ddray.tracking import download_distilled, tracked
 
-    if args.nets < 1:
-        raise ValueError(f"--nets: invalid value {args.nets}; expected a positive integer")
     src = args.path
     if str(src).startswith(("runs:/", "models:/")):
         src = download_distilled(str(src), args.tracking_uri)
@@ -250,19 +302,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"fetched {args.path} → {src}")
     d = load_distilled(src)
     problem = problem_for(d, args.data_root)
+    name = args.protocol or problem.config.protocol
+    nets = args.nets if args.nets is not None else (20 if name == "dd" else 5)
+    if nets < 1:
+        raise ValueError(f"--nets: invalid value {nets}; expected a positive integer")
+    protocol: ProtocolDC | str = "dd"
+    if name == "dc":
+        protocol = ProtocolDC(epochs=args.epochs, nets=nets,
+                              dsa_strategy=problem.config.distill.dsa_strategy if args.dsa else None)
     with tracked(_with_tracking(problem.config, args), args.command,
                  tags={"ddray.source": str(args.path)}) as tracker:
-        tracker.log_params({"evaluate.source": str(args.path), "evaluate.nets": args.nets})
-        r = evaluate_distilled(problem, d, args.nets)
-        s = evaluate_distilled(problem, d, args.nets, shuffled=True)
-        tracker.log_metrics({"eval_acc_mean": r.mean, "eval_acc_std": r.std, "eval_shuffled_acc_mean": s.mean,
-                             "eval_shuffled_acc_std": s.std}, step=int(d.meta.get("iterations", 0)))
-        _log_report(tracker, d, {"source": str(args.path), "test": r.to_dict(), "shuffled_order": s.to_dict()})
+        tracker.log_params({"evaluate.source": str(args.path), "evaluate.nets": nets, "evaluate.protocol": name,
+                            **({"evaluate.epochs": args.epochs, "evaluate.dsa": args.dsa} if name == "dc" else {})})
+        r = evaluate_distilled(problem, d, nets, protocol=protocol)
+        metrics = {"eval_acc_mean": r.mean, "eval_acc_std": r.std}
+        report: dict[str, Any] = {"source": str(args.path), "protocol": name, "test": r.to_dict()}
+        s = evaluate_distilled(problem, d, nets, shuffled=True, protocol="dd") if name == "dd" else None
+        if s is not None:
+            metrics.update(eval_shuffled_acc_mean=s.mean, eval_shuffled_acc_std=s.std)
+            report["shuffled_order"] = s.to_dict()
+        tracker.log_metrics(metrics, step=int(d.meta.get("iterations", 0)))
+        _log_report(tracker, d, report)
     if args.json:
-        print(json.dumps({"mean": r.mean, "std": r.std, "n": r.n}))
+        print(json.dumps({"mean": r.mean, "std": r.std, "n": r.n, "protocol": name}))
         return 0
-    print(f"test accuracy:                  {r}")
-    print(f"test accuracy, shuffled order:  {s}")
+    print(f"test accuracy (protocol {name}):  {r}")
+    if s is not None:
+        print(f"test accuracy, shuffled order:  {s}")
     return 0
 
 
@@ -292,6 +358,38 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"pool of {len(accs)} {cfg.model.model} nets on {data.name}: test accuracy "
           f"{100 * sum(accs) / len(accs):.1f} % (mean)")
     print(f"written to: {out.resolve()}")
+    return 0
+
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    from ddray.core.augment import augment
+    from ddray.data import load_dataset
+    from ddray.distill import default_out
+    from ddray.experts import EXPERTS_META, ExpertSettings, train_experts
+    from ddray.tracking import tracked
+
+    if args.num_experts < 1:
+        raise ValueError(f"--num-experts: invalid value {args.num_experts}; expected a positive integer")
+    cfg = _config_from(args)
+    strategy = cfg.distill.dsa_strategy if args.expert_dsa else None
+    settings = ExpertSettings(model=cfg.model.model, width=cfg.model.width, epochs=args.train_epochs,
+                              lr=args.expert_lr, batch_size=args.expert_batch_size, dsa_strategy=strategy,
+                              seed=cfg.run.seed)
+    data = load_dataset(cfg.data.dataset, cfg.data.data_root, cfg.data.download, cfg.data.image_size)
+    out = Path(cfg.run.out or default_out())
+    with tracked(cfg, "experts") as tracker:
+        tracker.log_params({f"experts.{k}": v for k, v in dataclasses.asdict(settings).items()}
+                           | {"experts.count": args.num_experts})
+        train_experts(data, settings, args.num_experts, out, progress=not args.no_progress,
+                      augment=None if strategy is None else lambda x, g: augment(x, strategy, g))
+        meta = json.loads((out / EXPERTS_META).read_text())
+        accs = meta["test_acc"]
+        for i, acc in enumerate(accs):
+            tracker.log_metrics({"test_acc": acc}, step=i)
+        tracker.log_artifact(out / EXPERTS_META)
+    print(f"{len(accs)} {cfg.model.model} experts on {data.name}, {args.train_epochs} epochs each: test accuracy "
+          f"{100 * sum(accs) / len(accs):.1f} % (mean)")
+    print(f"written to: {out.resolve()}  (ddray distill --method mtt --experts {out})")
     return 0
 
 
@@ -325,8 +423,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                                        "address", "data_root")}
     spec = load_tune_spec(args.spec, **overrides)
     if args.storage_path:
-        import dataclasses
-
         spec = dataclasses.replace(spec, storage_path=Path(args.storage_path).expanduser().resolve())
     s = run_search(spec, resume=args.resume)
     print(f"\n{s.table(spec.metric, list(spec.search))}\n")
@@ -352,7 +448,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "load": cmd_evaluate, "baseline": cmd_baseline,
-            "pretrain": cmd_pretrain, "show": cmd_show, "tune": cmd_tune}
+            "pretrain": cmd_pretrain, "experts": cmd_experts, "show": cmd_show, "tune": cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,9 +21,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
+
+if TYPE_CHECKING:
+    from ddray.methods import Method
 
 INIT_MODES = ("fixed", "random", "fixed-pretrained", "random-pretrained")
 INIT_SCHEMES = ("xavier", "kaiming", "normal", "orthogonal", "default")
@@ -32,6 +35,7 @@ SYN_INITS = ("noise", "real")
 MEMORY_MODES = ("full", "recompute")
 SYNC_MODES = ("sync", "async")
 PLACEMENTS = ("spread", "strict-spread", "pack")
+PROTOCOLS = ("dd", "dc")  # evaluation: DD's (the set's own schedule) or the DC line's (ConvNet, SGD, epochs)
 
 
 def _opt(name: str) -> str:
@@ -105,20 +109,37 @@ class ModelConfig:
 
     model: str = "lenet"
     init_scheme: str = "xavier"
+    width: int = 128  # ConvNet's channels per layer (the papers: 128)
 
     def __post_init__(self) -> None:
         _choice(self, "model", MODELS)
         _choice(self, "init_scheme", INIT_SCHEMES)
+        _positive_int(self, "width")
+        if self.model != "convnet" and self.width != 128:
+            raise ValueError(f"--width {self.width}: not available with --model {self.model} "
+                             "(the channels of --model convnet)")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """The method: synthetic-set size, unroll, outer optimisation, init mode.
 
-    S = ``steps`` distinct batches of ``ipc`` images per class; T = S × ``epochs``
+    ``method`` picks the algorithm (:mod:`ddray.methods`: dd, dc, dsa, dm, mtt); options
+    some methods do not use must keep their defaults under the others.
+
+    DD: S = ``steps`` distinct batches of ``ipc`` images per class; T = S × ``epochs``
     learned step sizes (softplus-positive, initialised at ``init_lr``); ``nets``
     θ₀ draws per meta-step; Adam(``lr``, betas (0.5, 0.999)) on the images and raw
     step sizes, multiplied by ``lr_decay`` every ``lr_decay_every`` meta-steps.
+
+    DC/DSA/DM/MTT learn one set of ``ipc`` images per class with SGD (momentum 0.5);
+    ``None`` for ``lr``, ``syn_init`` and ``dsa`` means the method's paper default.
+    DC/DSA: ``real_per_class`` real images per class, ``outer_loop``/``inner_loop``
+    (default by ipc as the paper), the network trained with ``net_lr`` in between.
+    DM: ``real_per_class`` real images per class. MTT: expert trajectories in
+    ``experts``; the student starts at a random expert epoch below
+    ``max_start_epoch``, takes ``syn_steps`` steps (learned size, initialised at
+    ``net_lr``, outer lr ``lr_lr``) and is matched to the expert ``expert_epochs`` later.
     """
 
     init: str = "random"
@@ -128,30 +149,92 @@ class DistillConfig:
     iterations: int = 500
     nets: int = 4
     batch_size: int = 1024
-    lr: float = 0.01
+    lr: float | None = None
     lr_decay: float = 0.5
     lr_decay_every: int = 400
     init_lr: float = 0.02
-    syn_init: str = "noise"
+    syn_init: str | None = None
     attack: str | None = None
     memory: str = "full"
     pretrained: str | None = None
+    method: str = "dd"
+    dsa: bool | None = None
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    real_per_class: int = 256
+    outer_loop: int | None = None
+    inner_loop: int | None = None
+    net_lr: float = 0.01
+    experts: str | None = None
+    syn_steps: int = 20
+    expert_epochs: int = 2
+    max_start_epoch: int = 20
+    lr_lr: float = 1e-5
 
     def __post_init__(self) -> None:
+        from ddray.core.augment import parse_strategy
+        from ddray.methods import METHOD_NAMES, check_method_options
+
+        _choice(self, "method", METHOD_NAMES)
         _choice(self, "init", INIT_MODES)
         _positive_int(self, "steps", "epochs", "ipc", "iterations", "nets", "batch_size",
-                      "lr_decay_every")
-        _positive_float(self, "lr", "lr_decay", "init_lr")
-        _choice(self, "syn_init", SYN_INITS)
+                      "lr_decay_every", "real_per_class", "syn_steps", "expert_epochs", "max_start_epoch")
+        for n in ("outer_loop", "inner_loop"):
+            if getattr(self, n) is not None:
+                _positive_int(self, n)
+        _positive_float(self, "lr_decay", "init_lr", "net_lr", "lr_lr")
+        if self.lr is not None:
+            _positive_float(self, "lr")
+        if self.syn_init is not None:
+            _choice(self, "syn_init", SYN_INITS)
+        _require(self.dsa is None or isinstance(self.dsa, bool), "dsa", self.dsa, "expected true or false")
+        parse_strategy(self.dsa_strategy)
         _choice(self, "memory", MEMORY_MODES)
         parse_attack(self.attack)
         if self.init.endswith("pretrained") and not self.pretrained:
             raise ValueError(f"--init {self.init} needs --pretrained DIR (made by `ddray pretrain`)")
+        check_method_options(self)
+
+    @property
+    def spec(self) -> "Method":
+        """The method's paper defaults."""
+        from ddray.methods import METHODS
+
+        return METHODS[self.method]
+
+    @property
+    def outer_lr(self) -> float:
+        """``lr``, or the method's default."""
+        return self.lr if self.lr is not None else self.spec.lr
+
+    @property
+    def init_images(self) -> str:
+        """``syn_init``, or the method's default (DD: noise, the others: real images)."""
+        return self.syn_init or self.spec.syn_init
+
+    @property
+    def augment(self) -> str | None:
+        """The DSA strategy when augmentation is on (``dsa``, or the method's default), else None."""
+        on = self.dsa if self.dsa is not None else self.spec.dsa
+        return self.dsa_strategy if on else None
+
+    @property
+    def loops(self) -> tuple[int, int]:
+        """DC's (outer_loop, inner_loop): as set, or the paper's for ``ipc``."""
+        from ddray.methods import dc_loops
+
+        outer, inner = dc_loops(self.ipc)
+        return self.outer_loop or outer, self.inner_loop or inner
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(S, E) of the learned set: DD's steps and epochs; one batch, one step size otherwise."""
+        return (self.steps, self.epochs) if self.method == "dd" else (1, 1)
 
     @property
     def total_steps(self) -> int:
-        """T = steps × epochs inner SGD steps."""
-        return self.steps * self.epochs
+        """T = S × E step sizes of the learned set (DD: steps × epochs inner SGD steps)."""
+        s, e = self.layout
+        return s * e
 
 
 @dataclass(frozen=True)
@@ -174,7 +257,13 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Seed, outputs, checkpoints, evaluation and tracking of one run."""
+    """Seed, outputs, checkpoints, evaluation and tracking of one run.
+
+    Evaluation trains ``eval_nets`` fresh networks on the learned set: protocol ``dd``
+    with the set's own steps and step sizes, ``dc`` as the DC/DSA/DM/MTT papers
+    (SGD for ``eval_epochs`` epochs, :mod:`ddray.core.protocol`). ``None``: ``dd``
+    for ``--method dd``, ``dc`` for the others.
+    """
 
     seed: int = 0
     out: str | None = None
@@ -182,6 +271,8 @@ class RunConfig:
     storage: str | None = None
     eval_every: int = 0
     eval_nets: int = 20
+    eval_protocol: str | None = None
+    eval_epochs: int = 300
     tracking: bool = True
     tracking_uri: str | None = None
     tracking_optional: bool = False
@@ -190,7 +281,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
                  "seed", self.seed, "expected an integer >= 0")
-        _positive_int(self, "checkpoint_every", "eval_nets")
+        _positive_int(self, "checkpoint_every", "eval_nets", "eval_epochs")
+        if self.eval_protocol is not None:
+            _choice(self, "eval_protocol", PROTOCOLS)
         _nonneg_int(self, "eval_every")
 
 
@@ -214,8 +307,11 @@ class Config:
         """Build from nested sections and/or flat field names (flat keys win)."""
         d = dict(d or {})
         sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        def is_section(key: str, value: Any) -> bool:  # "model" is a section and a field
+            return key in SECTIONS and not (key in FIELD_SECTION and isinstance(value, str))
+
         for key, value in d.items():
-            if key in SECTIONS:
+            if is_section(key, value):
                 if value is None:
                     continue
                 if not isinstance(value, Mapping):
@@ -226,12 +322,17 @@ class Config:
                                          f"{', '.join(f.name for f in fields(SECTIONS[key]))}")
                     sections[key][k] = v
         for key, value in d.items():
-            if key in SECTIONS:
+            if is_section(key, value):
                 continue
             if key not in FIELD_SECTION:
                 raise ValueError(f"config: unknown key {key!r}; allowed sections: {', '.join(SECTIONS)}")
             sections[FIELD_SECTION[key]][key] = value
         return cls(**{s: SECTIONS[s](**kw) for s, kw in sections.items()})
+
+    @property
+    def protocol(self) -> str:
+        """The evaluation protocol: ``eval_protocol``, else ``dd`` for DD and ``dc`` for the other methods."""
+        return self.run.eval_protocol or ("dd" if self.distill.method == "dd" else "dc")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict (YAML/JSON friendly)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +22,8 @@ from ddray.artifact import Distilled, save_distilled
 from ddray.checkpoint import load_latest, save_checkpoint
 from ddray.config import Config
 from ddray.core.evaluate import EvalResult, evaluate_set, shuffled_order
-from ddray.core.synthetic import OuterOptimizer, SyntheticSet
+from ddray.core.protocol import ProtocolDC, evaluate_protocol_dc
+from ddray.core.synthetic import SyntheticSet
 from ddray.problem import Problem, build_problem
 from ddray.tracking import NullTracker, Tracker, log_eval_grid
 
@@ -33,23 +34,41 @@ def default_out() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def to_distilled(problem: Problem, syn: SyntheticSet, iterations: int, method: str = "dd") -> Distilled:
+def to_distilled(problem: Problem, syn: SyntheticSet, iterations: int) -> Distilled:
     """The synthetic set with everything needed to train on it without ddray."""
     c = problem.config
     meta: dict[str, Any] = {
         "dataset": c.data.dataset, "model": c.model.model, "classes": problem.data.num_classes,
         "mean": list(problem.data.mean), "std": list(problem.data.std),
         "init": {"mode": c.distill.init, "scheme": c.model.init_scheme},
-        "iterations": iterations, "method": method, "attack": c.distill.attack,
+        "iterations": iterations, "method": c.distill.method, "attack": c.distill.attack,
+        "dsa_strategy": c.distill.augment, "eval_protocol": c.protocol,
         "seed": c.run.seed, "ddray_version": __version__, "config": c.to_dict(),
     }
     return Distilled(syn.images.detach().clone(), syn.labels.clone(), syn.lrs.detach().clone(), meta,
                      problem.fixed)
 
 
-def evaluate_distilled(problem: Problem, d: Distilled, nets: int, shuffled: bool = False) -> EvalResult:
-    """Held-out evaluation of ``d`` under ``problem``'s init mode (optionally in shuffled batch order)."""
-    order = shuffled_order(d.steps, d.epochs, problem.config.run.seed) if shuffled else None
+def evaluate_distilled(problem: Problem, d: Distilled, nets: int, shuffled: bool = False,
+                       protocol: ProtocolDC | str | None = None) -> EvalResult:
+    """Held-out evaluation of ``d`` over ``nets`` networks.
+
+    ``protocol``: ``"dd"`` — networks from ``problem``'s init mode trained with the set's
+    own schedule (optionally in shuffled batch order); a :class:`ProtocolDC` — the DC
+    line's training from scratch; None — the config's protocol (``dc``: ``eval_epochs``
+    epochs, DSA unless ``--no-dsa``).
+    """
+    c = problem.config
+    if protocol is None:
+        protocol = c.protocol
+    if protocol == "dc":
+        protocol = ProtocolDC(epochs=c.run.eval_epochs, nets=nets,
+                              dsa_strategy=None if c.distill.dsa is False else c.distill.dsa_strategy)
+    if isinstance(protocol, ProtocolDC):
+        lr = float(d.lrs[0]) if d.meta.get("method") == "mtt" else None  # MTT's learned step size
+        return evaluate_protocol_dc(problem.model, d.images, d.labels, problem.data.x_test, problem.data.y_test,
+                                    protocol, c.run.seed, lr)
+    order = shuffled_order(d.steps, d.epochs, c.run.seed) if shuffled else None
     return evaluate_set(problem.model, problem.sampler(for_eval=True), d.images, d.labels, d.lrs,
                         problem.data.x_test, problem.data.y_test, nets, problem.attack, order)
 
@@ -79,9 +98,8 @@ def check_resumable(saved: dict[str, Any], config: Config, where: Path) -> None:
     keep = ("data", "model")
     diff = [s for s in keep if getattr(old, s) != getattr(config, s)]
     od, nd = old.distill, config.distill
-    diff += [f"distill.{k}" for k in ("init", "steps", "epochs", "ipc", "nets", "batch_size", "lr", "lr_decay",
-                                      "lr_decay_every", "init_lr", "syn_init", "attack", "memory", "pretrained")
-             if getattr(od, k) != getattr(nd, k)]
+    diff += [f"distill.{f.name}" for f in fields(od)
+             if f.name != "iterations" and getattr(od, f.name) != getattr(nd, f.name)]
     if old.run.seed != config.run.seed:
         diff.append("run.seed")
     if diff:
@@ -106,7 +124,7 @@ def distill(config: Config, tracker: Tracker | None = None, progress: bool = Tru
     ckpt_dir = Path(config.run.storage) if config.run.storage else out / CKPT_DIR
     problem = build_problem(config)
     syn = problem.initial_synthetic()
-    opt = OuterOptimizer(syn, config.distill.lr, config.distill.lr_decay, config.distill.lr_decay_every)
+    opt = problem.outer_optimizer(syn)
     start = 0
     if resume:
         saved = load_latest(ckpt_dir)
@@ -163,14 +181,17 @@ def finish(problem: Problem, syn: SyntheticSet, iterations: int, out: Path, trac
     save_distilled(out, d)
     nets = problem.config.run.eval_nets
     result = evaluate_distilled(problem, d, nets)
-    shuffled = evaluate_distilled(problem, d, nets, shuffled=True)
-    report = {"test": result.to_dict(), "shuffled_order": shuffled.to_dict(), "iterations": iterations,
-              "seconds_per_step": seconds_per_step}
+    # the order of the S batches matters to DD's own schedule only
+    shuffled = evaluate_distilled(problem, d, nets, shuffled=True) if problem.config.protocol == "dd" else None
+    report = {"test": result.to_dict(), "shuffled_order": shuffled and shuffled.to_dict(),
+              "protocol": problem.config.protocol, "iterations": iterations, "seconds_per_step": seconds_per_step}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     from ddray.viz import save_grid, save_lr_plot
 
     grid, plot = save_grid(d, out / "grid.png"), save_lr_plot(d, out / "lrs.png")
-    metrics = {"eval_acc_mean": result.mean, "eval_acc_std": result.std, "eval_shuffled_acc_mean": shuffled.mean}
+    metrics = {"eval_acc_mean": result.mean, "eval_acc_std": result.std}
+    if shuffled is not None:
+        metrics["eval_shuffled_acc_mean"] = shuffled.mean
     if result.attack_rate_mean is not None:
         metrics["attack_rate_mean"] = result.attack_rate_mean
     tracker.log_metrics(metrics, step=iterations)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -16,9 +17,14 @@ import torch.nn as nn
 from ddray.config import Config, parse_attack
 from ddray.core.inits import SYN_INIT, InitSampler, fixed_params, generator, make_sampler
 from ddray.core.models import Params, build_model
+from ddray.core.matching import ClassBatches, DistributionMatching, GradientMatching
 from ddray.core.objective import DDObjective
-from ddray.core.synthetic import SyntheticSet
+from ddray.core.synthetic import OuterOptimizer, SyntheticSet, class_labels
+from ddray.core.trajectory import TrajectoryMatching
+from ddray.core.unroll import MetaGrad
 from ddray.data import Dataset, load_dataset
+from ddray.experts import Trajectory, load_experts
+from ddray.methods import optimizer_options
 
 POOL_META = "pool.json"
 
@@ -32,6 +38,7 @@ class Problem:
     model: nn.Module
     fixed: Params | None
     pool: list[Params] | None
+    experts: list[Trajectory] | None = None  # --method mtt
 
     @property
     def attack(self) -> tuple[int, int] | None:
@@ -43,17 +50,69 @@ class Problem:
         return make_sampler(c.distill.init, self.model, c.model.init_scheme, c.run.seed, self.fixed,
                             self.pool, for_eval)
 
-    def objective(self) -> DDObjective:
-        c = self.config
-        syn_labels = torch.arange(self.data.num_classes).repeat_interleave(c.distill.ipc)
-        return DDObjective(self.model, self.sampler(), self.data.x_train, self.data.y_train, syn_labels,
-                           c.distill.batch_size, c.run.seed, self.attack, c.distill.memory)
+    def objective(self) -> Objective:
+        """The meta-gradient of the config's method (:data:`OBJECTIVES`)."""
+        return OBJECTIVES[self.config.distill.method](self)
 
     def initial_synthetic(self) -> SyntheticSet:
+        """x̃ from noise or real images (the method's default), ρ at ``init_lr`` (DD) or ``net_lr``."""
         d, c = self.config.distill, self.config
-        real = (self.data.x_train, self.data.y_train) if d.syn_init == "real" else None
-        return SyntheticSet.initial(d.steps, d.epochs, d.ipc, self.data.num_classes, self.data.shape,
-                                    d.init_lr, generator(c.run.seed, SYN_INIT), real)
+        real = (self.data.x_train, self.data.y_train) if d.init_images == "real" else None
+        steps, epochs = d.layout
+        init_lr = d.init_lr if d.method == "dd" else d.net_lr
+        return SyntheticSet.initial(steps, epochs, d.ipc, self.data.num_classes, self.data.shape,
+                                    init_lr, generator(c.run.seed, SYN_INIT), real)
+
+    def outer_optimizer(self, syn: SyntheticSet) -> OuterOptimizer:
+        """The method's outer optimiser on ``syn`` (:func:`ddray.methods.optimizer_options`)."""
+        d = self.config.distill
+        return OuterOptimizer(syn, d.outer_lr, d.lr_decay, d.lr_decay_every, **optimizer_options(d))
+
+
+class Objective(Protocol):
+    """What workers call: Σ over ``nets`` (indices within meta-step ``step``) of ∂L/∂(x̃, ρ)."""
+
+    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int]) -> MetaGrad: ...
+
+    def to(self, device: torch.device) -> "Objective": ...
+
+
+def _syn_labels(problem: Problem) -> torch.Tensor:
+    return class_labels(problem.data.num_classes, problem.config.distill.ipc)
+
+
+def _dd(problem: Problem) -> Objective:
+    c = problem.config
+    return DDObjective(problem.model, problem.sampler(), problem.data.x_train, problem.data.y_train,
+                       _syn_labels(problem), c.distill.batch_size, c.run.seed, problem.attack, c.distill.memory)
+
+
+def _class_batches(problem: Problem) -> ClassBatches:
+    c, data = problem.config, problem.data
+    return ClassBatches(data.x_train, data.y_train, data.num_classes, c.distill.real_per_class, c.run.seed)
+
+
+def _dc(problem: Problem) -> Objective:
+    d, seed = problem.config.distill, problem.config.run.seed
+    return GradientMatching(problem.model, problem.sampler(), _class_batches(problem), d.ipc, seed, d.augment,
+                            d.loops, d.net_lr)
+
+
+def _dm(problem: Problem) -> Objective:
+    d, seed = problem.config.distill, problem.config.run.seed
+    return DistributionMatching(problem.model, problem.sampler(), _class_batches(problem), d.ipc, seed,
+                                d.augment)
+
+
+def _mtt(problem: Problem) -> Objective:
+    d, seed = problem.config.distill, problem.config.run.seed
+    assert problem.experts is not None  # loaded by build_problem for --method mtt
+    return TrajectoryMatching(problem.model, problem.experts, _syn_labels(problem), d.syn_steps, d.expert_epochs,
+                              d.max_start_epoch, seed, d.augment, d.memory)
+
+
+OBJECTIVES: dict[str, Callable[[Problem], Objective]] = {
+    "dd": _dd, "dc": _dc, "dsa": _dc, "dm": _dm, "mtt": _mtt}
 
 
 def load_pool(path: str | Path) -> tuple[list[Params], dict[str, object]]:
@@ -78,7 +137,7 @@ def build_problem(config: Config, data: Dataset | None = None) -> Problem:
     """
     c = config
     data = data or load_dataset(c.data.dataset, c.data.data_root, c.data.download, c.data.image_size)
-    model = build_model(c.model.model, data.shape, data.num_classes)
+    model = build_model(c.model.model, data.shape, data.num_classes, c.model.width)
     attack = parse_attack(c.distill.attack)
     if attack and max(attack) >= data.num_classes:
         raise ValueError(f"--attack: {c.distill.attack} names a class outside 0..{data.num_classes - 1}")
@@ -95,4 +154,9 @@ def build_problem(config: Config, data: Dataset | None = None) -> Problem:
                              f"but this run needs {want} (use --image-size to match shapes)")
         if c.distill.init == "fixed-pretrained":
             fixed = pool[0]
-    return Problem(c, data, model, fixed, pool)
+    experts = None
+    if c.distill.method == "mtt":
+        assert c.distill.experts is not None  # checked by DistillConfig
+        experts, _ = load_experts(c.distill.experts, c.model.model, data.shape, data.num_classes, c.data.dataset,
+                                  c.model.width)
+    return Problem(c, data, model, fixed, pool, experts)

@@ -45,7 +45,7 @@ def test_evaluate_json_uses_the_saved_theta0(distilled: Path, capsys: pytest.Cap
     rc, out, _ = run(capsys, "evaluate", str(distilled), "--nets", "3", "--json")
     assert rc == 0
     r = json.loads(out)
-    assert set(r) == {"mean", "std", "n"} and r["n"] == 3
+    assert set(r) == {"mean", "std", "n", "protocol"} and r["n"] == 3 and r["protocol"] == "dd"
     assert r["std"] == 0.0  # fixed init: every network starts from the same saved θ₀
 
 
@@ -80,7 +80,7 @@ def test_pretrain_then_adapt_with_both_pretrained_modes(tmp_path: Path, capsys: 
         rc, out, err = run(capsys, "distill", "--local", "--no-progress", "--init", mode, "--pretrained", str(pool),
                            "--out", str(tmp_path / mode), *TINY)
         assert rc == 0, err
-        assert "distilled (ddray)" in out
+        assert "distilled (dd)" in out
     # a pool for another image size does not fit MNIST-5k's 28×28
     small = tmp_path / "small"
     assert main(["pretrain", "--dataset", "digits", "--model", "convnet", "--nets", "1", "--epochs", "1",

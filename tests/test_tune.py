@@ -63,7 +63,7 @@ def test_shipped_quick_search_compares_with_the_default_config() -> None:
     spec = load_tune_spec(REPO / "tune_configs" / "mnist5k_quick.yaml")
     ref = spec.trial_config(spec.reference or {})
     default = load_config(None)
-    for k in ("init", "steps", "epochs", "ipc", "nets", "batch_size", "lr", "init_lr", "syn_init"):
+    for k in ("init", "steps", "epochs", "ipc", "nets", "batch_size", "outer_lr", "init_lr", "init_images"):
         assert getattr(ref.distill, k) == getattr(default.distill, k), k
     assert (ref.data, ref.model) == (default.data, default.model)
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 from ddray.core.models import Params, init_params, stack_params
 
 DISTILL, EVAL, REAL_BATCH, SYN_INIT, FIXED_INIT, BASELINE, PRETRAIN = range(7)
+EXPERT, AUGMENT, NET_TRAIN, TRAJECTORY = range(7, 11)  # MTT experts, DSA draws, DC's net updates, MTT starts
 
 
 def derive_seed(*key: int) -> int:
@@ -43,6 +44,16 @@ class InitSampler(Protocol):
     """Draws θ₀ for a list of (purpose, meta-step, net index) keys."""
 
     def sample(self, keys: list[tuple[int, ...]]) -> Params: ...
+
+
+class DeviceSampler:
+    """Moves the θ₀ drawn by a CPU sampler (seeded CPU generators) to a device."""
+
+    def __init__(self, inner: InitSampler, device: torch.device) -> None:
+        self.inner, self.device = inner, device
+
+    def sample(self, keys: list[tuple[int, ...]]) -> Params:
+        return {k: v.to(self.device) for k, v in self.inner.sample(keys).items()}
 
 
 class RandomInit:

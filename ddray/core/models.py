@@ -37,14 +37,15 @@ class LeNet(nn.Module):
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+        """Logits (B, classes), or with ``embed`` the penultimate features (B, 84)."""
         # max-pool commutes with ReLU; pooling first does the ReLU on 4× fewer values.
         x = F.relu(F.max_pool2d(self.conv1(x), 2))
         x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = x.flatten(1)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
-        return self.fc3(x)
+        return x if embed else self.fc3(x)
 
 
 class AlexCifarNet(nn.Module):
@@ -60,7 +61,8 @@ class AlexCifarNet(nn.Module):
         self.fc2 = nn.Linear(384, 192)
         self.fc3 = nn.Linear(192, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+        """Logits (B, classes), or with ``embed`` the penultimate features (B, 192)."""
         x = F.max_pool2d(F.relu(self.conv1(x)), 3, stride=2, padding=1)
         x = F.local_response_norm(x, 4, alpha=0.001 / 9.0, beta=0.75, k=1.0)
         x = F.relu(self.conv2(x))
@@ -69,7 +71,7 @@ class AlexCifarNet(nn.Module):
         x = x.flatten(1)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
-        return self.fc3(x)
+        return x if embed else self.fc3(x)
 
 
 class ConvNet(nn.Module):
@@ -89,8 +91,10 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * side * side, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
+    def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+        """Logits (B, classes), or with ``embed`` the flattened features (B, width·side²) — DM's embedding."""
+        h = self.features(x).flatten(1)
+        return h if embed else self.classifier(h)
 
 
 MODEL_REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {
@@ -100,13 +104,15 @@ MODEL_REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {
 }
 
 
-def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build the template module for images of ``shape`` (C, H, W)."""
+def build_model(name: str, shape: tuple[int, int, int], num_classes: int, width: int = 128) -> nn.Module:
+    """Build the template module for images of ``shape`` (C, H, W); ``width``: ConvNet's channels."""
     if name not in MODEL_REGISTRY:
         raise ValueError(f"--model: unknown model {name!r}; choose one of {', '.join(MODEL_REGISTRY)}")
     c, h, w = shape
     if h != w:
         raise ValueError(f"--model {name}: needs square images, got {h}×{w}")
+    if name == "convnet":
+        return ConvNet(c, h, num_classes, width=width)
     return MODEL_REGISTRY[name](c, h, num_classes)
 
 

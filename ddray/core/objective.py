@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ddray.core.inits import DISTILL, REAL_BATCH, InitSampler, generator
+from ddray.core.inits import DISTILL, REAL_BATCH, DeviceSampler, InitSampler, generator
 from ddray.core.unroll import MetaGrad, meta_gradient
 
 
@@ -57,3 +57,9 @@ class DDObjective:
         params0 = self.sampler.sample([(DISTILL, step, k) for k in nets])
         x, y = self.real_batch(step)
         return meta_gradient(self.model, params0, images, self.labels, raw_lrs, x, y, self.memory)
+
+    def to(self, device: torch.device) -> "DDObjective":
+        """Keep the real data on ``device`` and hand θ₀ draws over there."""
+        self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
+        self.labels, self.sampler = self.labels.to(device), DeviceSampler(self.sampler, device)
+        return self

@@ -67,23 +67,34 @@ class SyntheticSet:
 
 
 class OuterOptimizer:
-    """Adam on (x̃, ρ) with lr × ``decay`` every ``decay_every`` applied updates.
+    """The outer optimiser on (x̃, ρ) with lr × ``decay`` every ``decay_every`` applied updates.
 
-    State is explicit and serialisable (:meth:`state_dict`), so a checkpointed
-    run resumes bit for bit.
+    ``kind`` ``adam`` (DD: betas (0.5, 0.999), one learning rate for x̃ and ρ) or
+    ``sgd`` (DC/DSA/DM/MTT: momentum ``momentum``; ρ gets ``lr_lrs`` when given —
+    MTT's separate learning rate of the step size). State is explicit and
+    serialisable (:meth:`state_dict`), so a checkpointed run resumes bit for bit.
     """
 
     def __init__(self, syn: SyntheticSet, lr: float, decay: float, decay_every: int,
-                 betas: tuple[float, float] = (0.5, 0.999)) -> None:
+                 betas: tuple[float, float] = (0.5, 0.999), kind: str = "adam", momentum: float = 0.0,
+                 lr_lrs: float | None = None) -> None:
         self.syn = syn
         syn.images.requires_grad_(False)
         syn.raw_lrs.requires_grad_(False)
         self._params = [syn.images, syn.raw_lrs]
-        self.opt = torch.optim.Adam(self._params, lr=lr, betas=betas)
+        groups: list[dict[str, Any]] = [{"params": self._params}]
+        if lr_lrs is not None:
+            groups = [{"params": [syn.images]}, {"params": [syn.raw_lrs], "lr": lr_lrs}]
+        if kind == "adam":
+            self.opt: torch.optim.Optimizer = torch.optim.Adam(groups, lr=lr, betas=betas)
+        elif kind == "sgd":
+            self.opt = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        else:
+            raise ValueError(f"OuterOptimizer: unknown kind {kind!r}; adam or sgd")
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=decay_every, gamma=decay)
 
     def apply(self, grad_images: torch.Tensor, grad_raw_lrs: torch.Tensor) -> None:
-        """One Adam step with the given (averaged) meta-gradients."""
+        """One step with the given (averaged) meta-gradients."""
         self.syn.images.grad = grad_images.to(self.syn.images.dtype)
         self.syn.raw_lrs.grad = grad_raw_lrs.to(self.syn.raw_lrs.dtype)
         self.opt.step()

@@ -80,18 +80,23 @@ def step_schedule(steps: int, epochs: int) -> list[int]:
     return [t % steps for t in range(steps * epochs)]
 
 
+Transform = Callable[[int, torch.Tensor], torch.Tensor]  # (t, x̃_b) → the batch step t trains on
+
+
 def unroll(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
-           lrs: torch.Tensor, order: list[int] | None = None) -> Params:
+           lrs: torch.Tensor, order: list[int] | None = None, transform: Transform | None = None) -> Params:
     """θ_T from θ₀ (K-batched) by T = len(lrs) SGD steps on the synthetic batches.
 
     Differentiable in ``images`` and ``lrs`` whenever they require grad.
-    ``order[t]`` picks the batch of step t (default t mod S).
+    ``order[t]`` picks the batch of step t (default t mod S); ``transform(t, x)``
+    (e.g. a seeded differentiable augmentation) is applied to step t's batch.
     """
     step = batched_step(model)
     order = order if order is not None else step_schedule(images.shape[0], len(lrs) // images.shape[0])
     p = params0
     for t, b in enumerate(order):
-        p = step(p, images[b], labels, lrs[t])
+        x = images[b] if transform is None else transform(t, images[b])
+        p = step(p, x, labels, lrs[t])
     return p
 
 
@@ -120,6 +125,9 @@ def real_batch_grad(model: nn.Module, params: Params, x: torch.Tensor,
     return {n: torch.stack(g) for n, g in grads.items()}, total
 
 
+Outer = Callable[[Params], tuple[Params, float]]  # θ_T (K, ...) → (∂L/∂θ_T per network, Σₖ Lₖ)
+
+
 def meta_gradient(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
                   raw_lrs: torch.Tensor, x_real: torch.Tensor, y_real: torch.Tensor,
                   memory: str = "full") -> MetaGrad:
@@ -135,34 +143,51 @@ def meta_gradient(model: nn.Module, params0: Params, images: torch.Tensor, label
             relabelled targets.
         memory: ``"full"`` or ``"recompute"`` (see the module docstring).
     """
+    return unroll_vjp(model, params0, images, labels, raw_lrs,
+                      lambda p: real_batch_grad(model, p, x_real, y_real), memory)
+
+
+def unroll_vjp(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
+               raw_lrs: torch.Tensor, outer: Outer, memory: str = "full",
+               transform: Transform | None = None) -> MetaGrad:
+    """∂/∂(x̃, ρ) of an outer loss of θ_T, the unroll's vector-Jacobian product with ``outer(θ_T)``.
+
+    ``outer`` returns the first-order ∂L/∂θ_T of every network and Σₖ Lₖ: the real-batch
+    loss for DD (:func:`meta_gradient`), the normalised distance to an expert's
+    parameters for MTT. ``transform``: see :func:`unroll` (it must be deterministic
+    in t: ``recompute`` calls it again on the way back).
+    """
     images = images.detach().requires_grad_()
     raw_lrs = raw_lrs.detach().requires_grad_()
     params0 = {k: v.detach() for k, v in params0.items()}
     k = next(iter(params0.values())).shape[0]
     if memory == "full":
         with torch.enable_grad():
-            p_t = unroll(model, params0, images, labels, F.softplus(raw_lrs))
-            g_t, loss = real_batch_grad(model, p_t, x_real, y_real)
+            p_t = unroll(model, params0, images, labels, F.softplus(raw_lrs), transform=transform)
+            g_t, loss = outer(p_t)
             g_img, g_raw = torch.autograd.grad(list(p_t.values()), [images, raw_lrs],
                                                grad_outputs=list(g_t.values()))
         return MetaGrad(g_img, g_raw, loss, k)
     if memory == "recompute":
-        return _meta_gradient_recompute(model, params0, images, labels, raw_lrs, x_real, y_real)
+        return _unroll_vjp_recompute(model, params0, images, labels, raw_lrs, outer, transform)
     raise ValueError(f"--memory: unknown mode {memory!r}; choose full or recompute")
 
 
-def _meta_gradient_recompute(model: nn.Module, params0: Params, images: torch.Tensor,
-                             labels: torch.Tensor, raw_lrs: torch.Tensor, x_real: torch.Tensor,
-                             y_real: torch.Tensor) -> MetaGrad:
+def _unroll_vjp_recompute(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
+                          raw_lrs: torch.Tensor, outer: Outer, transform: Transform | None) -> MetaGrad:
     step = batched_step(model)
     order = step_schedule(images.shape[0], raw_lrs.shape[0] // images.shape[0])
+
+    def batch(t: int, x: torch.Tensor) -> torch.Tensor:
+        return x if transform is None else transform(t, x)
+
     # Forward: store θ₀…θ_{T−1} only (no graph).
     history = [params0]
     with torch.no_grad():
         lrs = F.softplus(raw_lrs)
         for t, b in enumerate(order):
-            history.append(step(history[-1], images[b], labels, lrs[t]))
-    g_theta, loss = real_batch_grad(model, history.pop(), x_real, y_real)
+            history.append(step(history[-1], batch(t, images[b]), labels, lrs[t]))
+    g_theta, loss = outer(history.pop())
     g_img = torch.zeros_like(images)
     g_raw = torch.zeros_like(raw_lrs)
     # Backward: re-run step t with a graph, pull gₜ₊₁ back to θₜ, x̃_b and ρₜ.
@@ -172,7 +197,7 @@ def _meta_gradient_recompute(model: nn.Module, params0: Params, images: torch.Te
             p = {n: v.requires_grad_() for n, v in history.pop().items()}
             x = images[b].detach().requires_grad_()
             r = raw_lrs[t].detach().requires_grad_()
-            out = step(p, x, labels, F.softplus(r))
+            out = step(p, batch(t, x), labels, F.softplus(r))
             grads = torch.autograd.grad(list(out.values()), [*p.values(), x, r],
                                         grad_outputs=list(g_theta.values()))
         g_theta = dict(zip(p, grads[:-2]))

@@ -135,7 +135,7 @@ class Reporter:
     def syn(self) -> SyntheticSet:
         s = self.fleet.final_state()
         d = self.config.distill
-        return SyntheticSet(s["images"], class_labels(self.problem.data.num_classes, d.ipc), s["raw_lrs"], d.epochs)
+        return SyntheticSet(s["images"], class_labels(self.problem.data.num_classes, d.ipc), s["raw_lrs"], d.layout[1])
 
     def seconds_per_step(self) -> float:
         self.bar.close()

@@ -19,10 +19,12 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ddray.config import Config
 from ddray.distributed.param_server import ParamServerActor, merge_states
 from ddray.distributed.shards import Shard
 from ddray.distributed.placement import Plan, create_group
 from ddray.distributed.worker import WorkerActor, split_nets
+from ddray.methods import optimizer_options
 
 log = logging.getLogger("ddray.distributed")
 MAX_RESTARTS = 3  # by Ray, per actor; after that the fleet replaces the actor
@@ -77,9 +79,10 @@ class Fleet:
         d = config["distill"]
         self.config, self.layout, self.storage, self.plan, self.kind = config, layout, storage, plan, kind
         self.worker_args = worker_args
-        self.settings = {"lr": d["lr"], "lr_decay": d["lr_decay"], "lr_decay_every": d["lr_decay_every"],
-                         "epochs": d["epochs"], "nets": d["nets"], "iterations": d["iterations"],
-                         "max_staleness": config["cluster"]["max_staleness"]}
+        distill = Config.from_dict(config).distill
+        self.settings = {"lr": distill.outer_lr, "lr_decay": d["lr_decay"], "lr_decay_every": d["lr_decay_every"],
+                         "epochs": distill.layout[1], "nets": d["nets"], "iterations": d["iterations"],
+                         "max_staleness": config["cluster"]["max_staleness"], **optimizer_options(distill)}
         self.name = f"ddray-{uuid.uuid4().hex[:8]}"
         self.restarts, self.generation = 0, 0
         self.graph: Any = None  # the compiled meta-step of DDRAY_TRANSPORT=compiled, while in use

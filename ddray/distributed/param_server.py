@@ -72,7 +72,8 @@ class ParamServer:
     Args:
         state: this shard's part of a checkpoint-format state (see :func:`slice_state`).
         shard: which block of classes it owns.
-        lr, lr_decay, lr_decay_every, epochs: the outer optimiser (DistillConfig).
+        lr, lr_decay, lr_decay_every, epochs, kind, momentum, lr_lrs: the outer optimiser
+            (DistillConfig and :func:`ddray.methods.optimizer_options`).
         nets: K, networks averaged per update.
         iterations: total meta-steps of the run; no update is applied beyond it.
         max_staleness: async mode — gradients computed on a version more than this
@@ -80,11 +81,13 @@ class ParamServer:
     """
 
     def __init__(self, state: dict[str, Any], shard: Shard, lr: float, lr_decay: float, lr_decay_every: int,
-                 epochs: int, nets: int, iterations: int, max_staleness: int = 0) -> None:
+                 epochs: int, nets: int, iterations: int, max_staleness: int = 0, kind: str = "adam",
+                 momentum: float = 0.0, lr_lrs: float | None = None) -> None:
         self.shard, self.nets, self.iterations, self.max_staleness = shard, nets, iterations, max_staleness
         raw = state["raw_lrs"] if shard.owns_lrs else torch.zeros(0)
         self.syn = SyntheticSet(state["images"].clone(), torch.empty(0, dtype=torch.long), raw.clone(), epochs)
-        self.opt = OuterOptimizer(self.syn, lr, lr_decay, lr_decay_every)
+        self.opt = OuterOptimizer(self.syn, lr, lr_decay, lr_decay_every, kind=kind, momentum=momentum,
+                                  lr_lrs=lr_lrs)
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.dropped = 0
@@ -174,9 +177,8 @@ class ParamServer:
 
 def initial_state(problem: Any) -> dict[str, Any]:
     """The checkpoint-format state of a fresh run (``problem``: :class:`ddray.problem.Problem`)."""
-    d = problem.config.distill
     syn = problem.initial_synthetic()
-    opt = OuterOptimizer(syn, d.lr, d.lr_decay, d.lr_decay_every)
+    opt = problem.outer_optimizer(syn)
     return {"images": syn.images, "raw_lrs": syn.raw_lrs, "optimizer": opt.state_dict(), "step": 0}
 
 

@@ -63,11 +63,9 @@ class MetaGradWorker:
         self.index, self.layout, self.device = index, layout, torch.device(device)
         self.config = Config.from_dict(config)
         problem = build_problem(self.config)  # loads the real data in this process
-        self.objective = problem.objective()
+        self.objective = problem.objective()  # the method's (ddray.problem.OBJECTIVES)
         if self.device.type != "cpu":
-            o = self.objective
-            o.x_train, o.y_train = o.x_train.to(self.device), o.y_train.to(self.device)
-            o.labels, o.sampler = o.labels.to(self.device), DeviceSampler(o.sampler, self.device)
+            self.objective = self.objective.to(self.device)
 
     def compute(self, step: int, nets: list[int], versions: list[Payload]) -> tuple[dict[str, Any], list[Payload]]:
         """Σ over ``nets`` of ∂ℓ/∂(x̃, ρ) at the given versions (one per shard) → (meta, per-shard grads)."""
@@ -84,16 +82,6 @@ class MetaGradWorker:
                             self.layout, versions)
         meta = {"worker": self.index, "nets": g.nets, "loss": g.loss, "seconds": time.perf_counter() - t0}
         return meta, grads
-
-
-class DeviceSampler:
-    """Moves the θ₀ drawn by a CPU sampler (seeded CPU generators) to the worker's device."""
-
-    def __init__(self, inner: Any, device: Any) -> None:
-        self.inner, self.device = inner, device
-
-    def sample(self, keys: list[tuple[int, ...]]) -> Any:
-        return {k: v.to(self.device) for k, v in self.inner.sample(keys).items()}
 
 
 class SimulatedWorker:

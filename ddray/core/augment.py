@@ -1,0 +1,181 @@
+"""Differentiable Siamese Augmentation (DSA; Zhao & Bilen, "Dataset Condensation with
+Differentiable Siamese Augmentation", ICML 2021).
+
+Every transform is a differentiable function of the images, so a loss on augmented
+synthetic images back-propagates into the pixels. The constants are those of the
+paper's released code (``ParamDiffAug``): brightness 1.0, saturation 2.0, contrast
+0.5, crop padding 0.125, cutout 0.5, flip probability 0.5, scale 1.2, rotation 15°.
+
+*Siamese*: during distillation the same random draw is applied to a real batch and a
+synthetic batch, so that matching their gradients (or features) compares like with
+like. Here that is one parameter set drawn for n = 1 image and broadcast over both
+batches: ``p = sample_aug(s, 1, g); apply_aug(x_real, p); apply_aug(x_syn, p)``.
+Evaluation draws per-image parameters instead (n = batch size).
+
+*'S' mode* (the released code's default): each call picks ONE op of the strategy
+uniformly at random and applies only that op (``color`` applies brightness, then
+saturation, then contrast, each with its own draw).
+
+Parameters (:data:`AugParams`) are a plain dict of CPU tensors, cheap to pickle:
+``op`` — 0-dim int64 index into :data:`OPS` — plus the chosen op's draws, each with
+leading dim n. Crop and cutout store uniforms u ∈ [0, 1) and turn them into whole
+pixels only when applied, so one draw fits images of any size. All randomness comes
+from the given CPU ``torch.Generator``, never the global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+OPS: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+BRIGHTNESS, SATURATION, CONTRAST = 1.0, 2.0, 0.5
+RATIO_CROP_PAD, RATIO_CUTOUT, PROB_FLIP = 0.125, 0.5, 0.5
+RATIO_SCALE, RATIO_ROTATE = 1.2, 15.0
+
+AugParams = dict[str, torch.Tensor]
+
+
+def parse_strategy(strategy: str) -> tuple[str, ...]:
+    """``'color_crop_...'`` → ``('color', 'crop', ...)``; an op listed twice is picked twice as often."""
+    ops = tuple(strategy.split("_")) if isinstance(strategy, str) else ()
+    if not ops or any(op not in OPS for op in ops):
+        raise ValueError(f"--dsa-strategy: invalid value {strategy!r}; ops joined by '_' from "
+                         f"{', '.join(OPS)}")
+    return ops
+
+
+def sample_aug(strategy: str, n: int, generator: torch.Generator) -> AugParams:
+    """Draw the parameters of one augmentation call for n images.
+
+    n = 1 gives one parameter set shared by a whole batch (the siamese use: the same
+    draw applied to a real and a synthetic batch); n = B gives one per image.
+
+    Returns:
+        ``{"op": () int64, <op's draws>: (n,) or (n, 2) float32}``.
+    """
+    ops = parse_strategy(strategy)
+    if n < 1:
+        raise ValueError(f"sample_aug: n must be >= 1, got {n}")
+    op = ops[int(torch.randint(len(ops), (1,), generator=generator))]
+
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand((n, *shape), generator=generator)
+
+    params: AugParams = {"op": torch.tensor(OPS.index(op))}
+    if op == "color":
+        params.update(brightness=u(), saturation=u(), contrast=u())
+    elif op == "crop":
+        params["crop"] = u(2)  # (row, column) shift, as uniforms
+    elif op == "cutout":
+        params["cutout"] = u(2)  # (row, column) centre, as uniforms
+    elif op == "flip":
+        params["flip"] = (u() < PROB_FLIP).float()
+    elif op == "scale":
+        params["scale"] = u(2) * (RATIO_SCALE - 1.0 / RATIO_SCALE) + 1.0 / RATIO_SCALE  # (sx, sy)
+    else:  # rotate
+        params["rotate"] = (u() - 0.5) * 2 * RATIO_ROTATE / 180 * math.pi  # radians
+    return params
+
+
+def _per_image(v: torch.Tensor) -> torch.Tensor:
+    """(n,) → (n, 1, 1, 1), to broadcast over (B, C, H, W)."""
+    return v.reshape(-1, 1, 1, 1)
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample x (B, C, H, W) through affine maps theta (n, 2, 3), n ∈ {1, B}; zeros outside."""
+    theta = theta.expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, align_corners=True)
+
+
+def _color(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    x = x + (_per_image(p["brightness"]) - 0.5) * BRIGHTNESS
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (_per_image(p["saturation"]) * SATURATION) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (_per_image(p["contrast"]) + CONTRAST) + mean
+
+
+def _crop(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    """Translate by whole pixels, uniform in [−s, s] with s = round(0.125 · size) (pad-and-crop)."""
+    h, w = x.shape[2:]
+    shift = torch.tensor([int(h * RATIO_CROP_PAD + 0.5), int(w * RATIO_CROP_PAD + 0.5)],
+                         device=x.device, dtype=x.dtype)
+    t = torch.minimum(torch.floor(p["crop"] * (2 * shift + 1)), 2 * shift) - shift  # (n, 2) whole pixels
+    # output pixel (i, j) reads input (i + t_row, j + t_col); affine_grid's x is the column
+    one, zero = torch.ones_like(t[:, 0]), torch.zeros_like(t[:, 0])
+    tx, ty = 2 * t[:, 1] / max(w - 1, 1), 2 * t[:, 0] / max(h - 1, 1)
+    theta = torch.stack([torch.stack([one, zero, tx], 1), torch.stack([zero, one, ty], 1)], 1)
+    return _affine(x, theta)
+
+
+def _cutout(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    """Zero a square of side round(0.5 · size) at a random centre (clipped at the border)."""
+    h, w = x.shape[2:]
+    sh, sw = int(h * RATIO_CUTOUT + 0.5), int(w * RATIO_CUTOUT + 0.5)
+    kh, kw = h + 1 - sh % 2, w + 1 - sw % 2  # number of possible centres, as the released code
+    centre_h = torch.floor(p["cutout"][:, :1] * kh).clamp(max=kh - 1)  # (n, 1)
+    centre_w = torch.floor(p["cutout"][:, 1:] * kw).clamp(max=kw - 1)
+    rows = torch.arange(h, device=x.device, dtype=x.dtype) - (centre_h - sh // 2)  # (n, h)
+    cols = torch.arange(w, device=x.device, dtype=x.dtype) - (centre_w - sw // 2)
+    inside = ((rows >= 0) & (rows < sh)).unsqueeze(2) & ((cols >= 0) & (cols < sw)).unsqueeze(1)
+    return x * (~inside).to(x.dtype).unsqueeze(1)  # mask (n, 1, h, w)
+
+
+def _flip(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    return torch.where(_per_image(p["flip"]) > 0.5, x.flip(3), x)
+
+
+def _scale(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    s = p["scale"]
+    zero = torch.zeros_like(s[:, 0])
+    theta = torch.stack([torch.stack([s[:, 0], zero, zero], 1), torch.stack([zero, s[:, 1], zero], 1)], 1)
+    return _affine(x, theta)
+
+
+def _rotate(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    a = p["rotate"]
+    cos, sin, zero = torch.cos(a), torch.sin(a), torch.zeros_like(a)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    return _affine(x, theta)
+
+
+_APPLY: dict[str, Callable[[torch.Tensor, AugParams], torch.Tensor]] = {
+    "color": _color, "crop": _crop, "cutout": _cutout, "flip": _flip, "scale": _scale, "rotate": _rotate,
+}
+
+
+def apply_aug(x: torch.Tensor, params: AugParams) -> torch.Tensor:
+    """Apply a drawn augmentation to x (B, C, H, W) → (B, C, H, W), differentiable in x.
+
+    Parameters with leading dim 1 are shared by the whole batch; otherwise it must be B.
+    They are moved to x's device and float dtype (float64 included).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"apply_aug: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if "op" not in params or not 0 <= int(params["op"]) < len(OPS):
+        raise ValueError(f"apply_aug: params['op'] must index one of {', '.join(OPS)}, "
+                         f"got {params.get('op')}")
+    op = OPS[int(params["op"])]
+    p: AugParams = {}
+    for k, v in params.items():
+        if k == "op":
+            continue
+        if v.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"apply_aug: params[{k!r}] are drawn for {v.shape[0]} images; "
+                             f"allowed: 1 (shared by the batch) or the batch size {x.shape[0]}")
+        p[k] = v.to(device=x.device, dtype=x.dtype)
+    return _APPLY[op](x, p)
+
+
+def augment(x: torch.Tensor, strategy: str, generator: torch.Generator,
+            siamese: bool = False) -> torch.Tensor:
+    """Draw (one shared set if ``siamese``, else one per image) and apply: x (B, C, H, W) → same shape."""
+    return apply_aug(x, sample_aug(strategy, 1 if siamese else len(x), generator))

@@ -1,0 +1,208 @@
+"""Gradient matching (DC, DSA) and distribution matching (DM): per-class objectives on fresh networks.
+
+Notation and shapes (the synthetic set of these methods is one batch, S = 1):
+
+    x̃        synthetic images, (1, N, C, H, W), N = ipc · classes, class c at columns c·ipc … (c+1)·ipc
+    x_c      real images of class c, (real_per_class, C, H, W), drawn per meta-step
+    θ        a network's parameters (random for DM; for DC trained on x̃ between outer steps)
+    A_ω      a DSA augmentation with parameters ω — the *same* ω for x_c and x̃_c (siamese)
+
+DC (Zhao, Mopuri & Bilen, ICLR 2021) matches, class by class, the gradient of the
+loss on the real and on the synthetic images:
+
+    L_DC = Σ_c D(∇θ ℓ(A_ω(x_c), c; θ), ∇θ ℓ(A_ω(x̃_c), c; θ)),
+    D(G, G̃) = Σ_layers Σ_out-rows (1 − cos(G_row, G̃_row))          (biases/norm scales: 0)
+
+One meta-step is one outer step of the paper; ``outer_loop`` of them make an
+iteration that starts from a fresh network, which is trained for ``inner_loop``
+epochs on the current x̃ (SGD, ``net_lr``) before each further outer step. A
+worker keeps its networks between meta-steps; one that lacks a network in the
+middle of an iteration (a restarted worker, a resumed run) rebuilds it from the
+iteration's θ₀ trained ``outer step × inner_loop`` epochs on the current x̃ — the
+run continues, no longer bit-identical to an uninterrupted one. DSA (Zhao &
+Bilen, ICML 2021) is DC with A_ω on.
+
+DM (Zhao & Bilen, WACV 2023) matches class means of embeddings ψθ (the network
+without its last layer) under fresh random networks:
+
+    L_DM = Σ_c ‖ mean ψθ(A_ω(x_c)) − mean ψθ(A_ω(x̃_c)) ‖²
+
+All draws come from (run seed, purpose, meta-step, net, class), so a meta-step's
+K networks can be split over workers at will.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ddray.core.augment import apply_aug, sample_aug
+from ddray.core.inits import AUGMENT, DISTILL, NET_TRAIN, REAL_BATCH, InitSampler, generator
+from ddray.core.models import Params
+from ddray.core.unroll import MetaGrad
+
+
+def layer_distance(g_real: torch.Tensor, g_syn: torch.Tensor) -> torch.Tensor:
+    """DC's per-layer distance: Σ over output rows of 1 − cos; 0 for 1-D tensors (biases, norm scales)."""
+    if g_real.dim() == 1:
+        return g_real.new_zeros(())
+    a, b = g_real.flatten(1), g_syn.flatten(1)
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-6)
+    return (1 - cos).sum()
+
+
+class ClassBatches:
+    """Draws ``per_class`` real images of every class for a meta-step (the same on every worker)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int, seed: int) -> None:
+        self.pools = [x[y == c] for c in range(num_classes)]
+        for c, pool in enumerate(self.pools):
+            if len(pool) == 0:
+                raise ValueError(f"--real-per-class: class {c} has no training images")
+        self.per_class, self.seed = per_class, seed
+
+    def draw(self, step: int) -> list[torch.Tensor]:
+        out = []
+        for c, pool in enumerate(self.pools):
+            idx = torch.randperm(len(pool), generator=generator(self.seed, REAL_BATCH, step, c))
+            out.append(pool[idx[: self.per_class].to(pool.device)])
+        return out
+
+    def to(self, device: torch.device) -> "ClassBatches":
+        self.pools = [p.to(device) for p in self.pools]
+        return self
+
+
+PerClassT = TypeVar("PerClassT", bound="_PerClass")
+
+
+class _PerClass:
+    """What DC and DM share: the per-class real batches, siamese augmentation, fresh networks."""
+
+    def __init__(self, model: nn.Module, sampler: InitSampler, real: ClassBatches, ipc: int, seed: int,
+                 strategy: str | None) -> None:
+        self.model, self.sampler, self.real = model, sampler, real
+        self.ipc, self.seed, self.strategy = ipc, seed, strategy
+
+    def pair(self, x_real: torch.Tensor, x_syn: torch.Tensor, step: int, net: int,
+             c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real, synthetic) images of class ``c``, both under one augmentation draw when DSA is on."""
+        if self.strategy is None:
+            return x_real, x_syn
+        omega = sample_aug(self.strategy, 1, generator(self.seed, AUGMENT, step, net, c))
+        return apply_aug(x_real, omega), apply_aug(x_syn, omega)
+
+    def fresh(self, key: int, net: int, device: torch.device) -> Params:
+        """θ₀ of network ``net`` at ``key`` (DM: the meta-step; DC: the iteration), unbatched."""
+        return {n: v[0].to(device) for n, v in self.sampler.sample([(DISTILL, key, net)]).items()}
+
+    def to(self: PerClassT, device: torch.device) -> PerClassT:
+        self.real = self.real.to(device)
+        return self
+
+
+class GradientMatching(_PerClass):
+    """DC / DSA meta-gradient ∂L_DC/∂x̃ for a share of a meta-step's networks (see the module docstring).
+
+    Args:
+        model: template module; sampler: θ₀ per (DISTILL, iteration, net).
+        real: the real images by class; ipc: images per class.
+        loops: (outer_loop, inner_loop); net_lr: SGD step of the network between outer steps.
+        seed: run seed; strategy: DSA strategy or None.
+    """
+
+    def __init__(self, model: nn.Module, sampler: InitSampler, real: ClassBatches, ipc: int, seed: int,
+                 strategy: str | None, loops: tuple[int, int], net_lr: float, batch_size: int = 256) -> None:
+        super().__init__(model, sampler, real, ipc, seed, strategy)
+        self.outer, self.inner = loops
+        self.net_lr, self.batch_size = net_lr, batch_size
+        self.nets: dict[int, tuple[int, int, Params]] = {}  # net → (iteration, outer step, θ ready for it)
+
+    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int]) -> MetaGrad:
+        x_syn = images[0].detach()
+        real = self.real.draw(step)
+        g, loss = torch.zeros_like(images), 0.0
+        for k in nets:
+            theta = self.network(step, k, x_syn)
+            lk, gk = self.match(theta, x_syn, real, step, k)
+            g[0] += gk
+            loss += lk
+        return MetaGrad(g, torch.zeros_like(raw_lrs), loss, len(nets))
+
+    def network(self, step: int, net: int, x_syn: torch.Tensor) -> Params:
+        """θ of ``net`` for outer step ``step``: fresh at an iteration's start, else trained on x̃ since."""
+        it, ol = divmod(step, self.outer)
+        have = self.nets.get(net)
+        if have is not None and have[0] == it and have[1] == ol:
+            return have[2]
+        if ol == 0:
+            theta = self.fresh(it, net, x_syn.device)
+        elif have is not None and have[0] == it and have[1] == ol - 1:
+            theta = self.train(have[2], x_syn, step, net, self.inner)
+        else:  # lost (restart, resume): rebuild from the iteration's θ₀ on the current x̃
+            theta = self.train(self.fresh(it, net, x_syn.device), x_syn, step, net, ol * self.inner)
+        self.nets[net] = (it, ol, theta)
+        return theta
+
+    def train(self, theta: Params, x_syn: torch.Tensor, step: int, net: int, epochs: int) -> Params:
+        """``epochs`` epochs of SGD(``net_lr``) on the (augmented) synthetic images, shuffled minibatches."""
+        labels = torch.arange(len(x_syn) // self.ipc, device=x_syn.device).repeat_interleave(self.ipc)
+        p = {n: v.detach().clone() for n, v in theta.items()}
+        for e in range(epochs):
+            g = generator(self.seed, NET_TRAIN, step, net, e)
+            order = torch.randperm(len(x_syn), generator=g).to(x_syn.device)
+            for lo in range(0, len(order), self.batch_size):
+                idx = order[lo:lo + self.batch_size]
+                x = x_syn[idx]
+                if self.strategy is not None:
+                    x = apply_aug(x, sample_aug(self.strategy, len(x), g))
+                p = {n: v.requires_grad_() for n, v in p.items()}
+                loss = F.cross_entropy(functional_call(self.model, p, (x,)), labels[idx])
+                grads = torch.autograd.grad(loss, list(p.values()))
+                p = {n: (v - self.net_lr * gv).detach() for (n, v), gv in zip(p.items(), grads)}
+        return p
+
+    def match(self, theta: Params, x_syn: torch.Tensor, real: list[torch.Tensor], step: int,
+              net: int) -> tuple[float, torch.Tensor]:
+        """(L_DC, ∂L_DC/∂x̃ (N, C, H, W)) of one network."""
+        p = {n: v.detach().requires_grad_() for n, v in theta.items()}
+        x = x_syn.detach().requires_grad_()
+        total = x.new_zeros(())
+        for c, x_c in enumerate(real):
+            xr, xs = self.pair(x_c, x[c * self.ipc:(c + 1) * self.ipc], step, net, c)
+            yr = torch.full((len(xr),), c, device=x.device)
+            ys = torch.full((len(xs),), c, device=x.device)
+            g_real = torch.autograd.grad(F.cross_entropy(functional_call(self.model, p, (xr,)), yr),
+                                         list(p.values()))
+            g_syn = torch.autograd.grad(F.cross_entropy(functional_call(self.model, p, (xs,)), ys),
+                                        list(p.values()), create_graph=True)
+            total = total + sum(layer_distance(a.detach(), b) for a, b in zip(g_real, g_syn))
+        (gx,) = torch.autograd.grad(total, [x])
+        return float(total.detach()), gx
+
+
+class DistributionMatching(_PerClass):
+    """DM meta-gradient ∂L_DM/∂x̃ for a share of a meta-step's networks (see the module docstring)."""
+
+    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int]) -> MetaGrad:
+        x_syn = images[0].detach()
+        real = self.real.draw(step)
+        g, loss = torch.zeros_like(images), 0.0
+        for k in nets:
+            theta = self.fresh(step, k, x_syn.device)
+            x = x_syn.detach().requires_grad_()
+            total = x.new_zeros(())
+            for c, x_c in enumerate(real):
+                xr, xs = self.pair(x_c, x[c * self.ipc:(c + 1) * self.ipc], step, k, c)
+                with torch.no_grad():
+                    mean_real = functional_call(self.model, theta, (xr,), {"embed": True}).mean(0)
+                mean_syn = functional_call(self.model, theta, (xs,), {"embed": True}).mean(0)
+                total = total + ((mean_real - mean_syn) ** 2).sum()
+            (gx,) = torch.autograd.grad(total, [x])
+            g[0] += gx
+            loss += float(total.detach())
+        return MetaGrad(g, torch.zeros_like(raw_lrs), loss, len(nets))

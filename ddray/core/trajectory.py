@@ -1,0 +1,103 @@
+"""Trajectory matching (MTT, Cazenavette et al., CVPR 2022): the student should land where an expert did.
+
+Notation and shapes:
+
+    x̃          synthetic images, (1, N, C, H, W) — the student trains on all of them every step
+    ρ          raw step size, (1,); the student's step size is η̃ = softplus(ρ) (learned, shared by all steps)
+    θ*_t        an expert's parameters after t epochs on real data (``ddray experts``)
+    t           a random start epoch, 0 ≤ t < max_start_epoch; M = ``expert_epochs``
+    θ̂_0 = θ*_t, θ̂_{n+1} = θ̂_n − η̃ ∇θ ℓ(A(x̃), ỹ; θ̂_n) for n < ``syn_steps``  (A: DSA, when on)
+
+    L = ‖θ̂_{syn_steps} − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖²
+
+The unroll is :func:`ddray.core.unroll.unroll_vjp` with this ``outer``, so
+``memory="recompute"`` keeps memory flat in ``syn_steps`` exactly as for DD. K
+networks per meta-step are K independent (expert, start epoch) draws, keyed by
+(run seed, meta-step, net); the augmentation of student step n is keyed by
+(run seed, meta-step, n) and shared by the K students of a meta-step.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn as nn
+
+from ddray.core.augment import apply_aug, sample_aug
+from ddray.core.inits import AUGMENT, TRAJECTORY, generator
+from ddray.core.models import Params, stack_params
+from ddray.core.unroll import MetaGrad, Transform, unroll_vjp
+
+
+class Expert(Protocol):
+    """An expert trajectory: its parameters after ``epoch`` epochs (``ddray.experts.Trajectory``)."""
+
+    @property
+    def epochs(self) -> int: ...
+
+    def at(self, epoch: int) -> Params: ...
+
+
+class TrajectoryMatching:
+    """MTT meta-gradient ∂L/∂(x̃, ρ) summed over a share of a meta-step's students.
+
+    Args:
+        model: template module (the experts' architecture).
+        experts: the expert trajectories; each needs ≥ max_start_epoch − 1 + expert_epochs epochs.
+        labels: ỹ, (N,).
+        syn_steps, expert_epochs, max_start_epoch: see the module docstring.
+        seed: run seed; strategy: DSA strategy or None; memory: ``full`` or ``recompute``.
+    """
+
+    def __init__(self, model: nn.Module, experts: Sequence[Expert], labels: torch.Tensor, syn_steps: int,
+                 expert_epochs: int, max_start_epoch: int, seed: int, strategy: str | None,
+                 memory: str = "full") -> None:
+        need = max_start_epoch - 1 + expert_epochs
+        short = [i for i, e in enumerate(experts) if e.epochs < need]
+        if short:
+            raise ValueError(f"--max-start-epoch {max_start_epoch} + --expert-epochs {expert_epochs}: expert "
+                             f"{short[0]} has only {experts[short[0]].epochs} epochs (needs {need})")
+        self.model, self.experts, self.labels = model, experts, labels
+        self.syn_steps, self.expert_epochs, self.max_start = syn_steps, expert_epochs, max_start_epoch
+        self.seed, self.strategy, self.memory = seed, strategy, memory
+        self.device = torch.device("cpu")
+
+    def segment(self, step: int, net: int) -> tuple[Params, Params]:
+        """(θ*_t, θ*_{t+M}) of the (expert, t) drawn for ``net`` at meta-step ``step``."""
+        g = generator(self.seed, TRAJECTORY, step, net)
+        e = int(torch.randint(len(self.experts), (1,), generator=g))
+        t = int(torch.randint(self.max_start, (1,), generator=g))
+        expert = self.experts[e]
+        return expert.at(t), expert.at(t + self.expert_epochs)
+
+    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int]) -> MetaGrad:
+        starts, targets = zip(*(self.segment(step, k) for k in nets))
+        theta0 = {n: v.to(images.device) for n, v in stack_params(list(starts)).items()}
+        target = {n: v.to(images.device) for n, v in stack_params(list(targets)).items()}
+        scale = torch.stack([((theta0[n] - target[n]) ** 2).flatten(1).sum(1) for n in theta0]).sum(0)  # (K,)
+
+        def outer(theta: Params) -> tuple[Params, float]:
+            diff = {n: theta[n].detach() - target[n] for n in theta}
+            loss = torch.stack([(d ** 2).flatten(1).sum(1) for d in diff.values()]).sum(0) / scale
+            grads = {n: 2 * d / scale.view(-1, *[1] * (d.dim() - 1)) for n, d in diff.items()}
+            return grads, float(loss.sum())
+
+        g = unroll_vjp(self.model, theta0, images, self.labels.to(images.device),
+                       raw_lrs.repeat(self.syn_steps), outer, self.memory, self.transform(step))
+        return MetaGrad(g.images, g.raw_lrs.sum().reshape(1), g.loss, len(nets))
+
+    def transform(self, step: int) -> Transform | None:
+        """DSA on student step n's batch, the same draw whenever step n is (re)computed."""
+        strategy = self.strategy
+        if strategy is None:
+            return None
+
+        def aug(n: int, x: torch.Tensor) -> torch.Tensor:
+            return apply_aug(x, sample_aug(strategy, len(x), generator(self.seed, AUGMENT, step, n)))
+
+        return aug
+
+    def to(self, device: torch.device) -> "TrajectoryMatching":
+        self.device = device
+        return self

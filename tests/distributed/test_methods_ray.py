@@ -1,0 +1,43 @@
+"""DC, DM and MTT on the Ray workers and parameter server(s): the same sets as in one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_support import tiny
+
+from ddray.config import Config
+from ddray.distill import distill
+from ddray.distributed.driver import distill_ray
+
+# DD-only options (steps, epochs, batch_size) back at their defaults
+METHOD = dict(model="convnet", width=8, real_per_class=16, eval_nets=1, eval_epochs=5, steps=10, epochs=3,
+              batch_size=1024, ipc=2, nets=2, iterations=4, checkpoint_every=2)
+
+
+def _cfg(out: Path, method: str, **overrides: Any) -> Config:
+    return tiny(out, **{**METHOD, "method": method, **overrides})
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("dc", {"outer_loop": 2, "inner_loop": 1}),  # iteration 0 = steps 0, 1: the net carries over on its worker
+    ("dm", {"shards": 2}),  # classes are independent: two servers own half the classes each
+])
+def test_matching_methods_on_two_workers_equal_one_process(ray_local: Any, tmp_path: Path, method: str,
+                                                          extra: dict[str, Any]) -> None:
+    ray_run = distill_ray(_cfg(tmp_path / "ray", method, workers=2, **extra), progress=False)
+    local = distill(_cfg(tmp_path / "local", method, **extra), progress=False)
+    torch.testing.assert_close(ray_run.distilled.images, local.distilled.images, rtol=1e-4, atol=1e-5)
+    meta = json.loads((ray_run.out / "meta.json").read_text())
+    assert meta["method"] == method and meta["eval_protocol"] == "dc"
+    assert meta["dsa_strategy"] == ("color_crop_cutout_flip_scale_rotate" if method == "dm" else None)
+    report = json.loads((ray_run.out / "eval.json").read_text())
+    assert report["protocol"] == "dc" and report["shuffled_order"] is None and report["test"]["n"] == 1
+    # the images moved away from the real images they started from
+    start = distill(_cfg(tmp_path / "zero", method, iterations=1, **extra), progress=False)
+    assert not torch.allclose(start.distilled.images, local.distilled.images)
