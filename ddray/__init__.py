@@ -17,18 +17,21 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "__version__", "Config", "load_config", "load_dataset", "distill", "evaluate", "load_distilled",
-    "save_distilled", "Distilled", "meta_gradient", "unroll", "build_model",
+    "save_distilled", "Distilled", "meta_gradient", "unroll", "build_model", "ProtocolDC", "ExpertSettings",
+    "train_experts",
 ]
 
 if TYPE_CHECKING:
     from ddray.artifact import Distilled
     from ddray.core.evaluate import EvalResult
+    from ddray.core.protocol import ProtocolDC
 
 _LAZY = {
     "Config": "ddray.config", "load_config": "ddray.config", "load_dataset": "ddray.data",
     "distill": "ddray.distill", "load_distilled": "ddray.artifact", "save_distilled": "ddray.artifact",
     "Distilled": "ddray.artifact", "meta_gradient": "ddray.core.unroll", "unroll": "ddray.core.unroll",
-    "build_model": "ddray.core.models",
+    "build_model": "ddray.core.models", "ProtocolDC": "ddray.core.protocol", "ExpertSettings": "ddray.experts",
+    "train_experts": "ddray.experts",
 }
 
 
@@ -42,10 +45,14 @@ def __getattr__(name: str) -> Any:
 
 
 def evaluate(distilled: "Distilled | str", nets: int = 20, shuffled: bool = False,
-             data_root: str | None = None) -> "EvalResult":
-    """Train ``nets`` held-out networks on a distilled set (object, directory or ``runs:/`` URI) and test them."""
+             data_root: str | None = None, protocol: "str | ProtocolDC | None" = None) -> "EvalResult":
+    """Train ``nets`` held-out networks on a distilled set (object, directory or ``runs:/`` URI) and test them.
+
+    ``protocol``: ``"dd"`` (the set's own schedule), ``"dc"`` or a :class:`ProtocolDC` (the
+    DC/DSA/DM/MTT papers' training from scratch); default: the one of the set's method.
+    """
     from ddray.artifact import load_distilled
     from ddray.distill import evaluate_distilled, problem_for
 
     d = distilled if not isinstance(distilled, str) else load_distilled(distilled)
-    return evaluate_distilled(problem_for(d, data_root), d, nets, shuffled)
+    return evaluate_distilled(problem_for(d, data_root), d, nets, shuffled, protocol)

@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--train-epochs", type=int, default=20,
                    help="epochs per expert, one snapshot each (default 20; MTT: 50)")
     x.add_argument("--expert-lr", type=float, default=0.01, help="SGD learning rate of the experts (default 0.01)")
-    x.add_argument("--expert-batch-size", type=int, default=256, help="real images per step (default 256)")
+    x.add_argument("--expert-batch-size", type=int, default=256,
+                   help="real images per step (default 256, as MTT on CIFAR; small data sets want more steps: 32)")
     x.add_argument("--no-dsa", dest="expert_dsa", action="store_false",
                    help="train the experts without DSA augmentation")
     x.add_argument("--no-progress", action="store_true")

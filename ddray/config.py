@@ -42,6 +42,16 @@ def _opt(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def is_int(v: Any) -> bool:
+    """An integer (bools excluded)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float (bools excluded)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{_opt(name)}: invalid value {value!r}; {allowed}")

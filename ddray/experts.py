@@ -38,7 +38,6 @@ mixed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ddray import __version__
-from ddray.config import INIT_SCHEMES
+from ddray.config import INIT_SCHEMES, is_int, is_number
 from ddray.core.augment import parse_strategy
 from ddray.core.inits import EXPERT, generator
 from ddray.core.models import MODEL_REGISTRY, Params, build_model, init_params
@@ -79,14 +78,6 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 def _bad(field: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{OPTIONS[field]}: invalid value {value!r}; {allowed}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -125,15 +116,15 @@ class ExpertSettings:
             raise _bad("init_scheme", self.init_scheme, f"choose one of {', '.join(INIT_SCHEMES)}")
         for name in ("width", "epochs", "batch_size"):
             v = getattr(self, name)
-            if not (_is_int(v) and v > 0):
+            if not (is_int(v) and v > 0):
                 raise _bad(name, v, "expected a positive integer")
-        if not (_is_int(self.seed) and self.seed >= 0):
+        if not (is_int(self.seed) and self.seed >= 0):
             raise _bad("seed", self.seed, "expected an integer >= 0")
-        if not (_is_num(self.lr) and self.lr > 0):
+        if not (is_number(self.lr) and self.lr > 0):
             raise _bad("lr", self.lr, "expected a positive number")
-        if not (_is_num(self.momentum) and 0 <= self.momentum < 1):
+        if not (is_number(self.momentum) and 0 <= self.momentum < 1):
             raise _bad("momentum", self.momentum, "expected a number in [0, 1)")
-        if not (_is_num(self.weight_decay) and self.weight_decay >= 0):
+        if not (is_number(self.weight_decay) and self.weight_decay >= 0):
             raise _bad("weight_decay", self.weight_decay, "expected a number >= 0")
         if self.dsa_strategy is not None:
             parse_strategy(self.dsa_strategy)
@@ -156,7 +147,7 @@ class Trajectory:
 
     def at(self, epoch: int) -> Params:
         """θ after ``epoch`` epochs (0 = θ₀): name → (*shape) tensor (views, not copies)."""
-        if not (_is_int(epoch) and 0 <= epoch <= self.epochs):
+        if not (is_int(epoch) and 0 <= epoch <= self.epochs):
             raise ValueError(f"Trajectory.at: epoch {epoch!r} is outside 0..{self.epochs}")
         return {k: v[epoch] for k, v in self.params.items()}
 
@@ -300,7 +291,7 @@ def train_experts(data: Dataset, settings: ExpertSettings, experts: int, out: st
         ValueError: bad ``experts`` count; ``augment`` given without ``dsa_strategy`` or the
             reverse; ``out`` made for another data set, model or settings (naming --experts).
     """
-    if not (_is_int(experts) and experts > 0):
+    if not (is_int(experts) and experts > 0):
         raise ValueError(f"--num-experts: invalid value {experts!r}; expected a positive integer")
     if (augment is None) != (settings.dsa_strategy is None):
         raise ValueError(f"--dsa-strategy: {settings.dsa_strategy!r} must be set exactly when an augmentation "

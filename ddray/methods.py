@@ -19,6 +19,7 @@ value under a method that does not use it is an error naming both options.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +107,14 @@ def check_method_options(distill: Any) -> None:
 
 
 def optimizer_options(distill: Any) -> dict[str, Any]:
-    """Keyword arguments of :class:`ddray.core.synthetic.OuterOptimizer` beyond lr/decay for a config's method."""
+    """Keyword arguments of :class:`ddray.core.synthetic.OuterOptimizer` beyond lr/decay for a config's method.
+
+    MTT learns its step size η directly with learning rate ``lr_lr``; ddray learns ρ with
+    η = softplus(ρ), so dη/dρ = σ(ρ) = 1 − e^(−η). ρ gets ``lr_lr`` / (1 − e^(−η₀))², η₀ =
+    ``net_lr``: then the step size's first updates are the paper's.
+    """
     spec = METHODS[distill.method]
-    return {"kind": spec.optimizer, "momentum": spec.momentum,
-            "lr_lrs": distill.lr_lr if distill.method == "mtt" else None}
+    lr_lrs = None
+    if distill.method == "mtt":
+        lr_lrs = distill.lr_lr / (1 - math.exp(-distill.net_lr)) ** 2
+    return {"kind": spec.optimizer, "momentum": spec.momentum, "lr_lrs": lr_lrs}

@@ -29,14 +29,13 @@ a spec into Tune objects (:meth:`Distribution.to_tune`, :meth:`TuneSpec.placemen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from ddray.config import FIELD_SECTION, SECTIONS, Config
+from ddray.config import FIELD_SECTION, SECTIONS, Config, is_int, is_number
 from ddray.tracking import resolve_tracking_uri
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -167,14 +166,6 @@ def _err(source: str, key: str, msg: str) -> ValueError:
     return ValueError(f"{source}: {key}: {msg}")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _field_type(name: str) -> str:
     [f] = [f for f in fields(SECTIONS[FIELD_SECTION[name]]) if f.name == name]
     return str(f.type)
@@ -208,11 +199,11 @@ def _distribution(fixed: Config, source: str, name: str, spec: Any) -> Distribut
         for v in args:
             _check_value(fixed, source, key, name, v)
         return Distribution(kind, tuple(args))
-    if len(args) != 2 or not all(_is_number(v) for v in args) or not args[0] < args[1]:
+    if len(args) != 2 or not all(is_number(v) for v in args) or not args[0] < args[1]:
         raise _err(source, key, f"{kind} needs [low, high] with low < high, got {args!r}")
     lo, hi = args
     if kind == "randint":
-        if not (_is_int(lo) and _is_int(hi)):
+        if not (is_int(lo) and is_int(hi)):
             raise _err(source, key, f"randint needs integer bounds, got {args!r}")
         check = [lo, hi - 1]
     else:
@@ -240,13 +231,13 @@ def _dataclass_from(cls: type, source: str, key: str, value: Any) -> Any:
 
 def _resources(source: str, value: Any) -> Resources:
     r = _dataclass_from(Resources, source, "resources", value)
-    if r.workers is not None and not (_is_int(r.workers) and r.workers > 0):
+    if r.workers is not None and not (is_int(r.workers) and r.workers > 0):
         raise _err(source, "resources.workers", f"expected a positive integer, got {r.workers!r}")
     for name in ("cpus_per_worker", "driver_cpus", "ps_cpus"):
         v = getattr(r, name)
-        if not (_is_number(v) and v > 0):
+        if not (is_number(v) and v > 0):
             raise _err(source, f"resources.{name}", f"expected a positive number of CPUs, got {v!r}")
-    if not (_is_number(r.gpus_per_worker) and r.gpus_per_worker >= 0):
+    if not (is_number(r.gpus_per_worker) and r.gpus_per_worker >= 0):
         raise _err(source, "resources.gpus_per_worker", f"expected a number >= 0, got {r.gpus_per_worker!r}")
     return r
 
@@ -257,9 +248,9 @@ def _scheduler(source: str, value: Any) -> Scheduler:
     s = _dataclass_from(Scheduler, source, "scheduler", value)
     if s.type not in SCHEDULERS:
         raise _err(source, "scheduler.type", f"unknown scheduler {s.type!r}; use one of {', '.join(SCHEDULERS)}")
-    if s.grace_period is not None and not (_is_int(s.grace_period) and s.grace_period > 0):
+    if s.grace_period is not None and not (is_int(s.grace_period) and s.grace_period > 0):
         raise _err(source, "scheduler.grace_period", f"expected a positive integer, got {s.grace_period!r}")
-    if not (_is_number(s.reduction_factor) and s.reduction_factor > 1):
+    if not (is_number(s.reduction_factor) and s.reduction_factor > 1):
         raise _err(source, "scheduler.reduction_factor", f"expected a number > 1, got {s.reduction_factor!r}")
     return s
 
@@ -307,10 +298,10 @@ def parse_tune_spec(raw: Any, source: str = "<tune spec>", **fixed_overrides: An
     if mode not in ("max", "min"):
         raise _err(source, "mode", f"invalid value {mode!r}; use max or min")
     num_samples = raw.get("num_samples", 1)
-    if not (_is_int(num_samples) and num_samples > 0):
+    if not (is_int(num_samples) and num_samples > 0):
         raise _err(source, "num_samples", f"expected a positive integer, got {num_samples!r}")
     mct = raw.get("max_concurrent_trials")
-    if mct is not None and not (_is_int(mct) and mct > 0):
+    if mct is not None and not (is_int(mct) and mct > 0):
         raise _err(source, "max_concurrent_trials", f"expected a positive integer, got {mct!r}")
     scheduler = _scheduler(source, raw.get("scheduler", "asha"))
     resources = _resources(source, raw.get("resources") or {})

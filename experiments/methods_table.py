@@ -39,15 +39,15 @@ from ddray.core.models import build_model
 
 WIDTH = 32  # ConvNet channels on this CPU (the papers: 128)
 EVAL_EPOCHS, EVAL_NETS = 300, 5
-EXPERTS = dict(count=5, epochs=15, lr=0.01)
+EXPERTS = dict(count=5, epochs=15, lr=0.01, batch_size=32)  # 125 SGD steps per epoch on 4,000 images
 COMMON: dict[str, Any] = dict(dataset="mnist5k", model="convnet", width=WIDTH, nets=1, eval_nets=EVAL_NETS,
                               eval_epochs=EVAL_EPOCHS, checkpoint_every=50, seed=0, tracking=False)
 # method → ipc → config (the CPU budget: meta-steps and real images per class)
 BUDGETS: dict[str, dict[int, dict[str, Any]]] = {
-    "dc": {1: dict(iterations=200, real_per_class=64), 10: dict(iterations=100, real_per_class=64)},
-    "dsa": {1: dict(iterations=200, real_per_class=64), 10: dict(iterations=100, real_per_class=64)},
-    "dm": {1: dict(iterations=800, real_per_class=64), 10: dict(iterations=800, real_per_class=64)},
-    "mtt": {1: dict(iterations=500, syn_steps=20, expert_epochs=2, max_start_epoch=10),
+    "dc": {1: dict(iterations=1000, real_per_class=64), 10: dict(iterations=500, real_per_class=64)},
+    "dsa": {1: dict(iterations=1000, real_per_class=64), 10: dict(iterations=500, real_per_class=64)},
+    "dm": {1: dict(iterations=3000, real_per_class=64), 10: dict(iterations=2000, real_per_class=64)},
+    "mtt": {1: dict(iterations=2000, syn_steps=20, expert_epochs=2, max_start_epoch=10),
             10: dict(iterations=300, syn_steps=20, expert_epochs=2, max_start_epoch=10)},
 }
 MARK = ("<!-- methods-table -->", "<!-- /methods-table -->")
@@ -120,7 +120,7 @@ def main() -> None:
     if "mtt" in a.methods and "experts" not in results:
         t0 = time.perf_counter()
         settings = ExpertSettings(model="convnet", width=WIDTH, epochs=EXPERTS["epochs"], lr=EXPERTS["lr"],
-                                  dsa_strategy=DEFAULT_STRATEGY)
+                                  batch_size=EXPERTS["batch_size"], dsa_strategy=DEFAULT_STRATEGY)
         train_experts(load_dataset("mnist5k"), settings, EXPERTS["count"], experts, progress=False,
                       augment=lambda x, g: augment(x, DEFAULT_STRATEGY, g))
         results["experts"] = {**EXPERTS, "seconds": time.perf_counter() - t0}

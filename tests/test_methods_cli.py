@@ -84,3 +84,11 @@ def test_cifar10_paper_configs_load(path: Path) -> None:
 def test_model_is_both_a_section_and_a_flat_key() -> None:
     assert Config.from_dict({"model": "convnet", "width": 16}).model.width == 16
     assert Config.from_dict({"model": {"model": "convnet"}}).model.model == "convnet"
+
+
+def test_public_api_resolves() -> None:
+    import ddray
+
+    for name in ddray.__all__:
+        assert getattr(ddray, name) is not None, name
+    assert ddray.ProtocolDC().epochs == 300 and ddray.ExpertSettings().model == "convnet"

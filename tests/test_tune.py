@@ -54,8 +54,13 @@ def write(tmp: Path, spec: dict[str, Any], name: str = "spec.yaml") -> Path:
 @pytest.mark.parametrize("path", sorted((REPO / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_search_files_validate(path: Path) -> None:
     spec = load_tune_spec(path)
-    assert spec.metric == "eval_acc_mean" and spec.mode == "max" and spec.scheduler.type == "asha"
-    assert spec.reference and {"epochs", "lr", "init_lr"} <= set(spec.search)
+    assert spec.metric == "eval_acc_mean" and spec.mode == "max"
+    if "method" in spec.search:  # the methods search: every method × budget under one evaluation
+        assert spec.search["method"].kind == "grid" and spec.fixed.model.model == "convnet"
+        assert {spec.trial_config({"method": m}).protocol for m in spec.search["method"].args} == {"dc"}
+    else:  # DD searches around the default config
+        assert spec.scheduler.type == "asha"
+        assert spec.reference and {"epochs", "lr", "init_lr"} <= set(spec.search)
     assert path.read_text().startswith("#")  # documented at the top
 
 
@@ -331,3 +336,25 @@ def test_failed_trial_continues_from_its_tune_checkpoint_on_the_ray_driver(ray_s
     [res] = list(results)
     assert res.error is None and res.metrics["ddray_finished"] and res.metrics["step"] == 4
     assert "eval_acc_mean" in res.metrics
+
+
+def test_the_method_is_a_searchable_option(ray_session: None, tmp_path: Path) -> None:
+    spec = parse_tune_spec(tiny_spec(
+        tmp_path, name="methods", reference=None, scheduler="fifo", num_samples=1,
+        fixed={"data": {"dataset": "digits"}, "model": {"model": "convnet", "width": 8},
+               "distill": {"method": "dc", "ipc": 1, "iterations": 4, "nets": 1, "real_per_class": 8},
+               "run": {"eval_every": 2, "eval_nets": 1, "eval_epochs": 3, "checkpoint_every": 2,
+                       "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}},
+        search={"method": {"grid": ["dc", "dm"]}}), "m.yaml")
+    summary = run_search(spec, verbose=0)
+    assert {t.params["method"] for t in summary.rows} == {"dc", "dm"}
+    assert all(t.status == "done" and t.value is not None for t in summary.rows)
+    for t in summary.rows:
+        assert t.distilled_dir is not None
+        d = load_distilled(t.distilled_dir)
+        assert d.meta["method"] == t.params["method"] and d.meta["eval_protocol"] == "dc"
+    runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert sorted(r.data.params["distill.method"] for r in runs if r.data.tags["ddray.command"] == "trial") == [
+        "dc", "dm"]
+    with pytest.raises(ValueError, match="search.method"):  # checked against the fixed config before Ray starts
+        parse_tune_spec(tiny_spec(tmp_path, search={"method": {"grid": ["dd", "dm"]}}), "bad.yaml")
