@@ -41,3 +41,22 @@ def test_matching_methods_on_two_workers_equal_one_process(ray_local: Any, tmp_p
     # the images moved away from the real images they started from
     start = distill(_cfg(tmp_path / "zero", method, iterations=1, **extra), progress=False)
     assert not torch.allclose(start.distilled.images, local.distilled.images)
+
+
+@pytest.mark.parametrize("method,extra", [("dm", {"shards": 2}), ("dsa", {})])
+def test_interrupted_run_resumes_bitwise_with_the_sgd_momentum(ray_local: Any, tmp_path: Path, method: str,
+                                                               extra: dict[str, Any]) -> None:
+    """The SGD momentum buffers travel in the checkpoints (sharded too): stop after step 3, resume from 2."""
+    straight = distill_ray(_cfg(tmp_path / "straight", method, workers=2, **extra), progress=False)
+
+    def die(step: int, metrics: dict[str, float]) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        distill_ray(_cfg(out, method, workers=2, **extra), progress=False, on_step=die)
+    resumed = distill_ray(_cfg(out, method, workers=2, **extra), progress=False, resume=out)
+    assert torch.equal(resumed.distilled.images, straight.distilled.images)
+    saved = torch.load(out / "checkpoints" / "step-00000004.pt", weights_only=False)
+    assert "momentum_buffer" in saved["optimizer"]["opt"]["state"][0]
