@@ -33,7 +33,8 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "iterations": (int, "total meta-steps of the run (default 500)"),
     "nets": (int, "K: networks θ₀ per meta-step, gradients averaged (default 4)"),
     "batch_size": (int, "real images per meta-step (default 1024)"),
-    "method": (str, f"distillation method: {', '.join(METHOD_NAMES)} (default dd; see README 'Methods')"),
+    "method": (str, f"distillation method: {', '.join(METHOD_NAMES)} (default dd; see the README's "
+                    "'The rest of the family')"),
     "lr": (float, "outer learning rate on the images (default: the method's — dd 0.01 (Adam), dc/dsa 0.1, "
                   "dm 1, mtt 1000 (SGD, momentum 0.5))"),
     "lr_decay": (float, "outer lr factor per decay (default 0.5)"),
