@@ -61,7 +61,6 @@ class TrajectoryMatching:
         self.model, self.experts, self.labels = model, experts, labels
         self.syn_steps, self.expert_epochs, self.max_start = syn_steps, expert_epochs, max_start_epoch
         self.seed, self.strategy, self.memory = seed, strategy, memory
-        self.device = torch.device("cpu")
 
     def segment(self, step: int, net: int) -> tuple[Params, Params]:
         """(θ*_t, θ*_{t+M}) of the (expert, t) drawn for ``net`` at meta-step ``step``."""
@@ -99,5 +98,5 @@ class TrajectoryMatching:
         return aug
 
     def to(self, device: torch.device) -> "TrajectoryMatching":
-        self.device = device
+        """Nothing to move: the experts stay on the CPU and each call moves its two snapshots per student."""
         return self
