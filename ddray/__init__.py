@@ -52,7 +52,7 @@ def evaluate(distilled: "Distilled | str", nets: int = 20, shuffled: bool = Fals
     DC/DSA/DM/MTT papers' training from scratch); default: the one of the set's method.
     """
     from ddray.artifact import load_distilled
-    from ddray.distill import evaluate_distilled, problem_for
+    from ddray.evaluation import evaluate_distilled, problem_for
 
     d = distilled if not isinstance(distilled, str) else load_distilled(distilled)
     return evaluate_distilled(problem_for(d, data_root), d, nets, shuffled, protocol)

@@ -1,15 +1,19 @@
 """The outer distillation loop: sample θ₀s → meta-gradients → average → apply → checkpoint → log.
 
-:func:`distill` runs it in this process; the Ray drivers in ``ddray/distributed``
-swap the meta-gradient stage for worker actors and the apply stage for a
-parameter server, around the same objective and optimiser.
+:func:`distill` runs it in this process; the Ray driver (:mod:`ddray.distributed.driver`)
+swaps the meta-gradient stage for worker actors and the apply stage for parameter
+servers, around the same objective, chunks (:mod:`ddray.chunks`) and optimiser, so
+both give the same synthetic set bit for bit. What both share lives here: where a
+run's files go, which state it starts from (fresh, ``--resume DIR``, ``--resume
+auto``), and how it ends (artifact, evaluation, tracking).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -19,15 +23,19 @@ from tqdm import tqdm
 
 from ddray import __version__
 from ddray.artifact import Distilled, save_distilled
-from ddray.checkpoint import load_latest, save_checkpoint
+from ddray.checkpoint import is_uri, list_checkpoints
+from ddray.chunks import net_chunks, step_gradient
 from ddray.config import Config
-from ddray.core.evaluate import EvalResult, evaluate_set, shuffled_order
-from ddray.core.protocol import ProtocolDC, evaluate_protocol_dc
-from ddray.core.synthetic import SyntheticSet
+from ddray.core.evaluate import EvalResult
+from ddray.core.synthetic import SyntheticSet, class_labels
+from ddray.evaluation import Predictor, evaluate_distilled, run_baselines
 from ddray.problem import Problem, build_problem
+from ddray.state import RunState, load_state, resume_differences, save_state
 from ddray.tracking import NullTracker, Tracker, log_eval_grid
 
 CKPT_DIR = "checkpoints"
+AUTO = "auto"  # --resume auto: continue OUT's run if it has one, else start fresh
+log = logging.getLogger("ddray")
 
 
 def default_out() -> Path:
@@ -49,36 +57,11 @@ def to_distilled(problem: Problem, syn: SyntheticSet, iterations: int) -> Distil
                      problem.fixed)
 
 
-def evaluate_distilled(problem: Problem, d: Distilled, nets: int, shuffled: bool = False,
-                       protocol: ProtocolDC | str | None = None) -> EvalResult:
-    """Held-out evaluation of ``d`` over ``nets`` networks.
-
-    ``protocol``: ``"dd"`` — networks from ``problem``'s init mode trained with the set's
-    own schedule (optionally in shuffled batch order); a :class:`ProtocolDC` — the DC
-    line's training from scratch; None — the config's protocol (``dc``: ``eval_epochs``
-    epochs, DSA unless ``--no-dsa``).
-    """
-    c = problem.config
-    if protocol is None:
-        protocol = c.protocol
-    if protocol == "dc":
-        protocol = ProtocolDC(epochs=c.run.eval_epochs, nets=nets,
-                              dsa_strategy=None if c.distill.dsa is False else c.distill.dsa_strategy)
-    if isinstance(protocol, ProtocolDC):
-        lr = float(d.lrs[0]) if d.meta.get("method") == "mtt" else None  # MTT's learned step size
-        return evaluate_protocol_dc(problem.model, d.images, d.labels, problem.data.x_test, problem.data.y_test,
-                                    protocol, c.run.seed, lr)
-    order = shuffled_order(d.steps, d.epochs, c.run.seed) if shuffled else None
-    return evaluate_set(problem.model, problem.sampler(for_eval=True), d.images, d.labels, d.lrs,
-                        problem.data.x_test, problem.data.y_test, nets, problem.attack, order)
-
-
-def problem_for(d: Distilled, data_root: str | None = None) -> Problem:
-    """The problem a saved set was made for (its config), with its own θ₀ for fixed-init sets."""
-    problem = build_problem(Config.from_dict(d.meta.get("config", {})).override(data_root=data_root))
-    if d.init_params is not None:
-        problem.fixed = d.init_params
-    return problem
+def synthetic(problem: Problem, state: RunState) -> SyntheticSet:
+    """The synthetic set of ``state`` (copies of its tensors) with the run's labels."""
+    d = problem.config.distill
+    return SyntheticSet(state.images.clone(), class_labels(problem.data.num_classes, d.ipc), state.raw_lrs.clone(),
+                        d.layout[1])
 
 
 @dataclass
@@ -90,99 +73,160 @@ class DistillResult:
     result: EvalResult | None
     shuffled: EvalResult | None
     seconds_per_step: float
+    baselines: list[tuple[str, EvalResult]] | None = None  # with ``baselines=True``: (method, result)
 
 
-def check_resumable(saved: dict[str, Any], config: Config, where: Path) -> None:
-    """A checkpoint may only continue a run with the same method settings (iterations may grow)."""
-    old = Config.from_dict(saved["config"])
-    keep = ("data", "model")
-    diff = [s for s in keep if getattr(old, s) != getattr(config, s)]
-    od, nd = old.distill, config.distill
-    diff += [f"distill.{f.name}" for f in fields(od)
-             if f.name != "iterations" and getattr(od, f.name) != getattr(nd, f.name)]
-    if old.run.seed != config.run.seed:
-        diff.append("run.seed")
+# ----------------------------------------------------------------------------- where a run lives
+
+
+def run_dir(config: Config, resume: str | Path | None) -> Path:
+    """OUT: ``--resume DIR``'s directory, else ``--out`` (required by ``--resume auto``), else runs/<time>."""
+    if resume is not None and str(resume) != AUTO:
+        return Path(resume)
+    if resume is not None and not config.run.out:
+        raise ValueError("--resume auto: needs --out DIR, a path that stays the same when the run is retried")
+    return Path(config.run.out or default_out())
+
+
+def storage_location(config: Config, out: Path) -> str:
+    """Where checkpoints go: ``--storage`` (a URI as given, a path made absolute) or OUT/checkpoints."""
+    s = config.run.storage
+    if s and is_uri(s):
+        return s
+    return str(Path(s).resolve() if s else (out / CKPT_DIR).resolve())
+
+
+def start_state(problem: Problem, config: Config, storage: str, resume: str | Path | None) -> RunState:
+    """The state the run starts from; ValueError (one line) before anything is written.
+
+    ``resume`` None: a fresh run (refused if ``storage`` already holds one); a directory:
+    continue its newest checkpoint; ``auto``: continue if ``storage`` holds a checkpoint of
+    the same config, start fresh if it holds none, refuse a different config.
+    """
+    iters = config.distill.iterations
+    if resume is None:
+        if list_checkpoints(storage):
+            raise ValueError(f"--storage {storage}: already holds checkpoints of a run; continue it with "
+                             f"--resume (or --resume auto), or choose a new --out/--storage")
+        return RunState.initial(problem)
+    saved = load_state(storage)
+    auto = str(resume) == AUTO
+    if saved is None:
+        if not auto:
+            raise ValueError(f"--resume: no valid checkpoint in {storage}")
+        log.info("--resume auto: no checkpoint in %s; starting a fresh run", storage)
+        return RunState.initial(problem)
+    diff = resume_differences(saved.config, config)
+    if diff and auto:
+        key = diff[0]
+        old, new = saved.config.flat()[key], config.flat()[key]
+        raise ValueError(f"--resume auto: {storage} holds a run of a different config (first difference: {key} "
+                         f"= {old!r} there, {new!r} now); choose another --out/--storage to start a new run")
     if diff:
-        raise ValueError(f"--resume: checkpoint in {where} comes from an incompatible config "
+        raise ValueError(f"--resume: checkpoint in {storage} comes from an incompatible config "
                          f"(differs in {', '.join(diff)})")
+    if saved.step > iters:
+        raise ValueError(f"--iterations: invalid value {iters}; the checkpoint in {storage} already has "
+                         f"{saved.step} meta-steps (--iterations is the run's total)")
+    log.info("continuing the run in %s from its checkpoint at meta-step %d of %d", storage, saved.step, iters)
+    return RunState(saved.step, saved.images, saved.raw_lrs, saved.optimizer, config)
+
+
+def begin(config: Config, out: Path, tracker: Tracker) -> None:
+    """Write the run's config into OUT and the tracker (once the run is sure to start)."""
+    out.mkdir(parents=True, exist_ok=True)
+    config.dump(out / "config.yaml")
+    tracker.log_params(config.flat())
+
+
+def apply_threads(config: Config) -> None:
+    """``--cpus-per-worker``: this process computes as one worker would, with as many torch threads."""
+    if config.cluster.cpus_per_worker is not None:
+        torch.set_num_threads(max(1, round(config.cluster.cpus_per_worker)))
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def distill(config: Config, tracker: Tracker | None = None, progress: bool = True,
             resume: str | Path | None = None,
-            on_step: Callable[[int, dict[str, float]], None] | None = None) -> DistillResult:
+            on_step: Callable[[int, dict[str, float]], None] | None = None,
+            baselines: bool = False) -> DistillResult:
     """Distil a data set in this process.
 
     Args:
         config: the run configuration.
         tracker: receives params, per-step metrics and artifacts (default: none).
         progress: show a progress bar.
-        resume: a run directory to continue from its newest valid checkpoint.
+        resume: a run directory to continue from its newest checkpoint, or ``"auto"``
+            (continue ``--out``'s run if it has a checkpoint of this config, else start fresh).
         on_step: called with (step, metrics) after each meta-step (e.g. Ray Tune reporting).
+        baselines: also build and evaluate the real-image baselines of the same budget
+            (:func:`ddray.evaluation.run_baselines`; written to OUT/baselines/).
     """
     tracker = tracker or NullTracker()
-    out = Path(resume) if resume else Path(config.run.out or default_out())
-    ckpt_dir = Path(config.run.storage) if config.run.storage else out / CKPT_DIR
+    out = run_dir(config, resume)
+    storage = storage_location(config, out)
     problem = build_problem(config)
-    syn = problem.initial_synthetic()
+    state = start_state(problem, config, storage, resume)
+    apply_threads(config)
+    begin(config, out, tracker)
+    syn = synthetic(problem, state)
     opt = problem.outer_optimizer(syn)
-    start = 0
-    if resume:
-        saved = load_latest(ckpt_dir)
-        if saved is None:
-            raise ValueError(f"--resume: no valid checkpoint in {ckpt_dir}")
-        check_resumable(saved, config, ckpt_dir)
-        syn.images.copy_(saved["images"])
-        syn.raw_lrs.copy_(saved["raw_lrs"])
-        opt.load_state_dict(saved["optimizer"])
-        start = int(saved["step"])
-    out.mkdir(parents=True, exist_ok=True)
-    config.dump(out / "config.yaml")
-    tracker.log_params(config.flat())
+    opt.load_state_dict(state.optimizer)
     objective = problem.objective()
-    nets, iters = config.distill.nets, config.distill.iterations
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_dir, step, {"images": syn.images, "raw_lrs": syn.raw_lrs,
-                                         "optimizer": opt.state_dict(), "config": config.to_dict()})
-
+    start, iters, seed = state.step, config.distill.iterations, config.run.seed
+    chunks = net_chunks(config.distill.nets, config.cluster.max_workers)
     bar = tqdm(range(start, iters), initial=start, total=iters, desc="distill", disable=not progress,
                unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
-        # meta-gradients of all K networks, averaged (a worker computes a share of them)
-        g = objective(syn.images, syn.raw_lrs, step, list(range(nets)))
-        # one Adam step on x̃ and ρ
+        # meta-gradients of all K networks, chunk by chunk, summed in chunk order (as the parameter server does)
+        g = step_gradient(objective, syn.images, syn.raw_lrs, step, chunks, seed)
+        # one outer-optimiser step on x̃ and ρ with the average over the K networks
         opt.apply(g.images / g.nets, g.raw_lrs / g.nets)
         done = step + 1
         if done % config.run.checkpoint_every == 0 or done == iters:
-            checkpoint(done)
+            save_state(storage, RunState(done, syn.images, syn.raw_lrs, opt.state_dict(), config))
         lrs = syn.lrs
         metrics = {"outer_loss": g.loss / g.nets, "lr_min": float(lrs.min()), "lr_mean": float(lrs.mean()),
                    "lr_max": float(lrs.max()), "outer_lr": opt.lr,
-                   "nets_per_s": nets * (done - start) / (time.perf_counter() - t0)}
+                   "nets_per_s": g.nets * (done - start) / (time.perf_counter() - t0)}
         if config.run.eval_every and done % config.run.eval_every == 0 and done < iters:
-            snapshot = to_distilled(problem, syn, done)
-            r = evaluate_distilled(problem, snapshot, config.run.eval_nets)
-            metrics.update(eval_acc_mean=r.mean, eval_acc_std=r.std)
-            log_eval_grid(tracker, snapshot, out, done)
+            metrics.update(evaluate_snapshot(problem, to_distilled(problem, syn, done), out, tracker, done))
         tracker.log_metrics(metrics, step=done)
         if on_step:
             on_step(done, metrics)
         bar.set_postfix(loss=f"{metrics['outer_loss']:.3f}", refresh=False)
     bar.close()
     sec = (time.perf_counter() - t0) / max(1, iters - start)
-    return finish(problem, syn, iters, out, tracker, sec)
+    result = finish(problem, syn, iters, out, tracker, sec)
+    if baselines:
+        result.baselines = run_baselines(config, out)
+    return result
+
+
+def evaluate_snapshot(problem: Problem, snapshot: Distilled, out: Path, tracker: Tracker, step: int,
+                      predictor: Predictor | None = None) -> dict[str, float]:
+    """``--eval-every``: held-out accuracy of the set after ``step`` meta-steps (and its image grid)."""
+    r = evaluate_distilled(problem, snapshot, problem.config.run.eval_nets, predictor=predictor)
+    log_eval_grid(tracker, snapshot, out, step)
+    return {"eval_acc_mean": r.mean, "eval_acc_std": r.std}
 
 
 def finish(problem: Problem, syn: SyntheticSet, iterations: int, out: Path, tracker: Tracker,
-           seconds_per_step: float) -> DistillResult:
-    """Write the artifact, evaluate it (schedule order and shuffled), log everything."""
+           seconds_per_step: float, predictor: Predictor | None = None) -> DistillResult:
+    """Write the artifact, evaluate it (schedule order and shuffled), log everything.
+
+    ``predictor``: where the held-out networks are trained (Ray workers); default here.
+    """
     d = to_distilled(problem, syn, iterations)
     save_distilled(out, d)
     nets = problem.config.run.eval_nets
-    result = evaluate_distilled(problem, d, nets)
+    result = evaluate_distilled(problem, d, nets, predictor=predictor)
     # the order of the S batches matters to DD's own schedule only
-    shuffled = evaluate_distilled(problem, d, nets, shuffled=True) if problem.config.protocol == "dd" else None
+    shuffled = (evaluate_distilled(problem, d, nets, shuffled=True, predictor=predictor)
+                if problem.config.protocol == "dd" else None)
     report = {"test": result.to_dict(), "shuffled_order": shuffled and shuffled.to_dict(),
               "protocol": problem.config.protocol, "iterations": iterations, "seconds_per_step": seconds_per_step}
     (out / "eval.json").write_text(json.dumps(report, indent=2))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ddray.cli import run_baselines
+from ddray.evaluation import run_baselines
 from ddray.config import load_config
 from ddray.distill import distill
 

@@ -72,6 +72,20 @@ def summarise(pred: torch.Tensor, y_test: torch.Tensor,
                       [float(a) for a in acc], rate_mean, rate_std)
 
 
+def train_predict(model: nn.Module, sampler: InitSampler, images: torch.Tensor, labels: torch.Tensor,
+                  lrs: torch.Tensor, x_test: torch.Tensor, ids: list[int],
+                  order: list[int] | None = None) -> torch.Tensor:
+    """Held-out networks ``ids`` (keys (EVAL, 0, i)) trained at once (vmapped) on the set → predictions (len(ids), M).
+
+    The unit of evaluation work: a chunk of networks gives the same predictions in any
+    process, so a split of the networks over workers changes nothing.
+    """
+    order = order if order is not None else step_schedule(images.shape[0], len(lrs) // images.shape[0])
+    with torch.no_grad():
+        params = unroll(model, sampler.sample([(EVAL, 0, i) for i in ids]), images, labels, lrs, order)
+        return predict(model, params, x_test)
+
+
 def evaluate_set(model: nn.Module, sampler: InitSampler, images: torch.Tensor, labels: torch.Tensor,
                  lrs: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, nets: int = 20,
                  attack: tuple[int, int] | None = None, order: list[int] | None = None,
@@ -84,12 +98,6 @@ def evaluate_set(model: nn.Module, sampler: InitSampler, images: torch.Tensor, l
         order: batch index per step (default t mod S).
         batch: networks trained at once (vmap width).
     """
-    order = order if order is not None else step_schedule(images.shape[0], len(lrs) // images.shape[0])
-    preds = []
-    with torch.no_grad():
-        for start in range(0, nets, batch):
-            ids = list(range(start, min(nets, start + batch)))
-            params = sampler.sample([(EVAL, 0, i) for i in ids])
-            params = unroll(model, params, images, labels, lrs, order)
-            preds.append(predict(model, params, x_test))
+    preds = [train_predict(model, sampler, images, labels, lrs, x_test, list(range(lo, min(nets, lo + batch))),
+                           order) for lo in range(0, nets, batch)]
     return summarise(torch.cat(preds), y_test, attack)

@@ -141,6 +141,23 @@ def _predict(net: nn.Module, x_test: torch.Tensor, device: torch.device, chunk: 
     return torch.cat([net(x_test[j:j + chunk].to(device)).argmax(1).cpu() for j in range(0, len(x_test), chunk)])
 
 
+def predict_protocol_dc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, x_test: torch.Tensor,
+                        protocol: ProtocolDC, seed: int, ids: list[int], lr: float | None = None) -> torch.Tensor:
+    """Networks ``ids`` of the protocol trained on the set → their predictions on x_test, (len(ids), M).
+
+    The unit of evaluation work: net i's draws are keyed by (seed, i) only, so any split
+    of the networks over workers gives the same predictions. Arguments as
+    :func:`evaluate_protocol_dc`.
+    """
+    if lr is not None:
+        lr = float(lr)
+        _check_lr("evaluate_protocol_dc: lr", lr)
+    images, labels = _flatten_steps(images, labels)
+    labels = labels.to(images.device)
+    return torch.stack([_predict(train_one(model, images, labels, protocol, seed, i, lr), x_test, images.device)
+                        for i in ids])
+
+
 def evaluate_protocol_dc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                          x_test: torch.Tensor, y_test: torch.Tensor, protocol: ProtocolDC,
                          seed: int, lr: float | None = None, progress: bool = False) -> EvalResult:
@@ -159,13 +176,6 @@ def evaluate_protocol_dc(model: nn.Module, images: torch.Tensor, labels: torch.T
     Returns:
         Test accuracy mean ± std over the ``protocol.nets`` networks.
     """
-    if lr is not None:
-        lr = float(lr)
-        _check_lr("evaluate_protocol_dc: lr", lr)
-    images, labels = _flatten_steps(images, labels)
-    labels = labels.to(images.device)
-    preds = []
-    for i in tqdm(range(protocol.nets), desc="eval nets", disable=not progress):
-        net = train_one(model, images, labels, protocol, seed, i, lr)
-        preds.append(_predict(net, x_test, images.device))
-    return summarise(torch.stack(preds), y_test.cpu())
+    preds = [predict_protocol_dc(model, images, labels, x_test, protocol, seed, [i], lr)
+             for i in tqdm(range(protocol.nets), desc="eval nets", disable=not progress)]
+    return summarise(torch.cat(preds), y_test.cpu())

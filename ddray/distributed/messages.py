@@ -1,0 +1,112 @@
+"""What crosses the Ray boundary between the driver, the parameter servers and the workers.
+
+Every payload is a frozen dataclass of numpy arrays / tensors and plain numbers:
+
+* :class:`Version` — what a worker reads: a parameter-server shard's block of x̃ and
+  (shard 0) ρ after ``step`` updates;
+* :class:`GradShare` — what a worker sends back: the meta-gradient of one *chunk* of a
+  meta-step's networks for one shard; the server sums the chunks in chunk order;
+* :class:`ShardState` — what a shard checkpoints and restores: its part of a
+  :class:`ddray.state.RunState`.
+
+Shards: with J shards, shard j owns a contiguous block of classes, i.e. the image
+columns ``images[:, lo:hi]`` of x̃ (S, N, C, H, W) — ỹ is class-major — and the matching
+moments of the outer optimiser; shard 0 also owns ρ (T,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ddray.config import Config
+from ddray.distributed.shards import Shard
+from ddray.state import RunState
+
+if TYPE_CHECKING:  # imported where states are sliced, so that simulated workers never load torch
+    import torch
+
+
+@dataclass(frozen=True)
+class Version:
+    """A shard's published state: x̃[:, lo:hi] (S, hi−lo, C, H, W) and, on shard 0, ρ (T,)."""
+
+    step: int  # updates applied so far
+    images: np.ndarray
+    raw_lrs: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class GradShare:
+    """Σ over one chunk's networks of ∂ℓ/∂(x̃[:, lo:hi], ρ), computed at version ``step``.
+
+    ``chunk`` is the chunk's index within the meta-step (:func:`ddray.chunks.net_chunks`);
+    the server adds the chunks in that order, so the sum does not depend on which
+    worker computed which chunk. ``loss`` is Σ of the outer loss over the chunk's
+    ``nets`` networks (divide by K to average).
+    """
+
+    step: int
+    chunk: int
+    images: np.ndarray
+    raw_lrs: np.ndarray | None
+    loss: float
+    nets: int
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """One shard's part of a :class:`~ddray.state.RunState` (tensors are copies)."""
+
+    step: int
+    images: torch.Tensor  # (S, hi−lo, C, H, W)
+    raw_lrs: torch.Tensor | None  # (T,) on shard 0
+    optimizer: dict[str, Any]
+
+
+def _moments(optimizer: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return optimizer["opt"]["state"]  # type: ignore[no-any-return]
+
+
+def _empty_like(optimizer: dict[str, Any]) -> dict[str, Any]:
+    return {"opt": {"state": {}, "param_groups": optimizer["opt"]["param_groups"]}, "sched": optimizer["sched"]}
+
+
+def slice_state(full: RunState, shard: Shard) -> ShardState:
+    """The part of ``full`` that ``shard`` owns: its image columns and their moments (and ρ's on shard 0)."""
+    import torch
+
+    dims = full.images.dim()
+    opt = _empty_like(full.optimizer)
+    for pid, st in _moments(full.optimizer).items():
+        if pid == 0:  # x̃'s moments: the same columns as x̃
+            opt["opt"]["state"][0] = {k: (v[:, shard.lo:shard.hi].clone() if torch.is_tensor(v) and v.dim() == dims
+                                          else v) for k, v in st.items()}
+        elif shard.owns_lrs:
+            opt["opt"]["state"][pid] = st
+    return ShardState(full.step, full.images[:, shard.lo:shard.hi].clone(),
+                      full.raw_lrs.clone() if shard.owns_lrs else None, opt)
+
+
+def merge_states(parts: list[ShardState], config: Config) -> RunState:
+    """Inverse of :func:`slice_state`: the shards' states in shard order → the run's state."""
+    import torch
+
+    first = parts[0]
+    steps = {p.step for p in parts}
+    if len(steps) != 1:
+        raise RuntimeError(f"merge_states: shards are at different meta-steps {sorted(steps)}")
+    opt = _empty_like(first.optimizer)
+    state0 = [_moments(p.optimizer).get(0, {}) for p in parts]
+    dims = first.images.dim()
+    if state0[0]:
+        opt["opt"]["state"][0] = {k: (torch.cat([s[k] for s in state0], dim=1)
+                                      if torch.is_tensor(v) and v.dim() == dims else v)
+                                  for k, v in state0[0].items()}
+    for pid, st in _moments(first.optimizer).items():
+        if pid != 0:
+            opt["opt"]["state"][pid] = st
+    assert first.raw_lrs is not None, "merge_states: shard 0 owns ρ"
+    return RunState(first.step, torch.cat([p.images for p in parts], dim=1), first.raw_lrs, opt, config)
