@@ -69,13 +69,14 @@ def bench_meta(steps: int, warmup: int, out: Path) -> list[tuple[str, float, flo
     from ddray.distributed.driver import distill_ray
     from ddray.problem import build_problem
 
-    cfg = Config.from_dict({"iterations": warmup + steps, "eval_nets": 1, "checkpoint_every": 10_000})
+    cfg = Config.from_dict({"iterations": warmup + steps, "eval_nets": 1, "checkpoint_every": 10_000,
+                            "cpus_per_worker": 1, "tracking": False})
     k = cfg.distill.nets
     rows = []
     torch.set_num_threads(1)
     problem = build_problem(cfg)
     syn, obj = problem.initial_synthetic(), problem.objective()
-    opt = OuterOptimizer(syn, cfg.distill.lr, cfg.distill.lr_decay, cfg.distill.lr_decay_every)
+    opt = OuterOptimizer(syn, cfg.distill.outer_lr, cfg.distill.lr_decay, cfg.distill.lr_decay_every)
     times = []
     for step in range(warmup + steps):
         t0 = time.perf_counter()
@@ -153,47 +154,57 @@ def naive_rounds(pool: list[Any], shape: tuple[int, ...], rounds: int, reps: int
     return statistics.median(per_round), statistics.median(ms)
 
 
-def ddray_rounds(pool: list[Any], shape: tuple[int, ...], rounds: int, reps: int,
-                 transport: str = "objects") -> tuple[float, float]:
-    """(median ms per round, median ms in the server per update) of ddray's sync loop."""
+def simulated_fleet(workers: int, shape: tuple[int, ...]) -> Any:
+    """A fleet of ``workers`` simulated workers (tiny CPU reservations: nothing is computed) and one server."""
     import torch
 
     from ddray.config import Config
     from ddray.core.synthetic import OuterOptimizer, SyntheticSet, class_labels
-    from ddray.distributed.compiled import compiled_rounds
-    from ddray.distributed.driver import sync_rounds
     from ddray.distributed.fleet import Fleet
-    from ddray.distributed.placement import Plan
+    from ddray.distributed.placement import WorkerResources
     from ddray.distributed.shards import Shard
+    from ddray.state import RunState
 
     s, n = shape[0], shape[1]
-    cfg = Config.from_dict({"steps": s, "epochs": EPOCHS, "nets": len(pool), "iterations": 10 ** 6,
-                            "checkpoint_every": 10 ** 6, "workers": len(pool)})
+    cfg = Config.from_dict({"steps": s, "epochs": EPOCHS, "nets": workers, "iterations": 10 ** 6,
+                            "checkpoint_every": 10 ** 6, "workers": workers, "placement": "pack"})
     syn = SyntheticSet(torch.randn(shape), class_labels(n, 1), torch.full((s * EPOCHS,), -3.9), EPOCHS)
     opt = OuterOptimizer(syn, 0.01, 0.5, 10 ** 6)
-    state = {"images": syn.images, "raw_lrs": syn.raw_lrs, "optimizer": opt.state_dict(), "step": 0}
-    plan = Plan([{"CPU": 0.05}], [0.0], 0.0, 0.05, "PACK")  # the workers are the pool: only the server is placed
-    with tempfile.TemporaryDirectory() as storage:
-        fleet = Fleet(cfg.to_dict(), [Shard(0, 1, 0, n)], state, storage, plan, kind="simulated", workers=pool)
+    state = RunState(0, syn.images, syn.raw_lrs, opt.state_dict(), cfg)
+    storage = tempfile.mkdtemp(prefix="ddray-bench-")
+    return Fleet(cfg, [Shard(0, 1, 0, n)], state, storage, WorkerResources(0.001), kind="simulated"), state
+
+
+def ddray_rounds(workers: int, shape: tuple[int, ...], rounds: int, reps: int,
+                 transport: str = "objects") -> tuple[float, float]:
+    """(median ms per round, median ms in the server per update) of ddray's sync loop."""
+    from ddray.distributed.compiled import compiled_rounds
+    from ddray.distributed.driver import sync_rounds
+
+    fleet, state = simulated_fleet(workers, shape)
+    try:
         per_round, ps_ms = [], []
         for rep in range(reps + 1):
             stats: list[dict[str, float]] = []
             t0 = time.perf_counter()
             loop = compiled_rounds if transport == "compiled" else sync_rounds
-            loop(fleet, rep * rounds, (rep + 1) * rounds, lambda done: False, stats.append)
+            loop(fleet, rep * rounds, (rep + 1) * rounds, lambda done: False, lambda st, *_: stats.append(st))
             if rep:
                 per_round.append(1e3 * (time.perf_counter() - t0) / rounds)
                 ps_ms += [1e3 * sum(st[k] for k in ("t_receive", "t_average", "t_adam")) for st in stats]
+    finally:
         fleet.shutdown()
-    return statistics.median(per_round), statistics.median(ps_ms) + publish_ms(state, n)
+    return statistics.median(per_round), statistics.median(ps_ms) + publish_ms(state, shape[1])
 
 
-def publish_ms(state: dict[str, Any], n: int) -> float:
+def publish_ms(state: Any, n: int) -> float:
     """The server publishes a version as its task's return value: Ray writes it to the object store
     once. Timed here as a ``ray.put`` of the same payload (median of 20)."""
     import ray
 
-    version = {"step": 1, "images": state["images"].numpy(), "raw_lrs": state["raw_lrs"].numpy()}
+    from ddray.distributed.messages import Version
+
+    version = Version(1, state.images.numpy(), state.raw_lrs.numpy())
     times = []
     for _ in range(20):
         t0 = time.perf_counter()
@@ -209,23 +220,18 @@ KINDS = ("naive", "objects", "compiled")  # the naive server; ddray's default an
 def bench_ps(workers: list[int], sets: list[str], rounds: int, reps: int) -> list[dict[str, Any]]:
     import ray
 
-    from ddray.distributed.fleet import RemoteWorker
-
     rows: list[dict[str, Any]] = [{"set": name, "W": w} for name in sets for w in workers]
-    # one pool of simulated workers per kind (only one pool of processes alive at a time)
     for kind in KINDS:
-        if kind == "naive":
+        pool: list[Any] = []
+        if kind == "naive":  # one pool of naive workers; ddray's fleets bring their own (one at a time)
             pool = [ray.remote(NaiveWorker).options(num_cpus=0).remote() for _ in range(max(workers))]
             ray.get([w.grad.remote(np.zeros(1, np.float32)) for w in pool])
-        else:
-            pool = [RemoteWorker.options(num_cpus=0).remote("simulated") for _ in range(max(workers))]
-            ray.get([w.ping.remote() for w in pool])
         for row in rows:
             try:
                 if kind == "naive":
                     row[kind] = naive_rounds(pool[:row["W"]], SETS[row["set"]], rounds, reps)
                 else:
-                    row[kind] = ddray_rounds(pool[:row["W"]], SETS[row["set"]], rounds, reps, kind)
+                    row[kind] = ddray_rounds(row["W"], SETS[row["set"]], rounds, reps, kind)
             except Exception as e:  # e.g. Ray's memory monitor killing actors on a crowded machine
                 print(f"  {kind:8s} {row['set']:9s} W={row['W']:<2d} FAILED: {str(e).splitlines()[0][:150]}")
                 row[kind] = (float("nan"), float("nan"))

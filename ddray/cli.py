@@ -7,14 +7,17 @@ overrides; an invalid value is a one-line error (exit code 2), never a traceback
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ddray.config import (FIELD_SECTION, INIT_MODES, INIT_SCHEMES, MEMORY_MODES, MODELS, PLACEMENTS,
-                          SYN_INITS, SYNC_MODES, Config, load_config)
+                          SYN_INITS, SYNC_MODES, ClusterConfig, Config, load_config)
+from ddray.distributed.placement import CapacityError
 from ddray.methods import METHOD_NAMES
 
 # flag → (type, help); flag names are config field names with '_' → '-'.
@@ -54,7 +57,14 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "max_start_epoch": (int, "mtt: the student starts at a random expert epoch below this (default 20)"),
     "lr_lr": (float, "mtt: outer learning rate of the step size (default 1e-5)"),
     "width": (int, "convnet: channels per layer (default 128, the papers')"),
-    "workers": (int, "Ray worker actors (default 1)"),
+    "workers": (lambda v: int(v) if v.strip().lstrip("-").isdigit() else v, "Ray worker actors: N, or MIN:MAX to start once MIN are placed and grow to MAX as nodes "
+                     "join (default 1)"),
+    "cpus_per_worker": (float, "CPUs each worker reserves and uses as torch threads (default: derived from the "
+                               "cluster when the run starts)"),
+    "gpus_per_worker": (float, "GPUs each worker reserves; a fraction shares a card, e.g. 0.25 (default: 1 where "
+                               "the cluster has GPUs, else 0)"),
+    "placement_timeout": (float, "seconds to wait for the workers to be placed, e.g. by an autoscaler (default "
+                                 "600)"),
     "mode": (str, f"parameter-server mode: {', '.join(SYNC_MODES)}"),
     "max_staleness": (int, "async mode: drop gradients older than this many versions"),
     "shards": (int, "parameter-server shards (blocks of classes)"),
@@ -128,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("distill", help="learn a distilled data set and its step sizes, then evaluate it")
     _add_overrides(d)
-    d.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    d.add_argument("--resume", metavar="DIR|auto",
+                   help="continue the run in DIR from its last checkpoint; auto: continue --out's run if it holds a "
+                        "checkpoint of the same config, else start fresh (for jobs that are retried)")
     d.add_argument("--baselines", action="store_true",
                    help="also evaluate the four real-image baselines at the same budget and print a table")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -156,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
         e.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
         e.add_argument("--no-progress", action="store_true")
+        _add_pool_flags(e, "the held-out networks train")
         _add_tracking_flags(e)
 
     t = sub.add_parser("tune", help="Ray Tune search over distillation settings (tune_configs/*.yaml)")
@@ -179,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--nets", type=int, default=10, help="networks in the pool (default 10)")
     pt.add_argument("--epochs", type=int, default=5, help="training epochs per network (default 5)")
     pt.add_argument("--no-progress", action="store_true")
+    _add_pool_flags(pt, "one network per job")
 
     x = sub.add_parser("experts", help="train expert networks on real data and store their parameter "
                                        "trajectories (for --method mtt)")
@@ -193,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-dsa", dest="expert_dsa", action="store_false",
                    help="train the experts without DSA augmentation")
     x.add_argument("--no-progress", action="store_true")
+    _add_pool_flags(x, "one expert per job")
 
     s = sub.add_parser("show", help="write a PNG grid of a distilled set (rows = steps, columns = classes)")
     s.add_argument("path", metavar="DIR|runs:/ID")
@@ -211,7 +226,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         run = ray_driver.distill_ray
 
     cfg = _config_from(args)
-    if args.resume:
+    if args.resume and args.resume != "auto":
         saved_cfg = Path(args.resume) / "config.yaml"
         if not saved_cfg.is_file():
             raise ValueError(f"--resume: {args.resume} is not a ddray run directory (no config.yaml)")
@@ -220,15 +235,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from ddray.tracking import log_final_checkpoint, tracked
 
     with tracked(cfg, "distill", tags={"ddray.resumed_from": str(args.resume)} if args.resume else None) as tracker:
-        r = run(cfg, tracker=tracker, progress=not args.no_progress, resume=args.resume)
+        r = run(cfg, tracker=tracker, progress=not args.no_progress, resume=args.resume, baselines=args.baselines)
         log_final_checkpoint(tracker, cfg, r.out)
         rows = [(f"distilled ({cfg.distill.method})", r.result)]
         if r.shuffled is not None:
             rows.append(("distilled, shuffled batch order", r.shuffled))
-        if args.baselines:
-            baselines = run_baselines(cfg, r.out)
-            rows += [(f"baseline: {m}", res) for m, res in baselines]
-            tracker.log_metrics({f"baseline_{m}_acc_mean": res.mean for m, res in baselines},
+        if r.baselines:
+            rows += [(f"baseline: {m}", res) for m, res in r.baselines]
+            tracker.log_metrics({f"baseline_{m}_acc_mean": res.mean for m, res in r.baselines},
                                 step=cfg.distill.iterations)
     print(f"\n{'set':34s} test accuracy (protocol {cfg.protocol}; mean ± std over held-out nets)")
     for name, res in rows:
@@ -239,51 +253,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_baselines(cfg: Config, out: Path, methods: Sequence[str] | None = None,
-                  candidates: int = 50) -> list[tuple[str, Any]]:
-    """Evaluate baselines with ``cfg``'s budget and evaluation protocol; each is written to
-    ``out/baselines/<method>``. Under protocol dc (DC/DSA/DM/MTT) the default baselines are
-    random and k-means real images (``optimized`` and ``average`` tune for DD's protocol)."""
-    import torch
-
-    from ddray.artifact import save_distilled
-    from ddray.core.baselines import METHODS, make_baseline
-    from ddray.core.synthetic import SyntheticSet, inverse_softplus
-    from ddray.distill import evaluate_distilled, to_distilled
-    from ddray.problem import build_problem
-
-    problem = build_problem(cfg)
-    c, data = cfg.distill, problem.data
-    steps, epochs = c.layout
-    dc = cfg.protocol == "dc"
-    results = []
-    for m in methods or (("random", "kmeans") if dc else METHODS):
-        bl = make_baseline(m, problem.model, problem.sampler(), problem.sampler(for_eval=True), data.x_train,
-                           data.y_train, data.x_test, data.y_test, steps, epochs, c.ipc, data.num_classes,
-                           cfg.run.seed, cfg.run.eval_nets, candidates, problem.attack)
-        raw = torch.full((steps * epochs,), inverse_softplus(bl.lr))
-        d = to_distilled(problem, SyntheticSet(bl.images, bl.labels, raw, epochs), 0)
-        d.meta["method"] = f"baseline-{m}"
-        result = evaluate_distilled(problem, d, cfg.run.eval_nets) if dc else bl.result
-        d.meta["eval"] = result.to_dict()
-        save_distilled(out / "baselines" / m, d)
-        results.append((m, result))
-    return results
-
-
 def cmd_baseline(args: argparse.Namespace) -> int:
     from ddray.core.baselines import METHODS
 
     if args.baseline not in METHODS:
         raise ValueError(f"--method: invalid value {args.baseline!r}; choose one of {', '.join(METHODS)}")
     from ddray.distill import default_out
+    from ddray.evaluation import run_baselines
     from ddray.tracking import tracked
 
     cfg = _config_from(args)
     out = Path(cfg.run.out or default_out())
     with tracked(cfg, "baseline", run_name=f"baseline-{args.baseline}") as tracker:
         tracker.log_params({"baseline.method": args.baseline, "baseline.candidates": args.candidates})
-        [(m, res)] = run_baselines(cfg, out, [args.baseline], args.candidates)
+        with _jobs_on(args, cfg.cluster, "baseline worker") as mapper:
+            [(m, res)] = run_baselines(cfg, out, [args.baseline], args.candidates, mapper=mapper)
         tracker.log_metrics({"eval_acc_mean": res.mean, "eval_acc_std": res.std}, step=0)
         _log_set(tracker, out / "baselines" / m)
     print(f"baseline {m}: {res}")
@@ -291,10 +275,40 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _jobs_on(args: argparse.Namespace, cluster: ClusterConfig, what: str) -> Iterator[Any]:
+    """A mapper that runs a command's jobs on a pool of Ray workers — when ``--address``, $RAY_ADDRESS
+    (a Ray job) or ``--workers`` says so — else None (the jobs run in this process)."""
+    import os
+
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS") or getattr(args, "workers", None)):
+        yield None
+        return
+    from ddray.distributed.pool import call_mapper, standalone_pool
+
+    with standalone_pool(cluster, what) as pool:
+        yield call_mapper(pool)
+
+
+def _cluster_from(args: argparse.Namespace) -> ClusterConfig:
+    """The pool flags of a command that is not a distillation (evaluate, pretrain, experts)."""
+    keys = ("address", "workers", "cpus_per_worker", "gpus_per_worker", "placement_timeout")
+    return ClusterConfig(**{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None})
+
+
+def _add_pool_flags(p: argparse.ArgumentParser, does: str) -> None:
+    """--address and the worker flags of a command whose jobs can run on Ray workers."""
+    g = p.add_argument_group(f"on Ray workers ({does}; with --address, $RAY_ADDRESS or --workers; else in this "
+                                f"process)")
+    for name in ("address", "workers", "cpus_per_worker", "gpus_per_worker", "placement_timeout"):
+        typ, help_ = OVERRIDES[name]
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddray.artifact import load_distilled
     from ddray.core.protocol import ProtocolDC
-    from ddray.distill import evaluate_distilled, problem_for
+    from ddray.evaluation import evaluate_distilled, predict_job, problem_for
     from ddray.tracking import download_distilled, tracked
 
     src = args.path
@@ -312,14 +326,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if name == "dc":
         protocol = ProtocolDC(epochs=args.epochs, nets=nets,
                               dsa_strategy=problem.config.distill.dsa_strategy if args.dsa else None)
+    cluster = _cluster_from(args)
     with tracked(_with_tracking(problem.config, args), args.command,
-                 tags={"ddray.source": str(args.path)}) as tracker:
+                 tags={"ddray.source": str(args.path)}) as tracker, _jobs_on(args, cluster, "evaluation worker") as mapper:
         tracker.log_params({"evaluate.source": str(args.path), "evaluate.nets": nets, "evaluate.protocol": name,
                             **({"evaluate.epochs": args.epochs, "evaluate.dsa": args.dsa} if name == "dc" else {})})
-        r = evaluate_distilled(problem, d, nets, protocol=protocol)
+
+        def predictor(job: Any, chunks: list[list[int]]) -> list[Any]:  # chunks of networks on the workers
+            return mapper(predict_job, [(d, args.data_root, job, ids) for ids in chunks])
+
+        def evaluate(**kw: Any) -> Any:
+            return evaluate_distilled(problem, d, nets, predictor=predictor if mapper else None,
+                                      workers=cluster.max_workers, **kw)
+
+        r = evaluate(protocol=protocol)
         metrics = {"eval_acc_mean": r.mean, "eval_acc_std": r.std}
         report: dict[str, Any] = {"source": str(args.path), "protocol": name, "test": r.to_dict()}
-        s = evaluate_distilled(problem, d, nets, shuffled=True, protocol="dd") if name == "dd" else None
+        s = evaluate(shuffled=True, protocol="dd") if name == "dd" else None
         if s is not None:
             metrics.update(eval_shuffled_acc_mean=s.mean, eval_shuffled_acc_std=s.std)
             report["shuffled_order"] = s.to_dict()
@@ -346,10 +369,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args)
     data = load_dataset(cfg.data.dataset, cfg.data.data_root, cfg.data.download, cfg.data.image_size)
-    with tracked(cfg, "pretrain") as tracker:
+    with tracked(cfg, "pretrain") as tracker, _jobs_on(args, _cluster_from(args), "pretrain worker") as mapper:
         tracker.log_params({"pretrain.nets": args.nets, "pretrain.epochs": args.epochs})
         out = pretrain(data, cfg.model.model, cfg.model.init_scheme, args.nets, args.epochs,
-                       cfg.run.out or default_out(), cfg.run.seed, progress=not args.no_progress)
+                       cfg.run.out or default_out(), cfg.run.seed, progress=not args.no_progress, mapper=mapper,
+                       source=cfg.data)
         meta = json.loads((out / "pool.json").read_text())
         accs = meta["test_acc"]
         for i, acc in enumerate(accs):
@@ -379,11 +403,12 @@ def cmd_experts(args: argparse.Namespace) -> int:
                               seed=cfg.run.seed)
     data = load_dataset(cfg.data.dataset, cfg.data.data_root, cfg.data.download, cfg.data.image_size)
     out = Path(cfg.run.out or default_out())
-    with tracked(cfg, "experts") as tracker:
+    with tracked(cfg, "experts") as tracker, _jobs_on(args, _cluster_from(args), "expert worker") as mapper:
         tracker.log_params({f"experts.{k}": v for k, v in dataclasses.asdict(settings).items()}
                            | {"experts.count": args.num_experts})
         train_experts(data, settings, args.num_experts, out, progress=not args.no_progress,
-                      augment=None if strategy is None else lambda x, g: augment(x, strategy, g))
+                      augment=None if strategy is None else lambda x, g: augment(x, strategy, g), mapper=mapper,
+                      source=cfg.data)
         meta = json.loads((out / EXPERTS_META).read_text())
         accs = meta["test_acc"]
         for i, acc in enumerate(accs):
@@ -455,14 +480,37 @@ COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "load": cmd_evalua
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         return COMMANDS[args.command](args)
     except ValueError as e:
         print(f"ddray {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except CapacityError as e:  # the cluster did not provide the workers in time
+        print(f"ddray {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"ddray {args.command}: interrupted; resume with `ddray distill --resume DIR`", file=sys.stderr)
+        print(f"ddray {args.command}: interrupted; continue with `ddray distill --resume DIR` (or --resume auto)",
+              file=sys.stderr)
         return 130
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _log_to_stderr() -> None:
+    """ddray's own log lines (workers joining and leaving, resumes, waits) as ``ddray: …`` on stderr."""
+    log = logging.getLogger("ddray")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("ddray: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -247,22 +247,67 @@ class DistillConfig:
         return s * e
 
 
+def parse_workers(value: Any) -> tuple[int, int]:
+    """``--workers``: ``N`` (exactly N) or ``"MIN:MAX"`` (elastic) → (MIN, MAX); ValueError otherwise."""
+    allowed = "expected a positive integer N, or MIN:MAX with 1 <= MIN <= MAX (quote it in YAML: '1:4')"
+    if is_int(value):
+        lo = hi = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        lo = hi = int(value)
+    elif isinstance(value, str) and value.count(":") == 1 and all(p.strip().isdigit() for p in value.split(":")):
+        lo, hi = (int(p) for p in value.split(":"))
+    else:
+        raise ValueError(f"--workers: invalid value {value!r}; {allowed}")
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--workers: invalid value {value!r}; {allowed}")
+    return lo, hi
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    """How the meta-gradient work is spread over Ray actors."""
+    """How the meta-gradient work is spread over Ray actors.
 
-    workers: int = 1
+    ``workers``: ``N``, or ``"MIN:MAX"`` for an elastic fleet that starts once MIN workers
+    are placed and grows to MAX as capacity appears (and shrinks to MIN as nodes leave).
+    ``cpus_per_worker`` / ``gpus_per_worker``: each worker's resources (a fraction of a GPU
+    lets workers share a card); ``None``: derived from the cluster when the run starts.
+    ``placement_timeout``: seconds to wait for the MIN workers (and, mid-run, for capacity
+    to come back) before giving up.
+    """
+
+    workers: int | str = 1
     mode: str = "sync"
     max_staleness: int = 2
     shards: int = 1
     placement: str = "spread"
     address: str | None = None
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
+    placement_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        _positive_int(self, "workers", "shards")
+        lo, hi = parse_workers(self.workers)
+        if lo == hi:  # "4" (a CLI string) and 4 are the same request
+            object.__setattr__(self, "workers", lo)
+        _positive_int(self, "shards")
         _nonneg_int(self, "max_staleness")
         _choice(self, "mode", SYNC_MODES)
         _choice(self, "placement", PLACEMENTS)
+        if self.cpus_per_worker is not None:
+            _positive_float(self, "cpus_per_worker")
+        g = self.gpus_per_worker
+        if g is not None:
+            _require(is_number(g) and g >= 0 and (g <= 1 or float(g).is_integer()), "gpus_per_worker", g,
+                     "expected a number >= 0: a fraction up to 1 (workers share a GPU) or a whole number")
+        _positive_float(self, "placement_timeout")
+
+    @property
+    def min_workers(self) -> int:
+        return parse_workers(self.workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return parse_workers(self.workers)[1]
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ddray import __version__
-from ddray.config import INIT_SCHEMES, is_int, is_number
+from ddray.config import INIT_SCHEMES, DataConfig, is_int, is_number
 from ddray.core.augment import parse_strategy
 from ddray.core.inits import EXPERT, generator
 from ddray.core.models import MODEL_REGISTRY, Params, build_model, init_params
@@ -267,11 +267,12 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def train_experts(data: Dataset, settings: ExpertSettings, experts: int, out: str | Path,
                   progress: bool = True, augment: Augment | None = None,
-                  device: str | torch.device = "cpu") -> Path:
+                  device: str | torch.device = "cpu", mapper: Callable[..., list[Any]] | None = None,
+                  source: DataConfig | None = None) -> Path:
     """Train experts 0..experts-1 into ``out``, one file per expert; resumable.
 
     Experts whose file is already complete are skipped (an interrupted run continues
-    with the next missing expert); ``EXPERTS_META`` is rewritten after every expert.
+    with the missing experts); ``EXPERTS_META`` is rewritten after every expert.
 
     Args:
         data: the real data set; training uses ``x_train`` (N, C, H, W) / ``y_train`` (N,),
@@ -283,6 +284,10 @@ def train_experts(data: Dataset, settings: ExpertSettings, experts: int, out: st
         augment: ``augment(x, g)`` → x', applied to every minibatch x (B, C, H, W) with a
             generator seeded per (expert, epoch); must match ``settings.dsa_strategy``.
         device: where to train (trajectories are stored from the CPU either way).
+        mapper: runs the missing experts elsewhere, in parallel, one job per expert
+            (:func:`ddray.distributed.pool.call_mapper`: Ray workers); each file is written
+            here as its expert arrives. Needs ``source``, which the workers load the data from.
+        source: where ``data`` came from (the workers' copy).
 
     Returns:
         ``out`` as a Path.
@@ -322,8 +327,8 @@ def train_experts(data: Dataset, settings: ExpertSettings, experts: int, out: st
                                        "ddray_version": __version__})
 
     write_meta()
-    bar = tqdm(range(experts), desc="experts", unit="expert", disable=not progress)
-    for i in bar:
+    todo = []
+    for i in range(experts):
         path = out / expert_file(i)
         if _file_ok(path, i, settings.epochs):
             if path.name not in accs:  # killed between the file's rename and the meta write
@@ -333,17 +338,39 @@ def train_experts(data: Dataset, settings: ExpertSettings, experts: int, out: st
         if path.exists():
             warnings.warn(f"--experts {out}: {path.name} is unreadable or not expert {i}; retraining it",
                           stacklevel=2)
+        todo.append(i)
+    bar = tqdm(total=experts, initial=experts - len(todo), desc="experts", unit="expert", disable=not progress)
 
+    def store(i: int, trajectory: dict[str, torch.Tensor], acc: float) -> None:
+        _write_atomic(out / expert_file(i), trajectory, {"expert": str(i), "epochs": str(settings.epochs)})
+        accs[expert_file(i)] = acc
+        write_meta()
+        bar.update(1)
+        bar.set_postfix(test_acc=f"{acc:.3f}")
+
+    if mapper is not None:
+        if source is None:
+            raise ValueError("train_experts: mapper needs source, the data set the workers load")
+        mapper(expert_job, [(source, settings, i) for i in todo],
+               on_result=lambda k, result: store(todo[k], *result))
+    for i in todo if mapper is None else []:
         def on_epoch(epoch: int, loss: float) -> None:
             bar.set_postfix(epoch=f"{epoch}/{settings.epochs}", loss=f"{loss:.3f}")
 
-        trajectory, acc = train_expert(data, settings, i, augment, device, on_epoch)
-        _write_atomic(path, trajectory, {"expert": str(i), "epochs": str(settings.epochs)})
-        accs[path.name] = acc
-        write_meta()
-        bar.set_postfix(test_acc=f"{acc:.3f}")
+        store(i, *train_expert(data, settings, i, augment, device, on_epoch))
     bar.close()
     return out
+
+
+def expert_job(source: DataConfig, settings: ExpertSettings, index: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Expert ``index`` trained where this runs (a Ray worker): loads the data set, augments as
+    ``settings.dsa_strategy`` says → (trajectory, test accuracy)."""
+    from ddray.core.augment import augment
+    from ddray.data import load_dataset
+
+    data = load_dataset(source.dataset, source.data_root, source.download, source.image_size)
+    strategy = settings.dsa_strategy
+    return train_expert(data, settings, index, None if strategy is None else lambda x, g: augment(x, strategy, g))
 
 
 def _stored_accuracy(path: Path, data: Dataset, settings: ExpertSettings) -> float:

@@ -11,6 +11,7 @@ Layout: ``net-000.safetensors`` … (parameters keyed by the model's names) and
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from ddray.artifact import write_json_atomic
 from ddray.core.evaluate import predict
 from ddray.core.inits import PRETRAIN, generator
 from ddray.core.models import Params, build_model, init_params
+from ddray.config import DataConfig
 from ddray.data import Dataset
 from ddray.problem import POOL_META
 
@@ -44,30 +46,59 @@ def train_network(model: torch.nn.Module, params: Params, data: Dataset, epochs:
 
 
 def pretrain(data: Dataset, model_name: str, scheme: str, nets: int, epochs: int, out: str | Path,
-             seed: int = 0, lr: float = 1e-3, batch_size: int = 128, progress: bool = True) -> Path:
+             seed: int = 0, lr: float = 1e-3, batch_size: int = 128, progress: bool = True,
+             mapper: Callable[..., list[Any]] | None = None, source: DataConfig | None = None) -> Path:
     """Train ``nets`` networks from scheme-drawn θ₀ and write the pool to ``out``.
 
     Resumable: networks whose file already exists in ``out`` are kept, not retrained.
+    ``mapper`` trains the missing ones elsewhere in parallel, one job per network
+    (Ray workers, which load the data from ``source``); each file is written here as
+    its network arrives.
     """
     from safetensors.torch import load_file, save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(model_name, data.shape, data.num_classes)
-    files, accs = [], []
-    for i in tqdm(range(nets), desc="pretrain", unit="net", disable=not progress):
-        f = out / f"net-{i:03d}.safetensors"
-        if f.is_file():
-            params = load_file(str(f))
-        else:
-            g = generator(seed, PRETRAIN, i)
-            params = train_network(model, init_params(model, scheme, g), data, epochs, lr, batch_size, g)
-            save_file({k: v.contiguous() for k, v in params.items()}, str(f))
-        pred = predict(model, {k: v.unsqueeze(0) for k, v in params.items()}, data.x_test)
+    files = [out / f"net-{i:03d}.safetensors" for i in range(nets)]
+    todo = [i for i, f in enumerate(files) if not f.is_file()]
+    bar = tqdm(total=nets, initial=nets - len(todo), desc="pretrain", unit="net", disable=not progress)
+
+    def store(i: int, params: Params) -> None:
+        save_file({k: v.contiguous() for k, v in params.items()}, str(files[i]))
+        bar.update(1)
+
+    jobs = [(source, model_name, scheme, seed, i, epochs, lr, batch_size) for i in todo]
+    if mapper is not None:
+        if source is None:
+            raise ValueError("pretrain: mapper needs source, the data set the workers load")
+        mapper(pretrain_job, jobs, on_result=lambda k, params: store(todo[k], params))
+    for i in todo if mapper is None else []:
+        store(i, pool_network(data, model_name, scheme, seed, i, epochs, lr, batch_size))
+    bar.close()
+    accs = []
+    for f in files:
+        pred = predict(model, {k: v.unsqueeze(0) for k, v in load_file(str(f)).items()}, data.x_test)
         accs.append(float((pred[0] == data.y_test).float().mean()))
-        files.append(f.name)
     write_json_atomic(out / POOL_META, {
         "model": model_name, "dataset": data.name, "shape": list(data.shape), "classes": data.num_classes,
-        "files": files, "test_acc": accs, "epochs": epochs, "seed": seed, "scheme": scheme,
+        "files": [f.name for f in files], "test_acc": accs, "epochs": epochs, "seed": seed, "scheme": scheme,
         "ddray_version": __version__})
     return out
+
+
+def pretrain_job(source: DataConfig, model_name: str, scheme: str, seed: int, index: int, epochs: int, lr: float,
+                 batch_size: int) -> Params:
+    """Network ``index`` of a pool trained where this runs (a Ray worker, which loads the data set)."""
+    from ddray.data import load_dataset
+
+    data = load_dataset(source.dataset, source.data_root, source.download, source.image_size)
+    return pool_network(data, model_name, scheme, seed, index, epochs, lr, batch_size)
+
+
+def pool_network(data: Dataset, model_name: str, scheme: str, seed: int, index: int, epochs: int, lr: float,
+                 batch_size: int) -> Params:
+    """Network ``index`` of a pool: θ₀ and the minibatch order from one generator (seed, PRETRAIN, index)."""
+    model = build_model(model_name, data.shape, data.num_classes)
+    g = generator(seed, PRETRAIN, index)
+    return train_network(model, init_params(model, scheme, g), data, epochs, lr, batch_size, g)

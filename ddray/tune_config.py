@@ -140,7 +140,7 @@ class TuneSpec:
         from ray import tune
 
         cfg = self.trial_config(params)
-        return tune.PlacementGroupFactory(self.resources.bundles(cfg.cluster.workers, cfg.cluster.shards),
+        return tune.PlacementGroupFactory(self.resources.bundles(cfg.cluster.max_workers, cfg.cluster.shards),
                                           strategy=PLACEMENT_STRATEGY[cfg.cluster.placement])
 
     def param_space(self) -> dict[str, Any]:

@@ -128,18 +128,18 @@ def test_trial_config_and_placement_group(tmp_path: Path) -> None:
 @pytest.mark.parametrize("workers, shards, gpus", [(1, 1, 0), (3, 2, 0), (2, 1, 0.5)])
 def test_trial_group_is_the_layout_the_ray_driver_places_its_fleet_in(tmp_path: Path, workers: int, shards: int,
                                                                      gpus: float) -> None:
-    from ddray.distributed.placement import plan_in_group
+    from ddray.distributed.placement import WorkerResources, trial_layout
 
     spec = parse_tune_spec(tiny_spec(tmp_path, resources={"workers": workers, "cpus_per_worker": 1.5,
                                                           "gpus_per_worker": gpus, "ps_cpus": 0.25},
                                      fixed={"cluster": {"shards": shards}, "run": {"eval_every": 2}}), "s.yaml")
     cfg = spec.trial_config({})
-    plan = plan_in_group(spec.placement({}).bundles, cfg.cluster.workers, cfg.cluster.shards)
-    assert plan is not None  # the trial's group is used, not a second one
-    assert plan.worker_cpus == [1.5] * workers and plan.worker_gpus == gpus and plan.ps_cpus == 0.25
-    assert [plan.ps_bundle(j) for j in range(shards)] == list(range(1, 1 + shards))
-    assert [plan.worker_bundle(i) for i in range(workers)] == list(range(1 + shards, 1 + shards + workers))
-    assert plan.device == ("cuda" if gpus else "cpu")
+    layout = trial_layout(spec.placement({}).bundles, cfg.cluster.max_workers, cfg.cluster.shards)
+    assert layout is not None  # the trial's group is used, not slots of the fleet's own
+    assert layout.resources == WorkerResources(1.5, gpus) and layout.ps_cpus == 0.25
+    assert [layout.ps_bundle(j) for j in range(shards)] == list(range(1, 1 + shards))
+    assert layout.first_worker_bundle == 1 + shards and layout.workers == workers
+    assert layout.resources.device == ("cuda" if gpus else "cpu")
 
 
 def test_asha_never_stops_the_reference_early() -> None:
@@ -292,14 +292,14 @@ def test_failed_trial_continues_from_its_tune_checkpoint_on_the_ray_driver(ray_s
         import time
 
         import ddray.tune as dt
-        from ddray.distributed.driver import place
+        from ddray.distributed.driver import trial_group
 
         orig = dt.__dict__.setdefault("_orig_run_trial_distillation", dt.run_trial_distillation)
 
         def run(cfg: Any, tracker: Any, on_step: Any, resume: Any) -> Any:
             attempts = json.loads(log.read_text()) if log.is_file() else []
             attempts.append({"resume": None if resume is None else str(resume), "steps": [],
-                             "in_trial_group": place(cfg)[1] is not None})  # the fleet's bundles: the trial's
+                             "in_trial_group": trial_group(cfg) is not None})  # the fleet's bundles: the trial's
             log.write_text(json.dumps(attempts))
 
             def step(s: int, metrics: dict[str, float]) -> None:

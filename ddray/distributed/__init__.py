@@ -1,9 +1,13 @@
 """Dataset distillation on Ray: worker actors, parameter servers and the driver loop.
 
+* :mod:`.messages` — the typed payloads that cross the Ray boundary (versions, gradient chunks, shard states);
 * :mod:`.worker` — meta-gradient workers (and simulated ones for benchmarks);
 * :mod:`.param_server` — x̃, ρ and the outer optimiser, sync/async/sharded;
-* :mod:`.placement` — connecting to Ray, the placement group, CPU/GPU shares;
-* :mod:`.fleet` — the run's actors, their rounds and their repair;
+* :mod:`.placement` — connecting to Ray, each worker's CPUs/GPU share and threads;
+* :mod:`.slots` — one placement group per worker slot, placed as capacity appears;
+* :mod:`.pool` — actors in the slots: joins, losses, jobs spread over whoever is alive;
+* :mod:`.fleet` — the run's workers and parameter servers, their rounds and their repair;
+* :mod:`.compiled` — the experimental compiled-graph transport;
 * :mod:`.driver` — :func:`distill_ray`, the outer loop.
 
 Imports are lazy, so a simulated worker process does not import torch.

@@ -12,7 +12,9 @@ no reference counting per step. Same actors, same plain classes, same arithmetic
 Limits: one parameter-server shard (the server checkpoints itself inside the
 graph). A lost actor shuts the graph down; the driver repairs the fleet exactly as
 for the default transport, redoes the interrupted meta-step(s) from the server's
-step (after a server loss: from the last checkpoint) and compiles again.
+step (after a server loss: from the last checkpoint) and compiles again over the
+workers alive then. A worker that joins, and every evaluation (which runs on the
+workers outside the graph), also tears the graph down; it is compiled again after.
 """
 
 from __future__ import annotations
@@ -32,35 +34,54 @@ MAX_RECOVERIES = 20
 
 
 def compile_step(fleet: Fleet) -> Any:
-    """The compiled graph of one meta-step; its input is ``(step, checkpoint after it?)``."""
+    """The compiled graph of one meta-step over the workers alive now; its input is ``(step, checkpoint after
+    it?)``. The alive workers it was compiled for are kept in ``fleet.graph_members``."""
     from ray.dag import InputNode
+
+    from ddray.chunks import assign
 
     if len(fleet.servers) != 1:
         raise ValueError("DDRAY_TRANSPORT=compiled: needs --shards 1")
     ps = fleet.servers[0]
+    alive = fleet.alive()
     with InputNode() as job:
         version = ps.dag_version.bind(job)
-        grads = [fleet.workers[w].dag_compute.bind(job, nets, version) for w, nets in fleet.shares]
+        grads = [fleet.pool.handle(w).dag_compute.bind(job, [(c, fleet.chunks[c]) for c in cs], version)
+                 for w, cs in assign(len(fleet.chunks), alive).items()]
         dag = ps.dag_apply.bind(job, *grads)
+    fleet.graph_members = tuple(alive)
     return dag.experimental_compile(_max_inflight_executions=LOOKAHEAD)
 
 
 def compiled_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bool],
-                    report: Callable[[dict[str, float]], None]) -> None:
-    """Meta-steps ``start`` … ``stop``−1 through the fleet's compiled graph (compiled on first use and
-    again after every repair; :meth:`Fleet.shutdown` tears it down)."""
+                    report: Callable[..., None], barrier: Callable[[int], bool] = lambda done: False) -> None:
+    """Meta-steps ``start`` … ``stop``−1 through the fleet's compiled graph (compiled on first use, and again
+    after every repair, join, or evaluation — the graph's actors take no other calls while it is up;
+    :meth:`Fleet.shutdown` tears it down). ``barrier(done)``: feed nothing past ``done`` until it is reported."""
     step, recoveries = start, 0
     while step < stop:
         pending: deque[Any] = deque()
         nxt = step
         try:
+            fleet.pool.poll()
+            fleet.pool.ensure()
+            if fleet.graph is not None and tuple(fleet.alive()) != fleet.graph_members:
+                teardown(fleet)  # workers joined: hand them chunks from this step on
             fleet.graph = fleet.graph or compile_step(fleet)
-            while pending or nxt < stop:
-                while nxt < stop and len(pending) < LOOKAHEAD:
+            draining = False  # workers joined: finish what is in flight, then compile again for them
+            while pending or (nxt < stop and not draining):
+                while (not draining and nxt < stop and len(pending) < LOOKAHEAD
+                       and not (pending and barrier(nxt))):
                     pending.append(fleet.graph.execute((nxt, due(nxt + 1))))
                     nxt += 1
-                report(pending.popleft().get(timeout=-1))  # a real meta-step may take minutes
+                stats = pending.popleft().get(timeout=-1)  # a real meta-step may take minutes
                 step, recoveries = step + 1, 0
+                draining = draining or bool(fleet.pool.poll())
+                if not pending and (draining or barrier(step)) and step < stop:
+                    teardown(fleet)  # evaluation runs on the workers, outside the graph
+                    report(stats)
+                    break
+                report(stats)
         except RayError as e:
             # repair: the graph shut itself down; redo from where the server is
             pending.clear()
@@ -71,10 +92,21 @@ def compiled_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bo
             if fleet.servers_lost():
                 step, _ = fleet.restore()
                 continue
-            lost = [w for w in range(len(fleet.workers)) if fleet.ensure_worker(w, type(e).__name__)]
-            if not lost and not isinstance(e, RayActorError):
+            gone = [w for w in fleet.graph_members if not _answers(fleet, w)]
+            for w in gone:
+                fleet.pool.lost(w, e)
+            if not gone and not isinstance(e, RayActorError):
                 raise
             step = int(ray.get(fleet.servers[0].info.remote())["step"])
+
+
+def _answers(fleet: Fleet, slot: int) -> bool:
+    """Whether worker ``slot`` answers now (a graph failure does not say which actor died)."""
+    try:
+        ray.get(fleet.pool.handle(slot).ping.remote(), timeout=30)
+        return True
+    except (RayError, ray.exceptions.GetTimeoutError):
+        return False
 
 
 def teardown(fleet: Fleet) -> None:

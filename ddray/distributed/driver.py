@@ -1,21 +1,27 @@
-"""The Ray driver: the outer distillation loop with worker actors and parameter servers.
+"""The Ray driver: the outer distillation loop over an elastic fleet of workers and parameter servers.
 
 Same stages as :func:`ddray.distill.distill` — sample θ₀s → meta-gradients →
 aggregate → apply → checkpoint → log — but the meta-gradients are computed by
 worker actors and the apply stage runs on parameter-server actors; the driver only
-submits tasks and reads small per-step statistics, never a gradient.
+submits tasks, reads small per-step statistics and logs. It computes nothing:
+evaluation (every ``--eval-every`` steps and at the end) and the baselines run on
+the workers too.
 
-* ``sync`` (default): meta-step s's K networks are split over the W workers, the
-  server sums the shares in a fixed order, divides by K and takes one Adam step —
-  the single-process result up to float summation order (bitwise for W = 1 on the
-  same thread count). Meta-step s+1 is submitted before s finishes (it waits on
-  s's published version inside Ray), so the driver never stalls a round.
+* ``sync`` (default): meta-step s's chunks of networks (:mod:`ddray.chunks`) are
+  handed to the workers alive at that moment; the server sums the chunks in chunk
+  order, divides by K and takes one step — bitwise the single-process result,
+  whatever joined or left. Meta-step s+1 is submitted before s finishes (it waits on
+  s's published version inside Ray), except after a step that is evaluated, which is
+  evaluated on exactly its own state first.
 * ``async``: workers pull the newest version, compute a share and push it; a
   server applies an update once it holds K networks' worth of gradients not more
   than ``--max-staleness`` versions old (older ones are dropped and counted).
 
-Checkpoints have the format of :func:`ddray.distill.distill`'s, so ``--resume``
-continues a run made by either path.
+The fleet starts once MIN workers are placed (waiting up to ``--placement-timeout``
+for an autoscaler), grows to MAX as nodes join, and shrinks as nodes leave; below MIN
+it waits for capacity, then stops with a checkpoint and says how to resume.
+Checkpoints have :mod:`ddray.state`'s format, so ``--resume`` continues a run made by
+either path.
 """
 
 from __future__ import annotations
@@ -25,25 +31,28 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
+import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from tqdm import tqdm
 
-from ddray.checkpoint import is_uri, list_checkpoints, load_latest
 from ddray.config import Config
-from ddray.core.synthetic import SyntheticSet, class_labels
-from ddray.distill import CKPT_DIR, DistillResult, check_resumable, default_out, evaluate_distilled, finish, \
-    to_distilled
+from ddray.distill import (DistillResult, begin, evaluate_snapshot, finish, run_dir, start_state, storage_location,
+                           synthetic, to_distilled)
 from ddray.distributed.fleet import Fleet, Round
-from ddray.distributed.param_server import initial_state
+from ddray.distributed.messages import Version
+from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes, connect, current_group,
+                                         trial_layout, worker_resources)
+from ddray.distributed.pool import call_mapper, is_loss
 from ddray.distributed.shards import shard_layout
-from ddray.distributed.placement import Plan, alive_nodes, connect, plan_in_group, plan_resources
+from ddray.evaluation import run_baselines
 from ddray.problem import Problem, build_problem
-from ddray.tracking import NullTracker, Tracker, log_eval_grid
+from ddray.state import RunState
+from ddray.tracking import NullTracker, Tracker
 
-log = logging.getLogger("ddray.distributed")
+log = logging.getLogger("ddray")
 LOOKAHEAD = 2  # meta-steps in flight in sync mode
 MAX_RECOVERIES = 20  # consecutive recoveries without progress before giving up
 POLL_S = 0.5  # async mode: how often the driver reads the servers' statistics
@@ -65,40 +74,13 @@ class _DiscardedWork(logging.Filter):
 logging.getLogger("ray._private.worker").addFilter(_DiscardedWork())
 
 
-def storage_location(config: Config, out: Path) -> str:
-    """Where checkpoints go: ``--storage`` (a URI as given, a path made absolute) or OUT/checkpoints."""
-    s = config.run.storage
-    if s and is_uri(s):
-        return s
-    return str(Path(s).resolve() if s else (out / CKPT_DIR).resolve())
-
-
-def start_state(problem: Problem, config: Config, storage: str, resume: bool) -> dict[str, Any]:
-    """The checkpoint-format state the run starts from; ValueError before anything is written."""
-    iters = config.distill.iterations
-    if resume:
-        saved = load_latest(storage)
-        if saved is None:
-            raise ValueError(f"--resume: no valid checkpoint in {storage}")
-        check_resumable(saved, config, cast(Path, storage))
-        if int(saved["step"]) > iters:
-            raise ValueError(f"--iterations: invalid value {iters}; the checkpoint in {storage} already has "
-                             f"{saved['step']} meta-steps (--iterations is the run's total)")
-        return saved
-    if list_checkpoints(storage):
-        raise ValueError(f"--storage {storage}: already holds checkpoints of a run; continue it with "
-                         f"--resume, or choose a new --out/--storage")
-    return initial_state(problem)
-
-
 class Reporter:
-    """Progress bar + tracker + ``on_step`` for each applied meta-step (replays after a rollback are not re-logged)."""
+    """Progress bar + tracker + ``on_step`` for each applied meta-step (replays after a rollback are not
+    re-logged); evaluates the steps due (``--eval-every``) on the workers."""
 
     def __init__(self, fleet: Fleet, problem: Problem, start: int, tracker: Tracker,
-                 on_step: Callable[[int, dict[str, float]], None] | None, progress: bool,
-                 out: Path | None = None) -> None:
-        self.fleet, self.problem, self.tracker, self.on_step = fleet, problem, tracker, on_step
-        self.out = out  # where the eval image grids go (OUT/grids/); None: not written
+                 on_step: Callable[[int, dict[str, float]], None] | None, progress: bool, out: Path) -> None:
+        self.fleet, self.problem, self.tracker, self.on_step, self.out = fleet, problem, tracker, on_step, out
         self.config = problem.config
         self.start = self.logged = start
         self.nets = 0.0
@@ -106,7 +88,13 @@ class Reporter:
         self.bar = tqdm(total=self.config.distill.iterations, initial=start, desc="distill (ray)", unit="step",
                         disable=not progress, dynamic_ncols=True)
 
-    def __call__(self, stats: dict[str, float]) -> None:
+    def evaluated(self, done: int) -> bool:
+        """Whether meta-step ``done`` (1-based) is evaluated: the loops submit nothing past it until it is."""
+        c = self.config
+        return bool(c.run.eval_every) and done % c.run.eval_every == 0 and done < c.distill.iterations
+
+    def __call__(self, stats: dict[str, float], versions: list[Any] | None = None) -> None:
+        """Log one applied meta-step; ``versions``: refs of the state right after it (default: the servers')."""
         done = int(stats["step"])
         self.nets += stats["nets"]
         self.bar.update(done - self.bar.n)
@@ -115,38 +103,51 @@ class Reporter:
         keys = ("outer_loss", "lr_min", "lr_mean", "lr_max", "outer_lr", "staleness_mean", "staleness_max", "dropped")
         metrics = {k: stats[k] for k in keys if k in stats}
         metrics.update(nets_per_s=self.nets / (time.perf_counter() - self.t0),
-                       workers_alive=float(len(self.fleet.alive)), restarts=float(self.fleet.restarts))
-        if "t_receive" in stats:  # sync: the server's time per update (receive + sum + Adam)
+                       workers_alive=float(len(self.fleet.alive())), restarts=float(self.fleet.restarts))
+        if "t_receive" in stats:  # sync: the server's time per update (receive + sum + optimiser)
             metrics["ps_ms"] = 1e3 * sum(stats[k] for k in ("t_receive", "t_average", "t_adam"))
-        c = self.config
-        if c.run.eval_every and done % c.run.eval_every == 0 and done < c.distill.iterations:
-            snapshot = to_distilled(self.problem, self.syn(), done)
-            r = evaluate_distilled(self.problem, snapshot, c.run.eval_nets)
-            metrics.update(eval_acc_mean=r.mean, eval_acc_std=r.std)
-            if self.out is not None:  # as ddray.distill.distill: the grid of every evaluated snapshot
-                log_eval_grid(self.tracker, snapshot, self.out, done)
+        if self.evaluated(done):
+            metrics.update(self.evaluate(done, versions or self.fleet.versions()))
         self.tracker.log_metrics(metrics, step=done)
         if self.on_step:
             self.on_step(done, metrics)
         self.logged = done
-        self.bar.set_postfix(loss=f"{metrics['outer_loss']:.3f}", alive=len(self.fleet.alive),
+        self.bar.set_postfix(loss=f"{metrics['outer_loss']:.3f}", alive=len(self.fleet.alive()),
                              restarts=self.fleet.restarts, refresh=False)
 
-    def syn(self) -> SyntheticSet:
-        s = self.fleet.final_state()
-        d = self.config.distill
-        return SyntheticSet(s["images"], class_labels(self.problem.data.num_classes, d.ipc), s["raw_lrs"], d.layout[1])
+    def evaluate(self, done: int, refs: list[Any]) -> dict[str, float]:
+        """Held-out accuracy of the state in ``refs`` (after ``done`` meta-steps), trained on the workers."""
+        versions: list[Version] = ray.get(refs)
+        state = RunState(done, _images(versions), _raw(versions), {}, self.config)
+        snapshot = to_distilled(self.problem, synthetic(self.problem, state), done)
+        return evaluate_snapshot(self.problem, snapshot, self.out, self.tracker, done,
+                                 predictor=lambda job, chunks: self.fleet.predict(job, chunks, refs))
 
     def seconds_per_step(self) -> float:
         self.bar.close()
         return (time.perf_counter() - self.t0) / max(1, self.config.distill.iterations - self.start)
 
 
+def _images(versions: list[Version]) -> Any:
+    import torch
+
+    return torch.from_numpy(np.concatenate([v.images for v in versions], axis=1))
+
+
+def _raw(versions: list[Version]) -> Any:
+    import torch
+
+    return torch.from_numpy(np.array(versions[0].raw_lrs, dtype=np.float32))
+
+
 def checkpoint_due(config: Config, done: int) -> bool:
     return done % config.run.checkpoint_every == 0 or done == config.distill.iterations
 
 
-def run_sync(fleet: Fleet, start: int, config: Config, report: Callable[[dict[str, float]], None]) -> None:
+Report = Callable[..., None]
+
+
+def run_sync(fleet: Fleet, start: int, config: Config, report: Reporter) -> None:
     """Synchronous meta-steps start … iterations, checkpointing every ``--checkpoint-every`` and at the end.
 
     ``DDRAY_TRANSPORT=compiled`` runs them through a Ray Compiled Graph instead of
@@ -155,21 +156,25 @@ def run_sync(fleet: Fleet, start: int, config: Config, report: Callable[[dict[st
     rounds = sync_rounds
     if os.environ.get("DDRAY_TRANSPORT", "objects") == "compiled":
         from ddray.distributed.compiled import compiled_rounds as rounds
-    rounds(fleet, start, config.distill.iterations, lambda done: checkpoint_due(config, done), report)
+    rounds(fleet, start, config.distill.iterations, lambda done: checkpoint_due(config, done), report,
+           report.evaluated)
 
 
-def sync_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bool],
-                report: Callable[[dict[str, float]], None]) -> None:
-    """Meta-steps ``start`` … ``stop``−1 with one step of lookahead; repairs lost actors and redoes lost work.
+def sync_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bool], report: Report,
+                barrier: Callable[[int], bool] = lambda done: False) -> None:
+    """Meta-steps ``start`` … ``stop``−1 with one step of lookahead; follows joins and losses, redoes lost work.
 
-    ``due(done)`` says whether to checkpoint after ``done`` meta-steps.
+    ``due(done)``: checkpoint after ``done`` meta-steps; ``barrier(done)``: submit nothing
+    past it until it is reported.
     """
     inputs, step = fleet.versions(), start  # the version the next submitted step reads; its index
     pending: deque[Round] = deque()
     recoveries = 0
     while pending or step < stop:
+        fleet.pool.poll()  # joins: from the next submitted step on
+        fleet.pool.ensure()  # below MIN: wait for capacity (CapacityError at the timeout)
         # submit: step s+1 queues behind s's update inside Ray (pipelining; nothing is fetched)
-        while step < stop and len(pending) < LOOKAHEAD:
+        while step < stop and len(pending) < LOOKAHEAD and not (pending and barrier(pending[-1].step + 1)):
             pending.append(fleet.submit(step, inputs, due(step + 1)))
             inputs, step = pending[-1].outputs, step + 1
         r = pending.popleft()
@@ -186,24 +191,28 @@ def sync_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bool],
             if fleet.servers_lost():
                 step, inputs = fleet.restore()
                 continue
-            failed = fleet.failed_shares(r, e)
-            if not failed:
+            kept = fleet.finished_shares(r)
+            if len(kept) == len(r.shares) and not is_loss(e):
                 raise  # not a lost actor: a real error
-            reuse = {k: sh for k, sh in enumerate(r.shares) if k not in failed}
-            pending.append(fleet.submit(r.step, r.inputs, due(r.step + 1), reuse))
+            fleet.pool.ensure()
+            pending.append(fleet.submit(r.step, r.inputs, due(r.step + 1), kept))
             inputs, step = pending[-1].outputs, r.step + 1
             continue
         recoveries = 0
-        report(stats[0])
+        report(stats[0], r.outputs)
 
 
-def run_async(fleet: Fleet, start: int, config: Config, report: Callable[[dict[str, float]], None]) -> None:
-    """Workers pull/compute/push on their own; the driver reads statistics, checkpoints and repairs."""
+def run_async(fleet: Fleet, start: int, config: Config, report: Reporter) -> None:
+    """Workers pull/compute/push on their own; the driver reads statistics, checkpoints, follows joins and losses."""
     iters, every = config.distill.iterations, config.run.checkpoint_every
-    loops = {i: fleet.start_loop(i) for i in range(len(fleet.workers))}
+    fleet.pool.ensure()
+    loops = {i: fleet.start_loop(i) for i in fleet.alive()}
     next_ckpt = (start // every + 1) * every
     while True:
-        ready, _ = ray.wait(list(loops.values()), num_returns=1, timeout=POLL_S)
+        for i in fleet.pool.poll():
+            if i not in loops:
+                loops[i] = fleet.start_loop(i)
+        ready, _ = ray.wait(list(loops.values()), num_returns=1, timeout=POLL_S) if loops else ([], [])
         try:
             stats = ray.get(fleet.servers[0].drain.remote())
         except RayActorError:
@@ -221,14 +230,16 @@ def run_async(fleet: Fleet, start: int, config: Config, report: Callable[[dict[s
             except RayError as e:
                 if fleet.servers_lost():
                     fleet.restore()
-                elif not (fleet.ensure_worker(i, type(e).__name__) or isinstance(e, RayActorError)):
+                elif not is_loss(e):
                     raise
-                loops[i] = fleet.start_loop(i)
+                else:
+                    fleet.pool.lost(i, e)
         if not loops:
             steps = [info["step"] for info in ray.get([s.info.remote() for s in fleet.servers])]
             if min(steps) >= iters:
                 break
-            loops = {i: fleet.start_loop(i) for i in range(len(fleet.workers))}  # rolled back meanwhile
+            fleet.pool.ensure()
+            loops = {i: fleet.start_loop(i) for i in fleet.alive()}  # rolled back or shrunk meanwhile
     for st in ray.get(fleet.servers[0].drain.remote()):
         report(st)
     ray.get(fleet.checkpoint(iters))
@@ -237,55 +248,72 @@ def run_async(fleet: Fleet, start: int, config: Config, report: Callable[[dict[s
 LOOPS = {"sync": run_sync, "async": run_async}
 
 
-def place(config: Config) -> tuple[Plan, Any]:
-    """(plan, existing group or None): inside a Ray Tune trial whose reserved group is laid out as
-    [driver, PS × shards, worker × workers] the fleet uses it; otherwise it gets a group of its own."""
-    from ray.util import get_current_placement_group
-
-    c = config.cluster
-    group = get_current_placement_group()
-    plan = plan_in_group(group.bundle_specs, c.workers, c.shards) if group is not None else None
-    if plan is not None:
-        return plan, group
-    if group is not None:
+def trial_group(config: Config) -> tuple[Any, TrialLayout] | None:
+    """Inside a Ray Tune trial whose group is laid out [driver, PS × shards, worker × W]: (group, layout)."""
+    group = current_group()
+    if group is None:
+        return None
+    layout = trial_layout(group.bundle_specs, config.cluster.max_workers, config.cluster.shards)
+    if layout is None:
         log.warning("running inside a placement group that is not laid out as [driver, %d PS, %d workers]; "
-                    "creating a separate group", c.shards, c.workers)
-    return plan_resources(alive_nodes(), c.workers, c.shards, c.placement), None
+                    "the workers get slots of their own", config.cluster.shards, config.cluster.max_workers)
+        return None
+    return group, layout
+
+
+def stop_below_minimum(fleet: Fleet, error: CapacityError, out: Path, storage: str) -> CapacityError:
+    """The run cannot go on: write what the servers hold as a checkpoint and say how to continue."""
+    try:
+        path = ray.get(fleet.checkpoint(None), timeout=60)
+        where = f"its checkpoint is {path}"
+    except (RayError, GetTimeoutError):
+        where = f"its last checkpoint is in {storage}"
+    return CapacityError(f"{error}; the run stopped, {where}; when the cluster has room again continue it with "
+                         f"`ddray distill --resume auto --out {out}` (with the same flags)")
 
 
 def distill_ray(config: Config, tracker: Tracker | None = None, progress: bool = True,
                 resume: str | Path | None = None,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> DistillResult:
+                on_step: Callable[[int, dict[str, float]], None] | None = None,
+                baselines: bool = False) -> DistillResult:
     """Distil a data set with Ray worker actors and parameter servers (see the module docstring).
 
     Args and result as :func:`ddray.distill.distill`. Connects to ``--address`` /
-    $RAY_ADDRESS, else starts a local Ray (and shuts it down at the end).
+    $RAY_ADDRESS, else starts a local Ray (and shuts it down at the end). Nothing is
+    written before MIN workers are placed.
     """
     tracker = tracker or NullTracker()
-    out = Path(resume) if resume else Path(config.run.out or default_out())
+    out = run_dir(config, resume)
     storage = storage_location(config, out)
-    problem = build_problem(config)  # the driver's copy: evaluation at the end
+    problem = build_problem(config)  # the driver's copy: labels, layout and the artifact's metadata
     layout = shard_layout(problem.data.num_classes, config.distill.ipc, config.cluster.shards)
     transport = os.environ.get("DDRAY_TRANSPORT", "objects")
     if transport not in ("objects", "compiled") or (transport == "compiled" and (
             config.cluster.mode != "sync" or config.cluster.shards != 1)):
         raise ValueError(f"DDRAY_TRANSPORT: invalid value {transport!r}; objects, or compiled "
                          f"(with --mode sync --shards 1)")
-    state = start_state(problem, config, storage, resume is not None)
+    state = start_state(problem, config, storage, resume)
     started = connect(config.cluster.address)
     try:
-        plan, group = place(config)
-        out.mkdir(parents=True, exist_ok=True)
-        config.dump(out / "config.yaml")
-        tracker.log_params(config.flat())
-        fleet = Fleet(config.to_dict(), layout, state, storage, plan, group=group)
+        trial = trial_group(config)
+        resources = trial[1].resources if trial else worker_resources(config.cluster, alive_nodes())
+        fleet = Fleet(config, layout, state, storage, resources, trial)
         try:
-            reporter = Reporter(fleet, problem, int(state["step"]), tracker, on_step, progress, out)
-            LOOPS[config.cluster.mode](fleet, int(state["step"]), config, reporter)
-            syn, seconds = reporter.syn(), reporter.seconds_per_step()
+            begin(config, out, tracker)
+            reporter = Reporter(fleet, problem, state.step, tracker, on_step, progress, out)
+            try:
+                LOOPS[config.cluster.mode](fleet, state.step, config, reporter)
+            except CapacityError as e:
+                raise stop_below_minimum(fleet, e, out, storage) from None
+            seconds = reporter.seconds_per_step()
+            syn = synthetic(problem, fleet.state())
+            result = finish(problem, syn, config.distill.iterations, out, tracker, seconds,
+                            predictor=lambda job, chunks: fleet.predict(job, chunks))
+            if baselines:
+                result.baselines = run_baselines(config, out, mapper=call_mapper(fleet.pool))
         finally:
             fleet.shutdown()
     finally:
         if started:
             ray.shutdown()
-    return finish(problem, syn, config.distill.iterations, out, tracker, seconds)
+    return result

@@ -1,10 +1,15 @@
-"""The actors of one run — workers and parameter-server shards — and how to keep them alive.
+"""The actors of one run — elastic workers and parameter-server shards — and how to keep them working.
 
-A :class:`Fleet` creates them in one placement group, submits the tasks of a
-synchronous meta-step (a :class:`Round`) without ever fetching a gradient on the
-driver, and repairs itself after a loss: a worker that Ray restarted (or that had
-to be replaced) recomputes its share of the meta-step; a parameter server that
-died is restarted from the last checkpoint and all shards roll back to it.
+A :class:`Fleet` has MAX worker slots (:mod:`.slots`) with a worker actor in each
+placed one (:mod:`.pool`), and J parameter-server shards riding, with no resources
+of their own, in the bundles of alive workers (so they never land on a head node
+that has no CPUs). A synchronous meta-step (a :class:`Round`) hands the step's chunks
+(:mod:`ddray.chunks`) to the workers alive at that moment, in contiguous runs, and
+never fetches a gradient on the driver. When a worker is lost, the chunks it held
+are recomputed by the others (the ones that finished are kept); a worker that joins
+takes chunks from the next meta-step on. A parameter server that died — restarted
+by Ray, or lost with its node and replaced on another — restores the last
+checkpoint, and all shards roll back to it.
 """
 
 from __future__ import annotations
@@ -15,31 +20,32 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
+from ddray.chunks import assign, net_chunks
 from ddray.config import Config
-from ddray.distributed.param_server import ParamServerActor, merge_states
+from ddray.distributed.messages import Version, merge_states
+from ddray.distributed.param_server import ParamServerActor
+from ddray.distributed.placement import TrialLayout, WorkerResources
+from ddray.distributed.pool import Job, RemoteWorker, WorkerPool, cause, is_loss
 from ddray.distributed.shards import Shard
-from ddray.distributed.placement import Plan, create_group
-from ddray.distributed.worker import WorkerActor, split_nets
-from ddray.methods import optimizer_options
+from ddray.distributed.slots import Slots
+from ddray.state import RunState
 
-log = logging.getLogger("ddray.distributed")
-MAX_RESTARTS = 3  # by Ray, per actor; after that the fleet replaces the actor
-RECOVERY_TIMEOUT_S = 300.0
+log = logging.getLogger("ddray")
+RECOVERY_TIMEOUT_S = 300.0  # a parameter server on a live node has this long to come back after a crash
 
-RemoteWorker = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0)(WorkerActor)
-RemoteParamServer = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0)(ParamServerActor)
+RemoteParamServer = ray.remote(max_restarts=-1, max_task_retries=0)(ParamServerActor)
 
 
 @dataclass
 class Share:
-    """One worker's part of a meta-step: its nets and the refs of its gradient for shard 0, 1, …"""
+    """One worker's part of a meta-step: its chunks and the refs of their GradShares for shard 0, 1, …"""
 
     worker: int
-    nets: list[int]
+    chunks: list[int]
     refs: list[Any]
 
 
@@ -56,131 +62,130 @@ class Round:
 
 
 class Fleet:
-    """Workers + parameter-server shards of one run in one placement group.
+    """Elastic workers + parameter-server shards of one run.
 
     Args:
-        config: the run config as a dict.
+        config: the run config (its ``cluster`` section sizes the fleet).
         layout: the parameter-server shards.
-        state: the full checkpoint-format state to start from (step included).
+        state: the run state to start from.
         storage: checkpoint location (local absolute path or URI).
-        plan: resources (see :func:`placement.plan_resources`).
-        worker_args: constructor args of each worker after (kind, …); ``index`` and
-            ``threads`` are filled in for ``kind="meta"``.
+        resources: one worker's reservation.
+        trial: a Ray Tune trial's (group, layout): the workers and servers use its bundles.
         kind: ``"meta"`` (real meta-gradients) or ``"simulated"`` (benchmarks).
-        workers: already running worker actors to use instead of creating them
-            (benchmarks reuse one pool; the fleet does not kill them).
-        group: an existing placement group laid out as ``plan`` says (a Ray Tune
-            trial's); by default the fleet creates (and removes) its own.
     """
 
-    def __init__(self, config: dict[str, Any], layout: list[Shard], state: dict[str, Any], storage: str,
-                 plan: Plan, kind: str = "meta", worker_args: tuple[Any, ...] = (),
-                 workers: list[Any] | None = None, group: Any = None) -> None:
-        d = config["distill"]
-        self.config, self.layout, self.storage, self.plan, self.kind = config, layout, storage, plan, kind
-        self.worker_args = worker_args
-        distill = Config.from_dict(config).distill
-        self.settings = {"lr": distill.outer_lr, "lr_decay": d["lr_decay"], "lr_decay_every": d["lr_decay_every"],
-                         "epochs": distill.layout[1], "nets": d["nets"], "iterations": d["iterations"],
-                         "max_staleness": config["cluster"]["max_staleness"], **optimizer_options(distill)}
+    def __init__(self, config: Config, layout: list[Shard], state: RunState, storage: str,
+                 resources: WorkerResources, trial: tuple[Any, TrialLayout] | None = None, kind: str = "meta") -> None:
+        c = config.cluster
+        self.config, self.layout, self.storage, self.resources, self.kind = config, layout, storage, resources, kind
+        self.trial = trial
         self.name = f"ddray-{uuid.uuid4().hex[:8]}"
-        self.restarts, self.generation = 0, 0
+        self.generation = 0
         self.graph: Any = None  # the compiled meta-step of DDRAY_TRANSPORT=compiled, while in use
+        self.graph_members: tuple[int, ...] = ()  # the alive workers it was compiled for
         self.loop_starts: dict[int, int] = {}
-        n_workers = len(workers) if workers is not None else len(plan.worker_cpus)
-        self.shares = [(w, nets) for w, nets in enumerate(split_nets(d["nets"], n_workers)) if nets]
-        self.own_pg = group is None
-        self.pg = create_group(plan) if group is None else group
-        self.start = int(state["step"])
-        self.servers = [self._server(j) for j in range(len(layout))]
-        self.own_workers = workers is None
-        self.workers = list(workers) if workers is not None else [self._worker(i) for i in range(n_workers)]
+        self.chunks = net_chunks(config.distill.nets, c.max_workers)
+        self.served: set[int] = set()  # workers that have been handed chunks since they (re)joined
+        self.start = state.step
+        count = trial[1].workers if trial else c.max_workers
+        slots = Slots(resources, count, c.placement, (trial[0], trial[1].first_worker_bundle) if trial else None)
+        self.pool = WorkerPool(slots, self._worker, min(c.min_workers, count), c.placement_timeout)
+        self.pool.on_lost = self.served.discard
+        self.servers: list[Any] = []
+        self.server_pids: list[int] = []
+        self.server_hosts: list[int] = []
+        self.server_restarts = 0
         try:
+            self.pool.start()  # MIN workers placed and answering, or CapacityError
+            self.servers = [self._server(j) for j in range(len(layout))]
             full = ray.put(state)  # once; each shard takes its slice
             ray.get([s.load.remote(full) for s in self.servers])
             self.server_pids = [i["pid"] for i in ray.get([s.info.remote() for s in self.servers])]
-            self.worker_pids = [i["pid"] for i in ray.get([w.ping.remote() for w in self.workers])]
-        except RayActorError as e:
+        except BaseException as e:
             self.shutdown()
-            raise ValueError(f"a worker or parameter server could not start: {_cause(e)}") from None
-        if len(self.shares) < len(self.workers):
-            log.warning("--nets %d < --workers %d: %d worker(s) stay idle", d["nets"], len(self.workers),
-                        len(self.workers) - len(self.shares))
-        self.alive = set(range(len(self.workers)))
+            if isinstance(e, RayActorError):
+                raise ValueError(f"a parameter server could not start: {cause(e)}") from None
+            raise
+        if len(self.chunks) < c.max_workers:
+            log.warning("--nets %d < --workers %s: at most %d worker(s) have work", config.distill.nets,
+                        c.workers, len(self.chunks))
 
     # -- actors -------------------------------------------------------------------------------
 
-    def _where(self, bundle: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
+    @property
+    def restarts(self) -> int:
+        """Workers and parameter servers that died and came back (or were replaced) so far."""
+        return self.pool.restarts + self.server_restarts
 
-    def _server(self, j: int) -> Any:
-        self.generation += 1
-        return RemoteParamServer.options(
-            num_cpus=self.plan.ps_cpus, name=f"{self.name}/ps-{j}.{self.generation}",
-            scheduling_strategy=self._where(self.plan.ps_bundle(j)),
-        ).remote(self.layout[j], self.settings, self.storage, self.config, self.start)
+    def alive(self) -> list[int]:
+        return self.pool.alive()
 
-    def _worker(self, i: int) -> Any:
+    def _worker(self, slot: int, strategy: Any) -> Any:
         self.generation += 1
-        args = ((self.config, i, self.plan.threads(i), self.layout, self.plan.device) if self.kind == "meta"
-                else self.worker_args)
+        args = ((self.config, slot, self.resources.threads, self.layout, self.resources.device)
+                if self.kind == "meta" else ())
         return RemoteWorker.options(
-            num_cpus=self.plan.worker_cpus[i], num_gpus=self.plan.worker_gpus,
-            name=f"{self.name}/worker-{i}.{self.generation}",
-            scheduling_strategy=self._where(self.plan.worker_bundle(i)),
+            num_cpus=self.resources.cpus, num_gpus=self.resources.gpus,
+            name=f"{self.name}/worker-{slot}.{self.generation}", scheduling_strategy=strategy,
         ).remote(self.kind, *args)
 
-    def _ping(self, handle: Any, method: str = "ping") -> dict[str, Any] | None:
-        """The actor's info once it answers (waiting through a Ray restart); None if it is dead."""
-        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                return ray.get(getattr(handle, method).remote(), timeout=max(1.0, deadline - time.monotonic()))
-            except ActorUnavailableError:  # being restarted by Ray
-                time.sleep(0.2)
-            except (ActorDiedError, RayActorError, GetTimeoutError):
-                return None
-        return None
+    def _server(self, j: int, restore: bool = False) -> Any:
+        """Shard ``j`` in a Tune trial's own bundle, else riding (0 CPUs) in an alive worker's slot."""
+        self.generation += 1
+        if self.trial is not None:
+            group, layout = self.trial
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    def ensure_worker(self, i: int, why: str) -> bool:
-        """Make sure worker ``i`` is up: wait through a Ray restart, or replace a dead one.
-
-        Returns True (and logs and counts a restart) if it had died, False if it is the
-        same process as before.
-        """
-        self.alive.discard(i)
-        info = self._ping(self.workers[i])
-        if info is None:
-            self.workers[i] = self._worker(i)
-            info = self._ping(self.workers[i])
-            if info is None:
-                raise RuntimeError(f"worker {i} could not be replaced")
-            what = "replaced by a new actor"
+            host, cpus = -1, layout.ps_cpus
+            where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=layout.ps_bundle(j))
         else:
-            what = "restarted by Ray"
-        self.alive.add(i)
-        if info["pid"] == self.worker_pids[i]:
-            return False
-        self.worker_pids[i] = info["pid"]
-        self.restarts += 1
-        log.warning("worker %d died (%s); %s (pid %s); its share is recomputed", i, why, what, info["pid"])
-        return True
+            alive = self.alive()
+            host, cpus = alive[j % len(alive)], 0.0
+            where = self.pool.slots.strategy(host)
+        if j < len(self.server_hosts):
+            self.server_hosts[j] = host
+        else:
+            self.server_hosts.append(host)
+        return RemoteParamServer.options(num_cpus=cpus, name=f"{self.name}/ps-{j}.{self.generation}",
+                                         scheduling_strategy=where).remote(
+            self.layout[j], self.storage, self.config, self.start, restore)
 
     def servers_lost(self) -> bool:
-        """True if a parameter-server shard died (restarted by Ray, or replaced here)."""
+        """True if a parameter-server shard died; it is back (restored from the last checkpoint) on return.
+
+        A shard whose node is gone, or that does not come back within
+        :data:`RECOVERY_TIMEOUT_S`, is replaced in the slot of an alive worker.
+        """
         lost = False
         for j, s in enumerate(self.servers):
-            info = self._ping(s, "info")
+            info = self._server_info(j)
             if info is None:
-                self.servers[j] = self._server(j)
-                info = self._ping(self.servers[j], "info")
-                if info is None:
-                    raise RuntimeError(f"parameter-server shard {j} could not be replaced")
+                self.pool.ensure()
+                ray.kill(s, no_restart=True)
+                self.servers[j] = s = self._server(j, restore=True)
+                log.warning("parameter-server shard %d lost with its node; replaced in worker %d's slot", j,
+                            self.server_hosts[j])
+                info = ray.get(s.info.remote())
             if info["pid"] != self.server_pids[j]:
                 self.server_pids[j], lost = info["pid"], True
-                self.restarts += 1
-                log.warning("parameter-server shard %d died; restarted (pid %s)", j, info["pid"])
+                self.server_restarts += 1
+                log.warning("parameter-server shard %d died; back (pid %s) from the last checkpoint", j, info["pid"])
         return lost
+
+    def _server_info(self, j: int) -> dict[str, Any] | None:
+        """Shard ``j``'s info once it answers; None if it is gone for good (dead, or its node is)."""
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        host = self.server_hosts[j]
+        while time.monotonic() < deadline:
+            try:
+                return ray.get(self.servers[j].info.remote(), timeout=5.0)  # type: ignore[no-any-return]
+            except ActorDiedError:
+                return None
+            except (RayActorError, GetTimeoutError):  # restarting, or waiting for its bundle
+                if host >= 0 and self.pool.slots.node(host) is None:
+                    return None  # its slot lost its node: no restart until capacity comes back
+                time.sleep(0.2)
+        return None
 
     def restore(self) -> tuple[int, list[Any]]:
         """Roll every shard back to the newest valid checkpoint → (step, version refs)."""
@@ -198,15 +203,25 @@ class Fleet:
 
     # -- synchronous rounds ------------------------------------------------------------------
 
-    def submit(self, step: int, inputs: list[Any], checkpoint: bool, reuse: dict[int, Share] | None = None) -> Round:
-        """Submit meta-step ``step``: shares → per-shard apply (→ checkpoint). Nothing is fetched."""
+    def submit(self, step: int, inputs: list[Any], checkpoint: bool, reuse: list[Share] | None = None) -> Round:
+        """Submit meta-step ``step``: chunks over the alive workers → per-shard apply (→ checkpoint).
+
+        ``reuse``: shares of an earlier attempt that finished; only the other chunks are
+        handed out. Nothing is fetched.
+        """
         n = len(self.layout)
-
-        def share(w: int, nets: list[int]) -> Share:
-            refs = self.workers[w].compute.options(num_returns=n).remote(step, nets, *inputs)
-            return Share(w, nets, [refs] if n == 1 else list(refs))
-
-        shares = [reuse[k] if reuse and k in reuse else share(w, nets) for k, (w, nets) in enumerate(self.shares)]
+        kept = list(reuse or [])
+        done = {c for sh in kept for c in sh.chunks}
+        todo = [c for c in range(len(self.chunks)) if c not in done]
+        shares = list(kept)
+        for w, idx in assign(len(todo), self.alive()).items():
+            cs = [todo[i] for i in idx]
+            if w not in self.served:  # the first work of a worker that joined (for measurements)
+                self.served.add(w)
+                log.debug("worker %d: first chunks %s of meta-step %d", w, cs, step)
+            refs = self.pool.handle(w).compute.options(num_returns=n).remote(
+                step, [(c, self.chunks[c]) for c in cs], *inputs)
+            shares.append(Share(w, cs, [refs] if n == 1 else list(refs)))
         r = Round(step, inputs, shares)
         for j, s in enumerate(self.servers):
             out, stats = s.apply.options(num_returns=2).remote([sh.refs[j] for sh in shares])
@@ -220,48 +235,58 @@ class Fleet:
         """Shard 0 writes all shards' state (queued behind their pending updates)."""
         return self.servers[0].checkpoint.remote(expected_step, *[s.state.remote() for s in self.servers[1:]])
 
-    def failed_shares(self, r: Round, error: Exception) -> list[int]:
-        """Indices of the shares of ``r`` lost with their worker; the workers are back when this returns.
+    def finished_shares(self, r: Round) -> list[Share]:
+        """The shares of ``r`` that computed their chunks; the workers of the others are marked lost.
 
-        A share is lost when its worker died (Ray restarted it, or it was replaced);
-        for an actor error with no dead worker (e.g. a dropped connection) all shares
-        are redone. An empty list means the error is not an actor loss.
+        Raises a share's error when it is not a loss (a bug in the objective, bad data).
         """
-        restarted = {w for w in {sh.worker for sh in r.shares} if self.ensure_worker(w, type(error).__name__)}
-        if not restarted and isinstance(error, RayActorError):
-            return list(range(len(r.shares)))
-        return [k for k, sh in enumerate(r.shares) if sh.worker in restarted]
+        refs = [ref for sh in r.shares for ref in sh.refs]
+        ray.wait(refs, num_returns=len(refs), timeout=RECOVERY_TIMEOUT_S)
+        ok = []
+        for sh in r.shares:
+            try:
+                ray.get(sh.refs, timeout=0)
+                ok.append(sh)
+            except Exception as e:
+                if not is_loss(e) and not isinstance(e, GetTimeoutError):
+                    raise
+                self.pool.lost(sh.worker, e if not isinstance(e, GetTimeoutError) else "no answer")
+        return ok
 
-    def start_loop(self, i: int) -> Any:
-        """Async mode: worker ``i``'s pull–compute–push loop (fresh net indices after each start)."""
-        self.loop_starts[i] = self.loop_starts.get(i, -1) + 1
-        return self.workers[i].run_async.remote(self.servers, i, len(self.workers), self.settings["nets"],
-                                                self.loop_starts[i] * 1_000_000)
+    # -- async mode ----------------------------------------------------------------------------
 
-    def final_state(self) -> dict[str, Any]:
+    def start_loop(self, slot: int) -> Any:
+        """Async mode: worker ``slot``'s pull–compute–push loop (fresh net indices after each start)."""
+        self.loop_starts[slot] = self.loop_starts.get(slot, -1) + 1
+        return self.pool.handle(slot).run_async.remote(self.servers, slot, self.pool.slots.count,
+                                                       self.config.distill.nets, self.loop_starts[slot] * 1_000_000)
+
+    # -- evaluation and other jobs on the workers -----------------------------------------------
+
+    def predict(self, job: Any, chunks: list[list[int]], versions: list[Any] | None = None) -> list[Any]:
+        """Evaluation chunks on the alive workers, on ``versions`` (default: the servers' current ones)."""
+        import torch
+
+        refs = versions or self.versions()
+        def on(ids: list[int]) -> Job:
+            return lambda h: h.predict.remote(job, ids, *refs)
+
+        preds = self.pool.run([on(ids) for ids in chunks])
+        return [torch.from_numpy(np.array(p)) for p in preds]  # writable copies
+
+    def state(self) -> RunState:
+        """The servers' current state, merged (tears a compiled graph down first)."""
         if self.graph is not None:
             from ddray.distributed.compiled import teardown
 
             teardown(self)
-        return merge_states(ray.get([s.state.remote() for s in self.servers]))
+        return merge_states(ray.get([s.state.remote() for s in self.servers]), self.config)
 
     def shutdown(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        if getattr(self, "graph", None) is not None:
+        if self.graph is not None:
             from ddray.distributed.compiled import teardown
 
             teardown(self)
-
-        for a in [*(getattr(self, "workers", []) if getattr(self, "own_workers", True) else []),
-                  *getattr(self, "servers", [])]:
-            ray.kill(a)
-        if getattr(self, "own_pg", False):
-            remove_placement_group(self.pg)
-
-
-def _cause(error: Exception) -> str:
-    """The last ``SomeError: message`` line of a Ray error (the actor's own exception), else its first line."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    found = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
-    return found[-1] if found else lines[0]
+        for s in self.servers:
+            ray.kill(s)
+        self.pool.shutdown()

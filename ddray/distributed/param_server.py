@@ -1,130 +1,97 @@
-"""The parameter server: x̃, ρ, the outer Adam state and the step counter of a run.
+"""The parameter server: x̃, ρ, the outer optimiser's state and the step counter of a run.
 
 :class:`ParamServer` is plain Python (unit-tested without Ray); :class:`ParamServerActor`
 at the bottom is the Ray shell that publishes every version once to the object
 store, checkpoints, and reloads the last checkpoint when Ray restarts it.
 
-Sharding: with J shards, shard j owns a contiguous block of classes, i.e. the
-image columns ``images[:, lo:hi]`` of x̃ (S, N, C, H, W) — ỹ is class-major — and the
-matching Adam moments; shard 0 also owns the raw step sizes ρ (T,). Adam is
-elementwise, so J shards update exactly what one server would.
+Sharding (:mod:`.messages`): shard j owns the image columns of a block of classes and
+their optimiser moments; shard 0 also owns ρ. The optimiser is elementwise, so J
+shards update exactly what one server would.
 
-Payloads travelling through the object store are plain dicts of numpy arrays:
-
-* a *version* ``{"step": s, "images": (S, hi-lo, C, H, W), "raw_lrs": (T,) | None}``;
-* a *gradient* ``{"images": …, "raw_lrs": … | None, "loss": Σ loss, "nets": k, "version": s}``
-  — sums over the k networks of a share (divide by the total K to average).
+Sync mode sums the :class:`~.messages.GradShare` of every chunk of a meta-step in
+chunk order — whichever workers computed them — divides by K and takes one step:
+exactly what :func:`ddray.chunks.step_gradient` does in one process.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ddray.core.synthetic import OuterOptimizer, SyntheticSet
-from ddray.distributed.shards import Payload, Shard
+from ddray.distributed.messages import GradShare, ShardState, Version, merge_states, slice_state
+from ddray.distributed.shards import Shard
+from ddray.state import RunState, load_state, save_state
 
-def _moments(opt_state: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    return opt_state["opt"]["state"]  # type: ignore[no-any-return]
-
-
-def slice_state(full: dict[str, Any], shard: Shard) -> dict[str, Any]:
-    """A checkpoint-format state (images, raw_lrs, optimizer, step) → the part ``shard`` owns."""
-    images = full["images"]
-    opt = {"opt": {"state": {}, "param_groups": full["optimizer"]["opt"]["param_groups"]},
-           "sched": full["optimizer"]["sched"]}
-    for pid, st in _moments(full["optimizer"]).items():
-        if pid == 0:
-            opt["opt"]["state"][0] = {k: (v[:, shard.lo:shard.hi].clone()
-                                          if torch.is_tensor(v) and v.dim() == images.dim() else v)
-                                      for k, v in st.items()}
-        elif shard.owns_lrs:
-            opt["opt"]["state"][pid] = st
-    return {"images": images[:, shard.lo:shard.hi].clone(),
-            "raw_lrs": full["raw_lrs"].clone() if shard.owns_lrs else None,
-            "optimizer": opt, "step": int(full.get("step", 0))}
-
-
-def merge_states(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Inverse of :func:`slice_state`: shard states in shard order → one checkpoint-format state."""
-    first = parts[0]
-    opt = {"opt": {"state": {}, "param_groups": first["optimizer"]["opt"]["param_groups"]},
-           "sched": first["optimizer"]["sched"]}
-    state0 = [_moments(p["optimizer"]).get(0, {}) for p in parts]
-    if state0[0]:
-        opt["opt"]["state"][0] = {k: (torch.cat([s[k] for s in state0], dim=1)
-                                      if torch.is_tensor(v) and v.dim() == first["images"].dim() else v)
-                                  for k, v in state0[0].items()}
-    for pid, st in _moments(first["optimizer"]).items():
-        if pid != 0:
-            opt["opt"]["state"][pid] = st
-    return {"images": torch.cat([p["images"] for p in parts], dim=1), "raw_lrs": first["raw_lrs"],
-            "optimizer": opt, "step": first["step"]}
+if TYPE_CHECKING:
+    from ddray.config import Config
 
 
 class ParamServer:
     """Owns one shard of (x̃, ρ), its outer-optimizer state and the step counter.
 
     Args:
-        state: this shard's part of a checkpoint-format state (see :func:`slice_state`).
+        state: this shard's part of the run state (:func:`.messages.slice_state`).
         shard: which block of classes it owns.
-        lr, lr_decay, lr_decay_every, epochs, kind, momentum, lr_lrs: the outer optimiser
-            (DistillConfig and :func:`ddray.methods.optimizer_options`).
-        nets: K, networks averaged per update.
-        iterations: total meta-steps of the run; no update is applied beyond it.
-        max_staleness: async mode — gradients computed on a version more than this
-            many updates old are dropped (and counted).
+        config: the run config (the outer optimiser: :meth:`ddray.problem.Problem.outer_optimizer`'s
+            settings; K = ``nets``; ``iterations``; async ``max_staleness``).
     """
 
-    def __init__(self, state: dict[str, Any], shard: Shard, lr: float, lr_decay: float, lr_decay_every: int,
-                 epochs: int, nets: int, iterations: int, max_staleness: int = 0, kind: str = "adam",
-                 momentum: float = 0.0, lr_lrs: float | None = None) -> None:
-        self.shard, self.nets, self.iterations, self.max_staleness = shard, nets, iterations, max_staleness
-        raw = state["raw_lrs"] if shard.owns_lrs else torch.zeros(0)
-        self.syn = SyntheticSet(state["images"].clone(), torch.empty(0, dtype=torch.long), raw.clone(), epochs)
-        self.opt = OuterOptimizer(self.syn, lr, lr_decay, lr_decay_every, kind=kind, momentum=momentum,
-                                  lr_lrs=lr_lrs)
-        self.opt.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
+    def __init__(self, state: ShardState, shard: Shard, config: "Config") -> None:
+        from ddray.methods import optimizer_options
+
+        d = config.distill
+        self.shard, self.nets, self.iterations = shard, d.nets, d.iterations
+        self.max_staleness = config.cluster.max_staleness
+        raw = state.raw_lrs if state.raw_lrs is not None else torch.zeros(0)
+        self.syn = SyntheticSet(state.images.clone(), torch.empty(0, dtype=torch.long), raw.clone(), d.layout[1])
+        self.opt = OuterOptimizer(self.syn, d.outer_lr, d.lr_decay, d.lr_decay_every, **optimizer_options(d))
+        self.opt.load_state_dict(state.optimizer)
+        self.step = state.step
         self.dropped = 0
-        self._pending: list[Payload] = []
+        self._pending: list[tuple[GradShare, int]] = []  # async: (gradient, its staleness)
         self._stats: list[dict[str, float]] = []
 
     # -- publishing and checkpoint state ---------------------------------------------------
 
-    def version(self) -> Payload:
+    def version(self) -> Version:
         """The current (x̃ slice, ρ) as numpy arrays (ray.put copies them into the object store)."""
-        return {"step": self.step, "images": self.syn.images.numpy(),
-                "raw_lrs": self.syn.raw_lrs.numpy() if self.shard.owns_lrs else None}
+        return Version(self.step, self.syn.images.numpy(), self.syn.raw_lrs.numpy() if self.shard.owns_lrs else None)
 
-    def state(self) -> dict[str, Any]:
-        """This shard's checkpoint-format state (tensors are copies)."""
-        return {"images": self.syn.images.clone(),
-                "raw_lrs": self.syn.raw_lrs.clone() if self.shard.owns_lrs else None,
-                "optimizer": self.opt.state_dict(), "step": self.step}
+    def state(self) -> ShardState:
+        """This shard's part of the run state (tensors are copies)."""
+        return ShardState(self.step, self.syn.images.clone(),
+                          self.syn.raw_lrs.clone() if self.shard.owns_lrs else None, self.opt.state_dict())
 
-    # -- sync: one update from the gradients of all shares of a meta-step ------------------
+    # -- sync: one update from the gradients of all chunks of a meta-step ------------------
 
-    def apply(self, grads: list[Payload]) -> dict[str, float]:
-        """Σ the shares' gradients (in share order), divide by Σ nets, one Adam step; returns stats."""
+    def apply(self, grads: list[GradShare]) -> dict[str, float]:
+        """Σ the chunks' gradients in chunk order, divide by Σ nets, one optimiser step; returns stats."""
         if self.step >= self.iterations:
             raise RuntimeError(f"ParamServer.apply: the run already has its {self.iterations} meta-steps")
         t0 = time.perf_counter()
-        img = np.array(grads[0]["images"], dtype=np.float32, copy=True)
+        grads = sorted(grads, key=lambda g: g.chunk)
+        if [g.chunk for g in grads] != list(range(len(grads))) or any(g.step != self.step for g in grads):
+            raise RuntimeError(f"ParamServer.apply: meta-step {self.step} got chunks "
+                               f"{[(g.chunk, g.step) for g in grads]} (each chunk once, at this step)")
+        img = np.array(grads[0].images, dtype=np.float32, copy=True)
         for g in grads[1:]:
-            np.add(img, g["images"], out=img)
+            np.add(img, g.images, out=img)
         raw = None
         if self.shard.owns_lrs:
-            raw = np.array(grads[0]["raw_lrs"], dtype=np.float32, copy=True)
+            raw = np.array(grads[0].raw_lrs, dtype=np.float32, copy=True)
             for g in grads[1:]:
-                np.add(raw, g["raw_lrs"], out=raw)
-        nets = sum(int(g["nets"]) for g in grads)
+                assert g.raw_lrs is not None, "ParamServer.apply: shard 0's gradients carry ρ"
+                np.add(raw, g.raw_lrs, out=raw)
+        nets, loss = 0, 0.0
+        for g in grads:
+            nets, loss = nets + g.nets, loss + g.loss
         t1 = time.perf_counter()
-        stats = self._update(img, raw, nets, sum(float(g["loss"]) for g in grads))
+        stats = self._update(img, raw, nets, loss)
         stats.update(t_average=t1 - t0, t_adam=time.perf_counter() - t1)
         return stats
 
@@ -144,7 +111,7 @@ class ParamServer:
     def done(self) -> bool:
         return self.step >= self.iterations
 
-    def push(self, grad: Payload) -> bool:
+    def push(self, grad: GradShare) -> bool:
         """Take one share's gradient; apply an update once ≥ K networks are pending. Returns ``done``.
 
         A gradient from a version more than ``max_staleness`` updates old (or from a
@@ -152,15 +119,17 @@ class ParamServer:
         """
         if self.done:
             return True
-        staleness = self.step - int(grad["version"])
+        staleness = self.step - grad.step
         if not 0 <= staleness <= self.max_staleness:
             self.dropped += 1
             return False
-        self._pending.append({**grad, "staleness": staleness})
-        if sum(int(g["nets"]) for g in self._pending) >= self.nets:
+        self._pending.append((grad, staleness))
+        if sum(g.nets for g, _ in self._pending) >= self.nets:
             pending, self._pending = self._pending, []
-            stats = self.apply(pending)
-            st = [g["staleness"] for g in pending]
+            # renumber: the pushes of one update are its chunks, in arrival order
+            chunks = [GradShare(self.step, c, g.images, g.raw_lrs, g.loss, g.nets) for c, (g, _) in enumerate(pending)]
+            stats = self.apply(chunks)
+            st = [s for _, s in pending]
             stats.update(staleness_mean=float(np.mean(st)), staleness_max=float(max(st)),
                          dropped=float(self.dropped))
             if self.shard.owns_lrs:  # the driver reads shard 0's statistics
@@ -175,37 +144,18 @@ class ParamServer:
 
 # -- the Ray shell -----------------------------------------------------------------------------
 
-def initial_state(problem: Any) -> dict[str, Any]:
-    """The checkpoint-format state of a fresh run (``problem``: :class:`ddray.problem.Problem`)."""
-    syn = problem.initial_synthetic()
-    opt = problem.outer_optimizer(syn)
-    return {"images": syn.images, "raw_lrs": syn.raw_lrs, "optimizer": opt.state_dict(), "step": 0}
-
-
-def restart_state(storage: str, config: dict[str, Any], start: int) -> dict[str, Any]:
+def restart_state(storage: str, config: "Config", start: int) -> RunState:
     """What a restarted server continues from: the newest valid checkpoint in ``storage``, or — if
     the run has none yet — its initial state (a function of the config)."""
-    from ddray.checkpoint import load_latest
-
-    saved = load_latest(storage)
+    saved = load_state(storage)
     if saved is not None:
         return saved
     if start > 0:
         raise RuntimeError(f"parameter server: no checkpoint visible in {storage} from this node; "
                            "use storage all nodes share (a shared path or a URI)")
-    from ddray.config import Config
     from ddray.problem import build_problem
 
-    return initial_state(build_problem(Config.from_dict(config)))
-
-
-def checkpoint_payload(parts: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
-    """All shards' states (shard order) → the checkpoint written, in :func:`ddray.distill.distill`'s format."""
-    full = merge_states(parts)
-    return {"images": full["images"], "raw_lrs": full["raw_lrs"], "optimizer": full["optimizer"],
-            "step": full["step"], "config": config,
-            "rng": {"seed": int(config["run"]["seed"]),
-                    "rule": "every draw is ddray.core.inits.derive_seed(seed, purpose, step, net)"}}
+    return RunState.initial(build_problem(config))
 
 
 class ParamServerActor:
@@ -215,20 +165,19 @@ class ParamServerActor:
     which Ray writes to the object store once and every worker of the next meta-step
     reads (no per-worker copies, and the driver can pass it on before it exists); in
     async mode :meth:`pull` hands out one ``ray.put`` per version. The driver gives the
-    server its state with :meth:`load`; after a restart by Ray it takes its part of the
-    newest valid checkpoint instead (before the first one: the run's initial state,
-    a function of the config).
+    server its state with :meth:`load`; after a restart by Ray — or when the driver
+    replaces it on another node — it takes its part of the newest valid checkpoint
+    instead (before the first one: the run's initial state, a function of the config).
     """
 
-    def __init__(self, shard: Shard, settings: dict[str, Any], storage: str, config: dict[str, Any],
-                 start: int) -> None:
+    def __init__(self, shard: Shard, storage: str, config: "Config", start: int, restore: bool = False) -> None:
         from ddray.distributed.placement import reconstructed
 
-        self.shard, self.settings, self.storage, self.config, self.start = shard, settings, storage, config, start
+        self.shard, self.storage, self.config, self.start = shard, storage, config, start
         self.ps: ParamServer | None = None
         self.ref: Any = None
         self.published = -1
-        if reconstructed():
+        if restore or reconstructed():
             self.restore()
 
     @property
@@ -236,45 +185,48 @@ class ParamServerActor:
         assert self.ps is not None, "ParamServerActor: load() or restore() first"
         return self.ps
 
-    def load(self, state: dict[str, Any]) -> int:
-        """Take this shard's part of a checkpoint-format state → its step."""
-        self.ps, self.published = ParamServer(slice_state(state, self.shard), self.shard, **self.settings), -1
+    def load(self, state: RunState) -> int:
+        """Take this shard's part of the run state → its step."""
+        self.ps, self.published = ParamServer(slice_state(state, self.shard), self.shard, self.config), -1
         return self.ps.step
 
-    def restore(self) -> tuple[Payload, int]:
+    def restore(self) -> tuple[Version, int]:
         """Roll back to the newest valid checkpoint (or the initial state) → (version, step)."""
         step = self.load(restart_state(self.storage, self.config, self.start))
         return self.server.version(), step
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "step": self.ps.step if self.ps else None, "shard": self.shard.index}
+        import ray
 
-    def latest(self) -> Payload:
+        return {"pid": os.getpid(), "step": self.ps.step if self.ps else None, "shard": self.shard.index,
+                "node": ray.get_runtime_context().get_node_id()}
+
+    def latest(self) -> Version:
         """The current version, by value (the caller passes the ref of this return on)."""
         return self.server.version()
 
-    def apply(self, grad_refs: list[Any]) -> tuple[Payload, dict[str, float]]:
-        """Sync update from the shares' gradient ObjectRefs → (the new version, stats)."""
+    def apply(self, share_refs: list[Any]) -> tuple[Version, dict[str, float]]:
+        """Sync update from the refs of the workers' shares (each a list of GradShare) → (the new version, stats)."""
         import ray
 
         t0 = time.perf_counter()
-        ray.wait(grad_refs, num_returns=len(grad_refs), fetch_local=True)  # the shares finish
+        ray.wait(share_refs, num_returns=len(share_refs), fetch_local=True)  # the shares finish
         t1 = time.perf_counter()
-        grads = ray.get(grad_refs)  # receive: zero-copy numpy views of the object store
+        shares = ray.get(share_refs)  # receive: zero-copy numpy views of the object store
         t2 = time.perf_counter()
-        stats = self.server.apply(grads)
+        stats = self.server.apply([g for share in shares for g in share])
         stats.update(t_wait=t1 - t0, t_receive=t2 - t1)
         return self.server.version(), stats
 
-    def dag_version(self, job: tuple[int, bool]) -> Payload:
+    def dag_version(self, job: tuple[int, bool]) -> Version:
         """Compiled-graph transport: the version meta-step ``job[0]`` reads."""
         if job[0] != self.server.step:
             raise RuntimeError(f"parameter server is at meta-step {self.server.step}, asked for {job[0]}")
         return self.server.version()
 
-    def dag_apply(self, job: tuple[int, bool], *grads: Payload) -> dict[str, float]:
+    def dag_apply(self, job: tuple[int, bool], *shares: list[GradShare]) -> dict[str, float]:
         """Compiled-graph transport: the update of meta-step ``job[0]`` (+ a checkpoint if ``job[1]``)."""
-        stats = self.server.apply(list(grads))  # received by the graph's channels before this call
+        stats = self.server.apply([g for share in shares for g in share])  # received by the graph's channels
         stats.update(t_wait=0.0, t_receive=0.0)
         if job[1]:
             self.checkpoint(job[0] + 1)
@@ -288,27 +240,29 @@ class ParamServerActor:
             self.ref, self.published = ray.put(self.server.version()), self.server.step
         return self.ref, self.server.done
 
-    def push(self, grad: Payload) -> bool:
+    def push(self, grads: list[GradShare]) -> bool:
         """Async: one share's gradient (applied once K networks are in). Returns ``done``."""
-        return self.server.push(grad)
+        done = False
+        for g in grads:
+            done = self.server.push(g)
+        return done
 
     def drain(self) -> list[dict[str, float]]:
         return self.server.drain()
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> ShardState:
         return self.server.state()
 
-    def checkpoint(self, expected_step: int | None, *peer_states: dict[str, Any]) -> str | None:
+    def checkpoint(self, expected_step: int | None, *peer_states: ShardState) -> str | None:
         """Shard 0: write all shards' states (``peer_states`` = shards 1…J−1) as one checkpoint.
 
         Skipped (None) when a shard is not at ``expected_step`` — its update failed and
         will be redone. ``expected_step=None`` (async) takes the shards as they are and
         records shard 0's step.
         """
-        from ddray.checkpoint import save_checkpoint
-
         parts = [self.server.state(), *peer_states]
-        if expected_step is not None and {int(p["step"]) for p in parts} != {expected_step}:
+        if expected_step is not None and {p.step for p in parts} != {expected_step}:
             return None
-        state = checkpoint_payload(parts, self.config)
-        return str(save_checkpoint(self.storage, state.pop("step"), state))
+        if expected_step is None:
+            parts = [ShardState(parts[0].step, p.images, p.raw_lrs, p.optimizer) for p in parts]
+        return str(save_state(self.storage, merge_states(parts, self.config)))

@@ -1,12 +1,13 @@
-"""Connecting to Ray and placing the actors: one placement group for workers + parameter servers.
+"""Connecting to Ray, and what each worker gets: CPUs, a GPU or a share of one, torch threads.
 
-Bundle i holds worker i; the parameter-server shards (a fractional CPU each) ride
-in the bundles of workers 0, 1, … and take their CPU out of that worker's share,
-so the group needs no extra node under ``strict-spread``. Workers get one GPU each
-where the cluster has GPUs; otherwise a CPU share and exactly
-``threads = max(1, ⌊CPUs⌋)`` torch threads, so the threads of the workers on a node
-never exceed the CPUs Ray assigned them (with more workers than CPUs each still
-needs one thread; a warning says so).
+A worker's resources come from the config (``--cpus-per-worker``, ``--gpus-per-worker``)
+or, where unset, from the cluster when the run starts (:func:`worker_resources`): one
+GPU each where the cluster has GPUs, else the largest whole number of CPUs such that
+MIN workers fit on the alive nodes now (a fraction when there are fewer CPUs than
+workers, with a warning), else one CPU — a cluster with no worker nodes yet (an
+autoscaler at ``minReplicas: 0``) gets a request it can answer. Every worker runs
+``round(cpus)`` torch threads (at least one), so the threads on a node never exceed
+the CPUs Ray assigned there. Where the workers go is :mod:`.slots`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from ddray.config import ClusterConfig
+
 STRATEGIES = {"spread": "SPREAD", "strict-spread": "STRICT_SPREAD", "pack": "PACK"}
-PS_CPUS = 0.05  # per parameter-server shard: it mostly waits on the object store
 CONNECT_TIMEOUT_S = 10.0
-PLACEMENT_TIMEOUT_S = float(os.environ.get("DDRAY_PLACEMENT_TIMEOUT_S", "300"))
+
+
+class CapacityError(RuntimeError):
+    """The cluster did not provide what the run asked for within ``--placement-timeout`` (one-line message)."""
 
 
 def reconstructed() -> bool:
@@ -81,52 +86,26 @@ def connect(address: str | None) -> bool:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The placement group: one bundle per worker; PS shard j rides in bundle j mod W.
+class WorkerResources:
+    """What one worker (and one pool task) reserves: ``cpus`` CPUs and ``gpus`` GPUs (a fraction shares a card)."""
 
-    A worker's own request is its bundle minus the shards riding in it, and its torch
-    threads are the whole CPUs of that request (at least one).
-    """
+    cpus: float
+    gpus: float = 0.0
 
-    bundles: list[dict[str, float]]
-    worker_cpus: list[float]
-    worker_gpus: float
-    ps_cpus: float
-    strategy: str
-    first_worker_bundle: int = 0  # > 0 in a Ray Tune trial's group: [driver, PS × J, worker × W]
-    first_ps_bundle: int | None = None
+    @property
+    def threads(self) -> int:
+        """torch intra-op threads: the whole CPUs of the reservation (at least one)."""
+        return max(1, round(self.cpus))
 
     @property
     def device(self) -> str:
-        return "cuda" if self.worker_gpus else "cpu"
+        return "cuda" if self.gpus > 0 else "cpu"
 
-    def threads(self, worker: int) -> int:
-        # Rounded, not floored: a parameter-server shard riding in the bundle holds a 0.05-CPU
-        # sliver and mostly waits, so one worker on a 2-CPU machine should still use both cores.
-        return max(1, round(self.worker_cpus[worker]))
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
 
-    def worker_bundle(self, worker: int) -> int:
-        return self.first_worker_bundle + worker
-
-    def ps_bundle(self, shard: int) -> int:
-        if self.first_ps_bundle is not None:
-            return self.first_ps_bundle + shard
-        return shard % len(self.worker_cpus)
-
-
-def plan_in_group(bundles: list[dict[str, float]], workers: int, shards: int) -> Plan | None:
-    """A plan inside an existing group laid out as a Ray Tune trial reserves it — bundle 0 the
-    trial's driver, then one per parameter-server shard, then one per worker — or None if
-    ``bundles`` does not have that shape."""
-    if len(bundles) != 1 + shards + workers:
-        return None
-    ws = bundles[1 + shards:]
-    cpus = [float(b.get("CPU", 0.0)) for b in ws]
-    gpus = float(ws[0].get("GPU", 0.0))
-    if any(float(b.get("GPU", 0.0)) != gpus for b in ws):
-        return None
-    return Plan(bundles, cpus, gpus, float(bundles[1].get("CPU", 0.0)), "(the trial's group)",
-                first_worker_bundle=1 + shards, first_ps_bundle=1)
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in self.bundle().items())
 
 
 def _fits(capacities: list[float], size: float, count: int, strict: bool) -> bool:
@@ -135,65 +114,30 @@ def _fits(capacities: list[float], size: float, count: int, strict: bool) -> boo
     return sum(min(1, n) if strict else n for n in per_node) >= count
 
 
-def plan_resources(nodes: list[dict[str, float]], workers: int, shards: int, placement: str,
-                   cpus_per_worker: float | None = None) -> Plan:
-    """Decide each worker's CPUs/GPU from the alive nodes' resources (``ray.nodes()[i]["Resources"]``).
-
-    CPU workers get the largest bundle (whole CPUs if possible) such that W bundles
-    fit; ValueError if even a sliver per worker does not fit.
-    """
-    strategy = STRATEGIES[placement]
-    strict = placement == "strict-spread"
-    gpus = sum(n.get("GPU", 0.0) for n in nodes)
-    if gpus >= 1:
-        if gpus < workers:
-            raise ValueError(f"--workers: invalid value {workers}; the cluster has {gpus:g} GPUs and each "
-                             f"worker takes one")
-        return Plan([{"CPU": 1.0, "GPU": 1.0}] * workers, [1.0 - PS_CPUS if i < shards else 1.0
-                                                         for i in range(workers)], 1.0, PS_CPUS, strategy)
+def worker_resources(cluster: ClusterConfig, nodes: list[dict[str, float]]) -> WorkerResources:
+    """Each worker's resources: the config's, else derived from the alive nodes' resources
+    (``ray.nodes()[i]["Resources"]``) as the module docstring says."""
+    gpus = cluster.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if any(n.get("GPU", 0.0) >= 1 for n in nodes) else 0.0
+    if cluster.cpus_per_worker is not None:
+        return WorkerResources(float(cluster.cpus_per_worker), float(gpus))
+    if gpus:
+        return WorkerResources(1.0, float(gpus))
     caps = [n.get("CPU", 0.0) for n in nodes if n.get("CPU", 0.0) > 0]
-    riders = [sum(1 for j in range(shards) if j % workers == i) for i in range(workers)]
-
-    def ps_share(c: float) -> float:  # a PS shard never takes more than half a bundle
-        return min(PS_CPUS, c / (2 * max(riders)))
-
-    def ok(c: float) -> bool:
-        return c > 0 and _fits(caps, c, workers, strict)
-
-    c: float | None
-    if cpus_per_worker is not None:
-        want = cpus_per_worker + max(riders) * PS_CPUS
-        c = want if ok(want) else None
-    else:
-        c = next((float(c) for c in range(int(max(caps, default=0)), 0, -1) if ok(c)), None)
-        if c is None:  # fewer CPUs than workers: the largest fractional share that fits (bisection)
-            lo, hi = 0.0, 1.0
-            for _ in range(30):
-                lo, hi = ((lo + hi) / 2, hi) if ok((lo + hi) / 2) else (lo, (lo + hi) / 2)
-            c = math.floor(1000 * lo) / 1000 if ok(math.floor(1000 * lo) / 1000) else None
-    if c is None:
-        raise ValueError(f"--workers {workers} --placement {placement}: cannot place {workers} worker(s) "
-                         f"(+{shards} parameter-server shard(s)) on nodes with CPUs {caps}")
-    if c < 1 and workers > sum(caps):
-        warnings.warn(f"{workers} workers on {sum(caps):g} CPUs: each gets {c:g} CPU but runs one thread; "
-                      f"the CPUs are oversubscribed", stacklevel=2)
-    ps = ps_share(c)
-    return Plan([{"CPU": c}] * workers, [round(c - r * ps, 6) for r in riders], 0.0, ps, strategy)
-
-
-def create_group(plan: Plan, timeout: float = PLACEMENT_TIMEOUT_S) -> Any:
-    """The placement group of ``plan``, ready; ValueError naming the request if it cannot be placed in time."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    pg = placement_group(plan.bundles, strategy=plan.strategy)
-    try:
-        ray.get(pg.ready(), timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
-        raise ValueError(f"placement group {plan.bundles} ({plan.strategy}) could not be placed within "
-                         f"{timeout:.0f} s; cluster resources: {ray.cluster_resources()}") from None
-    return pg
+    want, strict = cluster.min_workers, cluster.placement == "strict-spread"
+    whole = [float(c) for c in range(int(max(caps, default=0)), 0, -1) if _fits(caps, c, want, strict)]
+    if whole:
+        return WorkerResources(whole[0])
+    if not caps or strict:
+        return WorkerResources(1.0)  # nothing fits now: ask for one CPU each and wait for nodes
+    lo, hi = 0.0, 1.0  # fewer CPUs than workers: the largest fraction that fits (bisection)
+    for _ in range(30):
+        lo, hi = ((lo + hi) / 2, hi) if _fits(caps, (lo + hi) / 2, want, strict) else (lo, (lo + hi) / 2)
+    c = max(0.001, math.floor(1000 * lo) / 1000)
+    warnings.warn(f"{want} workers on {sum(caps):g} CPUs: each gets {c:g} CPU but runs one thread; the CPUs are "
+                  f"oversubscribed (set --cpus-per-worker to choose)", stacklevel=2)
+    return WorkerResources(c)
 
 
 def alive_nodes() -> list[dict[str, float]]:
@@ -201,3 +145,52 @@ def alive_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def cluster_summary(nodes: list[dict[str, float]] | None = None) -> str:
+    """``"3 alive nodes with CPU 2, GPU 0 in all"`` (for waiting messages and errors)."""
+    nodes = alive_nodes() if nodes is None else nodes
+    cpu, gpu = sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
+    return f"{len(nodes)} alive node{'s' * (len(nodes) != 1)} with CPU {cpu:g}, GPU {gpu:g} in all"
+
+
+def missing(resources: WorkerResources, nodes: list[dict[str, float]]) -> str:
+    """What no alive node offers for one worker, e.g. ``"no node has a GPU"`` (empty if one could host it)."""
+    if resources.gpus and not any(n.get("GPU", 0.0) > 0 for n in nodes):
+        return "no node has a GPU"
+    if not any(all(n.get(k, 0.0) >= v for k, v in resources.bundle().items()) for n in nodes):
+        return f"no node has {resources} free for a worker"
+    return ""
+
+
+@dataclass(frozen=True)
+class TrialLayout:
+    """Inside a Ray Tune trial's group — bundle 0 the trial driver, then one bundle per
+    parameter-server shard, then one per worker — where each actor goes."""
+
+    resources: WorkerResources
+    workers: int
+    first_worker_bundle: int
+    ps_cpus: float
+
+    def ps_bundle(self, shard: int) -> int:
+        return 1 + shard
+
+
+def trial_layout(bundles: list[dict[str, float]], workers: int, shards: int) -> TrialLayout | None:
+    """The layout of a Tune trial's group (:meth:`ddray.tune_config.TuneSpec.placement`), or None if
+    ``bundles`` does not have that shape."""
+    if len(bundles) != 1 + shards + workers:
+        return None
+    ws = bundles[1 + shards:]
+    if any(b != ws[0] for b in ws):
+        return None
+    return TrialLayout(WorkerResources(float(ws[0].get("CPU", 0.0)), float(ws[0].get("GPU", 0.0))), workers,
+                       1 + shards, float(bundles[1].get("CPU", 0.0)))
+
+
+def current_group() -> Any:
+    """The placement group this process runs in (a Ray Tune trial's), or None."""
+    from ray.util import get_current_placement_group
+
+    return get_current_placement_group()

@@ -1,87 +1,113 @@
-"""Meta-gradient workers: each computes Σ over its share of a meta-step's K networks.
+"""Meta-gradient workers: each computes the chunks of a meta-step it is given, and evaluation chunks.
 
 :class:`MetaGradWorker` loads its own copy of the real data through the data
-registry (``build_problem`` inside the worker process — nothing is pickled from
-the driver) and calls the core objective. All randomness of a meta-step is
-derived from (run seed, step, net index) (core/inits.py), so a share gives the
-same sum on any worker and a recomputed share equals the lost one; each worker
-also seeds torch's global generator from (run seed, worker index, step) so that
-any unkeyed draw is independent of scheduling too.
+registry (``build_problem`` inside the worker process — nothing is pickled from the
+driver) and calls the core objective once per chunk (:mod:`ddray.chunks`): all
+randomness of a chunk is derived from (run seed, step, net index, chunk), so a chunk
+gives the same gradient on any worker and a recomputed chunk equals the lost one.
+It also trains held-out networks on a version of the synthetic set
+(:meth:`MetaGradWorker.predict`), so evaluation runs where the workers are.
 
 :class:`SimulatedWorker` returns a precomputed gradient without computing it (the
 benchmarks use it to isolate orchestration cost); it does not import torch, so
 dozens of them fit on a small machine.
 
-:class:`WorkerActor` is the Ray shell (``ray.remote`` is applied in :mod:`.fleet`).
+:class:`WorkerActor` is the Ray shell (``ray.remote`` is applied in :mod:`.fleet`);
+``kind="plain"`` is a worker with no run of its own, for :meth:`WorkerActor.call` jobs.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ddray.distributed.shards import Payload, Shard
+from ddray.distributed.messages import GradShare, Version
+from ddray.distributed.shards import Shard
 
-WORKER_STREAM = 100  # seed purpose of a worker's own stream (core/inits.py uses 0…6)
+if TYPE_CHECKING:
+    from ddray.config import Config
+    from ddray.evaluation import EvalJob
+
+Chunk = tuple[int, list[int]]  # (chunk index, the net indices in it)
 
 
-def split_nets(nets: int, workers: int) -> list[list[int]]:
-    """The K = ``nets`` net indices of a meta-step in contiguous shares, one per worker (some may be empty)."""
-    return [[int(i) for i in part] for part in np.array_split(np.arange(nets), workers)]
+def slice_grads(step: int, chunk: int, g_images: np.ndarray, g_raw: np.ndarray, loss: float, nets: int,
+                layout: list[Shard]) -> list[GradShare]:
+    """One chunk's gradient as one :class:`GradShare` per shard: its block of image columns (ρ for shard 0)."""
+    return [GradShare(step, chunk, np.ascontiguousarray(g_images[:, s.lo:s.hi]), g_raw if s.owns_lrs else None,
+                      loss, nets) for s in layout]
 
 
-def slice_grads(g_images: np.ndarray, g_raw: np.ndarray, loss: float, nets: int, layout: list[Shard],
-                versions: list[Payload]) -> list[Payload]:
-    """One gradient payload per shard: its block of image columns (ρ for shard 0)."""
-    return [{"images": np.ascontiguousarray(g_images[:, s.lo:s.hi]),
-             "raw_lrs": g_raw if s.owns_lrs else None, "loss": loss, "nets": nets,
-             "version": int(versions[s.index]["step"])} for s in layout]
+def full_images(versions: list[Version]) -> np.ndarray:
+    """x̃ (S, N, C, H, W) from the shards' versions (shard order)."""
+    return np.concatenate([v.images for v in versions], axis=1)
 
 
 class MetaGradWorker:
-    """Computes meta-gradients for shares of meta-steps (plain class; unit-testable without Ray).
+    """Computes meta-gradients of chunks of meta-steps, and evaluation chunks (plain class; no Ray needed).
 
     Args:
-        config: the run config as a dict (``Config.to_dict()``).
-        index: this worker's index (for its own seed stream and logs).
-        threads: torch intra-op threads — the CPUs Ray assigned this worker.
+        config: the run config.
+        index: this worker's slot (for logs).
+        threads: torch intra-op threads — ``round`` of the CPUs Ray assigned this worker.
         layout: the parameter-server shards (where to send which slice).
         device: ``"cpu"`` or ``"cuda"``.
     """
 
-    def __init__(self, config: dict[str, Any], index: int, threads: int, layout: list[Shard],
-                 device: str = "cpu") -> None:
+    def __init__(self, config: "Config", index: int, threads: int, layout: list[Shard], device: str = "cpu") -> None:
         import torch
 
-        from ddray.config import Config
         from ddray.problem import build_problem
 
         torch.set_num_threads(max(1, threads))
         self.index, self.layout, self.device = index, layout, torch.device(device)
-        self.config = Config.from_dict(config)
-        problem = build_problem(self.config)  # loads the real data in this process
-        self.objective = problem.objective()  # the method's (ddray.problem.OBJECTIVES)
-        if self.device.type != "cpu":
-            self.objective = self.objective.to(self.device)
+        self.config = config
+        self.problem = build_problem(config)  # loads the real data in this process
+        self._objective: Any = None
 
-    def compute(self, step: int, nets: list[int], versions: list[Payload]) -> tuple[dict[str, Any], list[Payload]]:
-        """Σ over ``nets`` of ∂ℓ/∂(x̃, ρ) at the given versions (one per shard) → (meta, per-shard grads)."""
+    @property
+    def objective(self) -> Any:
+        """The method's meta-gradient (:data:`ddray.problem.OBJECTIVES`), built on first use."""
+        if self._objective is None:
+            objective = self.problem.objective()
+            self._objective = objective.to(self.device) if self.device.type != "cpu" else objective
+        return self._objective
+
+    def compute(self, step: int, chunks: list[Chunk], versions: list[Version]) -> list[list[GradShare]]:
+        """Each chunk's Σ of ∂ℓ/∂(x̃, ρ) at ``versions`` (one per shard) → per shard, one GradShare per chunk."""
         import torch
 
-        from ddray.core.inits import derive_seed
+        from ddray.chunks import chunk_gradient
 
-        t0 = time.perf_counter()
-        images = torch.from_numpy(np.concatenate([v["images"] for v in versions], axis=1))
-        raw = torch.from_numpy(np.array(versions[0]["raw_lrs"], dtype=np.float32))
-        torch.manual_seed(derive_seed(self.config.run.seed, WORKER_STREAM, self.index, step))
-        g = self.objective(images.to(self.device), raw.to(self.device), step, nets)
-        grads = slice_grads(g.images.detach().cpu().numpy(), g.raw_lrs.detach().cpu().numpy(), g.loss, g.nets,
-                            self.layout, versions)
-        meta = {"worker": self.index, "nets": g.nets, "loss": g.loss, "seconds": time.perf_counter() - t0}
-        return meta, grads
+        if any(v.step != step for v in versions):
+            raise RuntimeError(f"worker {self.index}: meta-step {step} was given versions "
+                               f"{[v.step for v in versions]}")
+        images = torch.from_numpy(full_images(versions)).to(self.device)
+        raw = torch.from_numpy(np.array(versions[0].raw_lrs, dtype=np.float32)).to(self.device)
+        per_shard: list[list[GradShare]] = [[] for _ in self.layout]
+        for c, nets in chunks:
+            g = chunk_gradient(self.objective, images, raw, step, c, nets, self.config.run.seed)
+            parts = slice_grads(step, c, g.images.detach().cpu().numpy(), g.raw_lrs.detach().cpu().numpy(), g.loss,
+                                g.nets, self.layout)
+            for j, part in enumerate(parts):
+                per_shard[j].append(part)
+        return per_shard
+
+    def predict(self, job: "EvalJob", ids: list[int], versions: list[Version]) -> np.ndarray:
+        """Held-out networks ``ids`` trained on the set of ``versions`` → test predictions (len(ids), M)."""
+        import torch
+
+        from ddray.distill import synthetic, to_distilled
+        from ddray.evaluation import predict_nets
+        from ddray.state import RunState
+
+        images = torch.from_numpy(full_images(versions))
+        raw = torch.from_numpy(np.array(versions[0].raw_lrs, dtype=np.float32))
+        state = RunState(versions[0].step, images, raw, {}, self.config)
+        d = to_distilled(self.problem, synthetic(self.problem, state), state.step)
+        return predict_nets(self.problem, d, job, ids).cpu().numpy()
 
 
 class SimulatedWorker:
@@ -95,37 +121,44 @@ class SimulatedWorker:
     def __init__(self, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
         self.cache: dict[tuple[int, ...], np.ndarray] = {}
-        self.index = 0
 
     def _fixed(self, shape: tuple[int, ...]) -> np.ndarray:
         if shape not in self.cache:
             self.cache[shape] = (1e-3 * self.rng.standard_normal(shape)).astype(np.float32)
         return self.cache[shape]
 
-    def compute(self, step: int, nets: list[int], versions: list[Payload]) -> tuple[dict[str, Any], list[Payload]]:
-        grads = [{"images": self._fixed(v["images"].shape),
-                  "raw_lrs": None if v["raw_lrs"] is None else self._fixed(v["raw_lrs"].shape),
-                  "loss": 1.0 * len(nets), "nets": len(nets), "version": int(v["step"])} for v in versions]
-        return {"worker": self.index, "nets": len(nets), "loss": 1.0 * len(nets), "seconds": 0.0}, grads
+    def compute(self, step: int, chunks: list[Chunk], versions: list[Version]) -> list[list[GradShare]]:
+        return [[GradShare(v.step, c, self._fixed(v.images.shape),
+                           None if v.raw_lrs is None else self._fixed(v.raw_lrs.shape), 1.0 * len(nets), len(nets))
+                 for c, nets in chunks] for v in versions]
 
 
-WORKER_KINDS: dict[str, Callable[..., Any]] = {"meta": MetaGradWorker, "simulated": SimulatedWorker}
+class PlainWorker:
+    """A worker with no run of its own: it runs :meth:`WorkerActor.call` jobs with ``threads`` torch threads."""
+
+    def __init__(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
 
 
-def async_loop(worker: Any, index: int, workers: int, nets: int, pull: Callable[[], list[Payload] | None],
-               push: Callable[[list[Payload]], bool], offset: int = 0) -> int:
+WORKER_KINDS: dict[str, Callable[..., Any]] = {"meta": MetaGradWorker, "simulated": SimulatedWorker,
+                                               "plain": PlainWorker}
+
+
+def async_loop(worker: Any, index: int, slots: int, nets: int, pull: Callable[[], list[Version] | None],
+               push: Callable[[list[list[GradShare]]], bool], offset: int = 0) -> int:
     """Async mode: pull the latest version, compute a share, push it; repeat until the run is complete.
 
-    Each push covers ``len(split_nets(nets, workers)[index])`` fresh networks whose
-    indices are unique over (push, worker), so no θ₀ draw is reused. ``pull`` returns
-    None and ``push`` True once the parameter servers have all their meta-steps.
-    Returns the number of pushes.
+    Each push covers ``ceil(nets / slots)`` fresh networks whose indices are unique over
+    (push, slot), so no θ₀ draw is reused. ``pull`` returns None and ``push`` True once the
+    parameter servers have all their meta-steps. Returns the number of pushes.
     """
-    share = len(split_nets(nets, workers)[index]) or 1
+    share = -(-nets // slots)
     n = offset
     while (versions := pull()) is not None:
-        ids = [(n * workers + index) * nets + j for j in range(share)]
-        _, grads = worker.compute(int(versions[0]["step"]), ids, versions)
+        ids = [(n * slots + index) * nets + j for j in range(share)]
+        grads = worker.compute(versions[0].step, [(0, ids)], versions)
         n += 1
         if push(grads):
             break
@@ -146,23 +179,30 @@ class WorkerActor:
 
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "restarted": self.restarted}
 
-    def compute(self, step: int, nets: list[int], *versions: Payload) -> Any:
-        """``versions``: the shards' current versions → the gradient for shard 0, …, shard J−1."""
-        _, grads = self.impl.compute(step, nets, list(versions))
-        return grads[0] if len(grads) == 1 else tuple(grads)
+    def compute(self, step: int, chunks: list[Chunk], *versions: Version) -> Any:
+        """``versions``: the shards' current versions → the chunks' GradShares for shard 0, …, shard J−1."""
+        per_shard = self.impl.compute(step, chunks, list(versions))
+        return per_shard[0] if len(per_shard) == 1 else tuple(per_shard)
 
-    def dag_compute(self, job: tuple[int, bool], nets: list[int], *versions: Payload) -> Any:
+    def dag_compute(self, job: tuple[int, bool], chunks: list[Chunk], *versions: Version) -> Any:
         """Compiled-graph transport: :meth:`compute` for meta-step ``job[0]``."""
-        return self.compute(job[0], nets, *versions)
+        return self.compute(job[0], chunks, *versions)
 
-    def run_async(self, servers: list[Any], index: int, workers: int, nets: int, offset: int) -> int:
+    def predict(self, job: "EvalJob", ids: list[int], *versions: Version) -> np.ndarray:
+        return self.impl.predict(job, ids, list(versions))  # type: ignore[no-any-return]
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` here (a job of :meth:`ddray.distributed.pool.WorkerPool.run`)."""
+        return fn(*args)
+
+    def run_async(self, servers: list[Any], index: int, slots: int, nets: int, offset: int) -> int:
         import ray
 
-        def pull() -> list[Payload] | None:
+        def pull() -> list[Version] | None:
             latest = ray.get([s.pull.remote() for s in servers])
             return None if all(done for _, done in latest) else ray.get([ref for ref, _ in latest])
 
-        def push(grads: list[Payload]) -> bool:
+        def push(grads: list[list[GradShare]]) -> bool:
             return all(ray.get([s.push.remote(g) for s, g in zip(servers, grads)]))
 
-        return async_loop(self.impl, index, workers, nets, pull, push, offset)
+        return async_loop(self.impl, index, slots, nets, pull, push, offset)

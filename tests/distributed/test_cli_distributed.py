@@ -52,6 +52,14 @@ def no_ray_started() -> object:
 
 @pytest.mark.parametrize("flags, message", [
     (["--workers", "0"], "--workers: invalid value 0; expected a positive integer"),
+    (["--workers", "3:1"], "--workers: invalid value '3:1'; expected a positive integer N, or MIN:MAX with "
+                           "1 <= MIN <= MAX"),
+    (["--workers", "a:b"], "--workers: invalid value 'a:b'; expected a positive integer N, or MIN:MAX"),
+    (["--gpus-per-worker", "-1"], "--gpus-per-worker: invalid value -1.0; expected a number >= 0"),
+    (["--gpus-per-worker", "1.5"], "--gpus-per-worker: invalid value 1.5; expected a number >= 0: a fraction up "
+                                   "to 1 (workers share a GPU) or a whole number"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker: invalid value 0.0; expected a positive number"),
+    (["--placement-timeout", "-5"], "--placement-timeout: invalid value -5.0; expected a positive number"),
     (["--max-staleness", "-1"], "--max-staleness: invalid value -1; expected an integer >= 0"),
     (["--placement", "ring"], "--placement: invalid value 'ring'; choose one of spread, strict-spread, pack"),
     (["--shards", "11"], "--shards: invalid value 11; at most one shard per class (10 classes)"),
@@ -99,3 +107,20 @@ def test_fresh_run_refuses_a_storage_with_checkpoints(capsys: pytest.CaptureFixt
     rc, err = run(capsys, *FAST, "--out", str(tmp_path / "new"), "--storage", str(finished_run / "checkpoints"))
     assert rc == 2 and "already holds checkpoints of a run; continue it with --resume" in err
     assert snapshot(finished_run) == before and not (tmp_path / "new").exists()
+
+
+def test_resume_auto_on_a_different_config_names_the_first_differing_key(
+        capsys: pytest.CaptureFixture[str], finished_run: Path) -> None:
+    before = snapshot(finished_run)
+    rc, err = run(capsys, *FAST, "--iterations", "2", "--checkpoint-every", "1", "--seed", "0", "--ipc", "1",
+                  "--steps", "3", "--out", str(finished_run), "--resume", "auto")
+    assert rc == 2 and err.count("\n") == 0
+    assert "--resume auto:" in err and "holds a run of a different config (first difference: distill.steps = 2 " \
+        "there, 3 now)" in err
+    assert snapshot(finished_run) == before
+
+
+def test_resume_auto_needs_an_out_directory(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = run(capsys, *FAST, "--resume", "auto")
+    assert rc == 2 and err == "ddray distill: error: --resume auto: needs --out DIR, a path that stays the same " \
+        "when the run is retried"

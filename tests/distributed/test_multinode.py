@@ -1,22 +1,20 @@
-"""Several Ray nodes on 127.0.0.1 (ray.cluster_utils.Cluster): workers land on different nodes."""
+"""Worker slots on several Ray nodes on 127.0.0.1 (ray.cluster_utils.Cluster): --placement is honoured,
+pending slots are placed when a node joins, waiting ends in a one-line CapacityError."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from dist_support import named_actor, tiny
-
-from ddray.distributed.driver import distill_ray
+from ddray.distributed.placement import CapacityError, WorkerResources
+from ddray.distributed.slots import Slots
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    """This module's one Ray instance: a head with no CPUs for workers and two 1-CPU nodes, on 127.0.0.1."""
+    """This module's one Ray instance: a head with no CPUs for workers and two 2-CPU nodes, on 127.0.0.1."""
     import ray
     import ray._common.utils
     import ray._private.ray_constants
@@ -33,7 +31,7 @@ def cluster() -> Iterator[Any]:
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                           "node_ip_address": "127.0.0.1"})
         for _ in range(2):
-            c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+            c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
         c.wait_for_nodes()
         ray.init(address=c.address, log_to_driver=False, _node_ip_address="127.0.0.1")
         yield c
@@ -41,18 +39,59 @@ def cluster() -> Iterator[Any]:
         c.shutdown()
 
 
-def test_workers_on_different_nodes_and_the_run_completes(cluster: Any, tmp_path: Path) -> None:
+@pytest.fixture(autouse=True)
+def all_cpus_free(cluster: Any) -> None:
+    """Start each test when the last test's removed groups have given their CPUs back (hints use what is free)."""
+    import time
+
     import ray
 
-    nodes: dict[str, str] = {}
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
-    def where(step: int, metrics: dict) -> None:
-        if step == 1:
-            for i in range(2):
-                actor, _ = named_actor(f"worker-{i}")
-                nodes[f"worker-{i}"] = ray.get(actor.ping.remote())["node"]
 
-    r = distill_ray(tiny(tmp_path / "mn", iterations=3, placement="strict-spread"), progress=False,
-                    on_step=where)
-    assert len(set(nodes.values())) == 2 and cluster.head_node.node_id not in nodes.values()
-    assert json.loads((r.out / "meta.json").read_text())["iterations"] == 3
+def placed_nodes(slots: Slots, count: int) -> list[str]:
+    slots.wait(count, timeout=60)
+    return [n for n in (slots.node(i) for i in slots.placed()) if n]
+
+
+def test_spread_puts_slots_on_different_nodes_while_nodes_have_room(cluster: Any) -> None:
+    slots = Slots(WorkerResources(1.0), 2, "spread")
+    try:
+        nodes = placed_nodes(slots, 2)
+        assert len(set(nodes)) == 2 and cluster.head_node.node_id not in nodes
+    finally:
+        slots.remove()
+
+
+def test_pack_fills_a_node_first(cluster: Any) -> None:
+    slots = Slots(WorkerResources(1.0), 2, "pack")
+    try:
+        assert len(set(placed_nodes(slots, 2))) == 1
+    finally:
+        slots.remove()
+
+
+def test_strict_spread_never_shares_a_node_and_waits_for_more_nodes(cluster: Any) -> None:
+    """Three 1-CPU slots on two 2-CPU nodes: two are placed on distinct nodes, the third waits (a node
+    would have room, but not one without a slot), and the wait ends in a one-line error."""
+    slots = Slots(WorkerResources(1.0), 3, "strict-spread")
+    try:
+        nodes = placed_nodes(slots, 2)
+        assert len(set(nodes)) == 2 and slots.pending() == 1
+        with pytest.raises(CapacityError) as e:
+            slots.wait(3, timeout=2)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("--placement-timeout 2: 1 more worker(s) of {CPU 1} each could "
+                                                  "not be placed in 2 s (2 placed); the cluster has 3 alive nodes "
+                                                  "with CPU 4, GPU 0 in all")
+        node = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        try:
+            assert len(set(placed_nodes(slots, 3))) == 3
+        finally:
+            slots.remove()
+            cluster.remove_node(node)
+    finally:
+        slots.remove()

@@ -1,4 +1,4 @@
-"""Resource planning and connecting, without starting Ray."""
+"""What each worker gets, and connecting — without starting Ray."""
 
 from __future__ import annotations
 
@@ -7,46 +7,61 @@ import time
 
 import pytest
 
-from ddray.distributed.placement import check_reachable, plan_resources
+from ddray.config import ClusterConfig
+from ddray.distributed.placement import (WorkerResources, check_reachable, missing, trial_layout,
+                                         worker_resources)
 
 
-def test_two_workers_on_two_cpus_one_thread_each() -> None:
-    plan = plan_resources([{"CPU": 2.0}], workers=2, shards=1, placement="spread")
-    assert plan.bundles == [{"CPU": 1.0}, {"CPU": 1.0}] and plan.strategy == "SPREAD"
-    assert [plan.threads(i) for i in range(2)] == [1, 1]
-    assert plan.worker_cpus[0] + plan.ps_cpus == 1.0  # the PS shard rides in worker 0's bundle
+def test_the_config_decides_when_it_says() -> None:
+    r = worker_resources(ClusterConfig(cpus_per_worker=3, gpus_per_worker=0.25), [{"CPU": 1.0}])
+    assert (r.cpus, r.gpus, r.threads, r.device) == (3.0, 0.25, 3, "cuda")
+    assert r.bundle() == {"CPU": 3.0, "GPU": 0.25} and str(r) == "CPU 3, GPU 0.25"
+    assert WorkerResources(0.5).threads == 1 and WorkerResources(2.4).threads == 2
 
 
-def test_threads_never_exceed_the_cpus_of_a_node() -> None:
-    plan = plan_resources([{"CPU": 16.0}], workers=4, shards=2, placement="pack")
-    assert plan.bundles == [{"CPU": 4.0}] * 4 and plan.strategy == "PACK"
-    assert sum(plan.threads(i) for i in range(4)) <= 16
-    assert [plan.threads(i) for i in range(4)] == [4, 4, 4, 4]  # the PS slivers (0.05 CPU) round away
+def test_derived_from_the_nodes_alive_now() -> None:
+    assert worker_resources(ClusterConfig(workers=1), [{"CPU": 2.0}]) == WorkerResources(2.0)
+    assert worker_resources(ClusterConfig(workers=2), [{"CPU": 2.0}]) == WorkerResources(1.0)
+    assert worker_resources(ClusterConfig(workers=4), [{"CPU": 16.0}]) == WorkerResources(4.0)
+    head_and_two = [{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+    assert worker_resources(ClusterConfig(workers="1:3"), head_and_two) == WorkerResources(1.0)  # MIN fits
+    assert worker_resources(ClusterConfig(workers=2, placement="strict-spread"), [{"CPU": 4.0}, {"CPU": 1.0}]) \
+        == WorkerResources(1.0)  # one per node
 
 
-def test_one_worker_on_two_cpus_uses_both() -> None:
-    plan = plan_resources([{"CPU": 2.0}], workers=1, shards=1, placement="spread")
-    assert plan.threads(0) == 2
+def test_gpus_one_per_worker_where_the_cluster_has_them() -> None:
+    r = worker_resources(ClusterConfig(workers=3), [{"CPU": 8.0, "GPU": 2.0}])
+    assert r == WorkerResources(1.0, 1.0)  # 3 workers, 2 GPUs now: the third waits for a node
+    assert worker_resources(ClusterConfig(gpus_per_worker=0), [{"CPU": 8.0, "GPU": 2.0}]).gpus == 0.0
 
 
-def test_strict_spread_needs_a_node_per_worker() -> None:
-    nodes = [{"CPU": 0.0}, {"CPU": 2.0}, {"CPU": 2.0}]  # a head without CPUs for workers
-    assert plan_resources(nodes, 2, 1, "strict-spread").strategy == "STRICT_SPREAD"
-    with pytest.raises(ValueError, match="cannot place 3 worker"):
-        plan_resources(nodes, 3, 1, "strict-spread")
+def test_an_empty_cluster_gets_a_request_an_autoscaler_can_answer() -> None:
+    """A KubeRay head with num-cpus 0 and no workers yet: ask for one CPU each and wait."""
+    assert worker_resources(ClusterConfig(workers=4), [{"CPU": 0.0}]) == WorkerResources(1.0)
 
 
 def test_more_workers_than_cpus_get_fractions_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="oversubscribed"):
-        plan = plan_resources([{"CPU": 2.0}], workers=8, shards=1, placement="spread")
-    assert 8 * plan.bundles[0]["CPU"] <= 2.0 and plan.threads(3) == 1
+        r = worker_resources(ClusterConfig(workers=8), [{"CPU": 2.0}])
+    assert 8 * r.cpus <= 2.0 and r.threads == 1
 
 
-def test_gpus_one_per_worker() -> None:
-    plan = plan_resources([{"CPU": 8.0, "GPU": 2.0}], workers=2, shards=1, placement="spread")
-    assert plan.device == "cuda" and all(b["GPU"] == 1.0 for b in plan.bundles)
-    with pytest.raises(ValueError, match="--workers: invalid value 3; the cluster has 2 GPUs"):
-        plan_resources([{"CPU": 8.0, "GPU": 2.0}], workers=3, shards=1, placement="spread")
+def test_missing_names_what_no_node_offers() -> None:
+    assert missing(WorkerResources(1.0, 1.0), [{"CPU": 4.0}]) == "no node has a GPU"
+    assert missing(WorkerResources(8.0), [{"CPU": 4.0}, {"CPU": 2.0}]) == "no node has CPU 8 free for a worker"
+    assert missing(WorkerResources(2.0), [{"CPU": 4.0}]) == ""
+
+
+def test_a_tune_trials_group_is_used_as_laid_out() -> None:
+    """[driver, PS × J, worker × W] (ddray.tune_config's trial bundles) → workers and shards in their bundles."""
+    bundles = [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 3.0}]
+    layout = trial_layout(bundles, workers=3, shards=2)
+    assert layout is not None and layout.resources == WorkerResources(3.0)
+    assert layout.first_worker_bundle == 3 and [layout.ps_bundle(j) for j in range(2)] == [1, 2]
+    assert layout.ps_cpus == 0.5
+    assert trial_layout(bundles, workers=2, shards=2) is None  # another shape: the fleet makes its own slots
+    gpu = trial_layout([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}], workers=1, shards=1)
+    assert gpu is not None and gpu.resources.device == "cuda"
 
 
 def test_unreachable_address_fails_fast_naming_it() -> None:
@@ -60,17 +75,3 @@ def test_unreachable_address_fails_fast_naming_it() -> None:
     with pytest.raises(ValueError, match="--address: invalid value"):
         check_reachable("ray://:x")
     check_reachable("auto")  # resolved by ray.init itself
-
-
-def test_a_tune_trials_group_is_used_as_laid_out() -> None:
-    """[driver, PS × J, worker × W] (ddray.tune_config's trial bundles) → workers and shards in their bundles."""
-    from ddray.distributed.placement import plan_in_group
-
-    bundles = [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 3.0}]
-    plan = plan_in_group(bundles, workers=3, shards=2)
-    assert plan is not None and plan.device == "cpu"
-    assert [plan.worker_bundle(i) for i in range(3)] == [3, 4, 5] and [plan.ps_bundle(j) for j in range(2)] == [1, 2]
-    assert plan.threads(0) == 3 and plan.ps_cpus == 0.5
-    assert plan_in_group(bundles, workers=2, shards=2) is None  # another shape: the fleet makes its own group
-    gpu = plan_in_group([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}], workers=1, shards=1)
-    assert gpu is not None and gpu.device == "cuda"

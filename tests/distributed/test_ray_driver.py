@@ -1,5 +1,6 @@
-"""The Ray driver end to end on one local Ray (2 CPUs): sync = single process, faults lose nothing,
-resume is bitwise, async and sharded modes complete. Tiny configs: a run takes ~10–20 s here."""
+"""The Ray driver end to end on one local Ray (2 CPUs): sync = single process bitwise, faults lose
+nothing, resume is bitwise, async and sharded modes complete. Tiny configs: a run takes ~10–20 s here.
+(Several nodes, nodes joining and leaving, the CLI as users run it: test_elastic.py.)"""
 
 from __future__ import annotations
 
@@ -30,9 +31,18 @@ def one_worker_threads() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The single-process reference computes as a 1-CPU worker does: one torch thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def straight(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> DistillResult:
-    """The reference: W = 2, 6 meta-steps, checkpoints at 3 and 6, no faults."""
+    """The reference: W = 2 (1 CPU each), 6 meta-steps, checkpoints at 3 and 6, no faults."""
     return distill_ray(tiny(tmp_path_factory.mktemp("straight")), progress=False)
 
 
@@ -40,17 +50,20 @@ def same(a: DistillResult, b: DistillResult) -> bool:
     return torch.equal(a.distilled.images, b.distilled.images) and torch.equal(a.distilled.lrs, b.distilled.lrs)
 
 
-def test_sync_matches_single_process_for_any_worker_count(straight: DistillResult, tmp_path: Path,
-                                                          one_worker_threads: None) -> None:
-    w1 = distill_ray(tiny(tmp_path / "w1", workers=1), progress=False)
-    local = distill(tiny(tmp_path / "local"), progress=False)
-    assert same(w1, local)  # one share = the single-process meta-gradient, same Adam
+def test_sync_matches_single_process_bitwise(straight: DistillResult, tmp_path: Path,
+                                             one_worker_threads: None) -> None:
+    """Same chunks (a function of the config), same threads: the Ray run is the --local run, bit for bit."""
+    w1 = distill_ray(tiny(tmp_path / "w1", workers=1, cpus_per_worker=None), progress=False)
+    local = distill(tiny(tmp_path / "local", workers=1, cpus_per_worker=None), progress=False)
+    assert same(w1, local)  # one chunk of K = the single-process meta-gradient, same optimiser
+    torch.set_num_threads(1)
+    assert same(straight, distill(tiny(tmp_path / "local2"), progress=False))  # two chunks, 1 thread each
     torch.testing.assert_close(straight.distilled.images, w1.distilled.images, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(straight.distilled.lrs, w1.distilled.lrs, rtol=1e-5, atol=1e-7)
     meta = json.loads((straight.out / "meta.json").read_text())
     assert meta["iterations"] == 6 and (straight.out / "eval.json").is_file()
     assert [str(p).rsplit("-", 1)[1] for p in list_checkpoints(straight.out / "checkpoints")] == [
         "00000003.pt", "00000006.pt"]
+    assert straight.result == distill(tiny(tmp_path / "local3"), progress=False).result  # evaluated on workers
 
 
 def test_driver_death_then_resume_is_bitwise(straight: DistillResult, tmp_path: Path) -> None:
@@ -71,7 +84,8 @@ def test_driver_death_then_resume_is_bitwise(straight: DistillResult, tmp_path: 
 
 def test_lost_workers_and_server_lose_nothing(straight: DistillResult, tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    """ray.kill of a worker, SIGKILL of another's process, and a parameter-server crash."""
+    """ray.kill of a worker (for good: its slot gets a new actor), SIGKILL of another's process (Ray
+    restarts it), and a parameter-server crash (restored from the checkpoint)."""
     seen: dict[int, dict] = {}
 
     def faults(step: int, metrics: dict) -> None:
@@ -89,13 +103,13 @@ def test_lost_workers_and_server_lose_nothing(straight: DistillResult, tmp_path:
         actor, _ = named_actor("worker-1")
         __import__("ray").kill(actor)  # no restart: the fleet must replace it
 
-    with caplog.at_level(logging.WARNING, logger="ddray.distributed"):
+    with caplog.at_level(logging.INFO, logger="ddray"):
         r = distill_ray(tiny(tmp_path / "faults"), progress=False, on_step=faults)
     assert same(r, straight)
-    assert sorted(seen) == [1, 2, 3, 4, 5, 6] and seen[6]["restarts"] == 3 and seen[6]["workers_alive"] == 2
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6] and seen[6]["restarts"] == 3
     log = caplog.text
-    assert "worker 1 died" in log and "replaced by a new actor" in log
-    assert "worker 0 died" in log and "restarted by Ray" in log
+    assert "worker 1 lost" in log and "worker 1 is back" in log
+    assert "worker 0 lost" in log and "worker 0 is back" in log
     assert "parameter-server shard 0 died" in log and "rolled back to the checkpoint of meta-step 3" in log
     assert json.loads((r.out / "meta.json").read_text())["iterations"] == 6
 
@@ -119,12 +133,12 @@ def test_sharded_servers_match_one_server(straight: DistillResult, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_resume_a_single_process_run_on_ray(straight: DistillResult, tmp_path: Path, one_worker_threads: None) -> None:
-    """Same checkpoint format: a run made with --local continues on Ray."""
+def test_resume_a_single_process_run_on_ray(straight: DistillResult, tmp_path: Path, one_thread: None) -> None:
+    """Same checkpoint format: a run made with --local continues on Ray, bit for bit."""
     out = tmp_path / "mixed"
     distill(tiny(out, iterations=3), progress=False)
     r = distill_ray(tiny(out), progress=False, resume=out)
-    torch.testing.assert_close(r.distilled.images, straight.distilled.images, rtol=1e-4, atol=1e-5)
+    assert same(r, straight)
     assert json.loads((out / "meta.json").read_text())["iterations"] == 6
 
 
@@ -143,7 +157,7 @@ def test_cli_driver_sigkilled_then_resumed_is_bitwise(ray_local: Any, tmp_path: 
     reference = distill_ray(tiny(tmp_path / "ref", iterations=steps), progress=False)
     out = tmp_path / "killed"
     flags = ["--dataset", "mnist5k", "--steps", "2", "--epochs", "1", "--ipc", "1", "--batch-size", "64",
-             "--nets", "2", "--workers", "2", "--eval-nets", "2", "--seed", "0", "--checkpoint-every", "3",
+             "--nets", "2", "--workers", "2", "--cpus-per-worker", "1", "--eval-nets", "2", "--seed", "0", "--checkpoint-every", "3",
              "--iterations", str(steps), "--no-tracking", "--no-progress"]
     addr = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # stay on loopback
@@ -183,10 +197,10 @@ def test_compiled_graph_transport_same_bits_through_faults(straight: DistillResu
             actor, _ = named_actor("ps-0")
             ray.kill(actor, no_restart=False)
 
-    with caplog.at_level(logging.WARNING, logger="ddray.distributed"):
+    with caplog.at_level(logging.INFO, logger="ddray"):
         r = distill_ray(tiny(tmp_path / "compiled"), progress=False, on_step=faults)
     assert same(r, straight)
-    assert "worker 1 died" in caplog.text and "parameter-server shard 0 died" in caplog.text
+    assert "worker 1 lost" in caplog.text and "parameter-server shard 0 died" in caplog.text
     with pytest.raises(ValueError, match="DDRAY_TRANSPORT: invalid value 'compiled'"):
         distill_ray(tiny(tmp_path / "x", shards=2), progress=False)
 

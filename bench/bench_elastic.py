@@ -1,0 +1,209 @@
+"""What elasticity costs: a node lost mid-run, a node joining, evaluation on 1 vs 2 workers.
+
+Runs on a Ray cluster it starts on 127.0.0.1 (ray.cluster_utils.Cluster: a head with 0 CPUs, KubeRay's
+shape, and 1-CPU worker nodes), through :func:`ddray.distributed.driver.distill_ray` — the code path of
+`ddray distill --address` — with the default MNIST-5k config cut to ``--iterations`` meta-steps:
+
+* **node loss**: ``--workers 1:2``; at meta-step ``--kill-at`` the node holding worker 0 *and* the
+  parameter server is removed without warning, and a replacement node is added at once. Reports
+  the meta-steps redone (the server restores its last checkpoint), the seconds from the kill to
+  the next applied meta-step, and to the first step again at 2 workers ("full speed"), next to
+  the seconds per meta-step before the kill.
+* **join**: ``--workers 1:2`` on one node; a second node is added mid-run. Reports the seconds from
+  ``add_node`` returning to the worker's first chunks (placement + actor start + data load).
+* **evaluation**: the final evaluation of the distilled set (``--eval-nets`` held-out networks,
+  protocol dd, schedule order) on 1 and on 2 one-CPU workers, the pool already up.
+
+Prints a Markdown table (copy it into bench/RESULTS.md) with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+class Lines(logging.Handler):
+    """Keeps ddray's log records with their times."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def first(self, text: str, after: float = 0.0) -> logging.LogRecord | None:
+        return next((r for r in self.records if text in r.getMessage() and r.created >= after), None)
+
+
+def start_cluster(nodes: int) -> Any:
+    import ray
+    import ray._common.utils
+    import ray._private.ray_constants
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # stay on loopback, advertise nothing
+    ray._private.utils.write_ray_address = lambda *a, **k: None
+    ray._common.utils.reset_ray_address = lambda *a, **k: None
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                      "node_ip_address": "127.0.0.1"})
+    for _ in range(nodes):
+        c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False, _node_ip_address="127.0.0.1")
+    return c
+
+
+def config(out: Path, iterations: int, **kw: Any) -> Any:
+    from ddray.config import Config
+
+    return Config.from_dict({"iterations": iterations, "workers": "1:2", "cpus_per_worker": 1, "eval_nets": 2,
+                             "checkpoint_every": 10, "tracking": False, "out": str(out), **kw})
+
+
+def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
+    import ray
+    from ray.util import list_named_actors
+
+    from ddray.distributed.driver import distill_ray
+
+    cluster = start_cluster(2)
+    times: dict[int, tuple[float, float]] = {}  # step → (time, workers alive)
+    killed: dict[str, float] = {}
+
+    def kill() -> None:
+        ps = next(n for n in list_named_actors() if "/ps-0." in n)
+        node = ray.get(ray.get_actor(ps).info.remote())["node"]
+        victim = next(n for n in cluster.worker_nodes if n.node_id == node)
+        killed["t"] = time.time()
+        cluster.remove_node(victim, allow_graceful=False)
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        times.setdefault(step, (time.time(), metrics["workers_alive"]))
+        if step == kill_at and "t" not in killed:
+            threading.Thread(target=kill, daemon=True).start()
+
+    try:
+        distill_ray(config(tmp / "loss", iterations), progress=False, on_step=on_step)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    t = killed["t"]
+    rollback = lines.first("rolled back to the checkpoint of meta-step", t)
+    found = re.search(r"meta-step (\d+)", rollback.getMessage()) if rollback else None
+    rolled_to = int(found.group(1)) if found else kill_at
+    reached = max(s for s, (when, _) in times.items() if when <= t)
+    before = [times[s][0] - times[s - 1][0] for s in range(max(2, kill_at - 10), kill_at + 1) if s - 1 in times]
+    after = min(when for when, _ in times.values() if when > t)
+    full = min((when for s, (when, alive) in times.items() if when > t and alive >= 2), default=float("nan"))
+    return {"redone": float(reached - rolled_to), "to_next_step_s": after - t, "to_full_speed_s": full - t,
+            "s_per_step": statistics.median(before)}
+
+
+def join(iterations: int, join_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
+    import ray
+
+    from ddray.distributed.driver import distill_ray
+
+    cluster = start_cluster(1)
+    added: dict[str, float] = {}
+
+    def add() -> None:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        added["t"] = time.time()
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if step == join_at and "t" not in added:
+            threading.Thread(target=add, daemon=True).start()
+
+    try:
+        distill_ray(config(tmp / "join", iterations), progress=False, on_step=on_step)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    joined = lines.first("worker 1 joined")
+    first = lines.first("worker 1: first chunks")
+    return {"to_joined_s": joined.created - added["t"] if joined else float("nan"),
+            "to_first_share_s": first.created - added["t"] if first else float("nan")}
+
+
+def evaluation(nets: int, tmp: Path) -> dict[int, float]:
+    import ray
+
+    from ddray.artifact import load_distilled
+    from ddray.config import ClusterConfig
+    from ddray.distill import distill
+    from ddray.distributed.pool import call_mapper, standalone_pool
+    from ddray.evaluation import evaluate_distilled, predict_job, problem_for
+
+    out = tmp / "set"
+    distill(config(out, 20, workers=1), progress=False)
+    d = load_distilled(out)
+    problem = problem_for(d)
+    cluster = start_cluster(2)
+    seconds = {}
+    try:
+        for workers in (1, 2):
+            with standalone_pool(ClusterConfig(workers=workers, cpus_per_worker=1), "evaluation worker") as pool:
+                mapper = call_mapper(pool)
+                t0 = time.perf_counter()
+                evaluate_distilled(problem, d, nets, workers=workers, predictor=lambda job, chunks: mapper(
+                    predict_job, [(d, None, job, ids) for ids in chunks]))
+                seconds[workers] = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=80)
+    p.add_argument("--kill-at", type=int, default=35, help="meta-step after which the node is killed")
+    p.add_argument("--eval-nets", type=int, default=20)
+    p.add_argument("--part", choices=["loss", "join", "eval", "all"], default="all")
+    args = p.parse_args(argv)
+    lines = Lines()
+    log = logging.getLogger("ddray")
+    log.addHandler(lines)
+    log.setLevel(logging.DEBUG)
+    load0 = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.part in ("loss", "all"):
+            r = node_loss(args.iterations, args.kill_at, Path(tmp), lines)
+            rows.append(f"| node holding worker 0 and the parameter server killed at step {args.kill_at}, "
+                        f"replacement node added | {r['redone']:.0f} meta-steps redone | next step "
+                        f"{r['to_next_step_s']:.1f} s after the kill, 2 workers again after "
+                        f"{r['to_full_speed_s']:.1f} s (a meta-step takes {r['s_per_step']:.2f} s) |")
+        if args.part in ("join", "all"):
+            r = join(args.iterations, 10, Path(tmp), lines)
+            rows.append(f"| a node joins a `--workers 1:2` run | — | worker answers {r['to_joined_s']:.1f} s, "
+                        f"takes its first chunks {r['to_first_share_s']:.1f} s after `add_node` |")
+        if args.part in ("eval", "all"):
+            s = evaluation(args.eval_nets, Path(tmp))
+            rows.append(f"| final evaluation, {args.eval_nets} held-out nets | — | 1 worker {s[1]:.1f} s, "
+                        f"2 workers {s[2]:.1f} s ({s[1] / s[2]:.2f}×) |")
+    print(f"\nload average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; {os.cpu_count()} CPUs\n")
+    print("| event | work lost | time |")
+    print("| --- | --- | --- |")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The cluster path as users meet it: `ddray distill --address …` on a multi-node Ray cluster on 127.0.0.1
+whose head has no CPUs (KubeRay's `num-cpus: "0"`), with 1-CPU worker nodes that join and leave mid-run.
+
+Every run's synthetic set must be bitwise the one an uninterrupted `--local` run of the same config makes
+(same chunks, one torch thread per 1-CPU worker), whatever joined or left. Nodes are added and killed
+with ray.cluster_utils.Cluster; each test adds the nodes it needs and removes them at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+
+from ddray.artifact import load_distilled
+
+pytestmark = pytest.mark.slow
+
+FLAGS = ["--dataset", "mnist5k", "--steps", "2", "--epochs", "1", "--ipc", "1", "--batch-size", "64",
+         "--nets", "2", "--eval-nets", "2", "--seed", "0", "--cpus-per-worker", "1", "--no-progress"]
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+       "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """This module's Ray cluster on 127.0.0.1: a head with 0 CPUs (and the dashboard, which serves
+    ray.util.state on loopback); tests add 1-CPU worker nodes."""
+    import ray
+    import ray._common.utils
+    import ray._private.ray_constants
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        # keep the driver on loopback (Ray would swap 127.0.0.1 for the machine's address) and do not
+        # advertise this test cluster in /tmp/ray to other `ray.init()` calls on the machine
+        mp.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+        mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+        mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+        port = free_port()
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "node_ip_address": "127.0.0.1"})
+        ray.init(address=c.address, log_to_driver=False, _node_ip_address="127.0.0.1")
+        c.state_api = f"http://127.0.0.1:{port}"
+        yield c
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture
+def nodes(cluster: Any) -> Iterator[Callable[[int], list[Any]]]:
+    """``add(n)`` adds n 1-CPU worker nodes; the test's nodes are removed at its end."""
+    added: list[Any] = []
+
+    def add(n: int = 1) -> list[Any]:
+        new = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(n)]
+        added.extend(new)
+        return new
+
+    yield add
+    for node in added:
+        if node in cluster.worker_nodes:
+            cluster.remove_node(node, allow_graceful=False)
+
+
+def start(cluster: Any, tmp: Path, *argv: str, name: str = "run", **env: str) -> subprocess.Popen[str]:
+    """`ddray distill --address <cluster>` as a user's process; stderr (ddray's log lines) goes to a file."""
+    err = open(tmp / f"{name}.stderr", "w")
+    return subprocess.Popen([sys.executable, "-m", "ddray.cli", "distill", *FLAGS, *argv, "--address",
+                             cluster.address, "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"],
+                            env={**ENV, **env}, cwd=tmp, stdout=subprocess.DEVNULL, stderr=err, text=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 600) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def wait_for(what: str, ok: Callable[[], bool], proc: subprocess.Popen[str] | None = None,
+             timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert proc is None or proc.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def checkpoints(out: Path) -> list[int]:
+    return sorted(int(p.name[5:13]) for p in (out / "checkpoints").glob("step-*.pt"))
+
+
+def log(tmp: Path, name: str = "run") -> str:
+    return (tmp / f"{name}.stderr").read_text()
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
+    """The `--local` run of a config (cached): one process, one torch thread, the same chunks."""
+    cache: dict[tuple[str, ...], Any] = {}
+
+    def run(*argv: str) -> Any:
+        if argv not in cache:
+            out = tmp_path_factory.mktemp("local") / "run"
+            from ddray.cli import main
+
+            n = torch.get_num_threads()
+            try:
+                assert main(["distill", *FLAGS, *argv, "--local", "--out", str(out), "--no-tracking"]) == 0
+            finally:
+                torch.set_num_threads(n)
+            cache[argv] = load_distilled(out)
+        return cache[argv]
+
+    return run
+
+
+def same(a: Any, b: Any) -> bool:
+    return torch.equal(a.images, b.images) and torch.equal(a.lrs, b.lrs)
+
+
+def test_a_node_killed_mid_run_the_run_finishes_with_the_local_bits(
+        cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
+    """`--workers 1:2`, the node of worker 0 and the parameter server killed without warning: the fleet
+    shrinks to one worker, the server is rebuilt from its checkpoint on the other node, the run finishes."""
+    import ray
+    from ray.util.state import list_actors
+
+    run = ["--workers", "1:2", "--iterations", "60", "--checkpoint-every", "10"]
+    two = nodes(2)
+    out = tmp_path / "out"
+    proc = start(cluster, tmp_path, *run, "--out", str(out))
+    wait_for("two workers and a checkpoint", lambda: "2 alive" in log(tmp_path) and checkpoints(out), proc)
+    ps_node = next(a.node_id for a in list_actors(address=cluster.state_api, filters=[
+        ("class_name", "=", "ParamServerActor"), ("state", "=", "ALIVE")]))
+    victim = next(n for n in two if n.node_id == ps_node)
+    killed_at = max(checkpoints(out))
+    cluster.remove_node(victim, allow_graceful=False)
+    assert finish(proc) == 0, log(tmp_path)
+    text = log(tmp_path)
+    assert "lost" in text and "parameter-server shard 0 lost with its node" in text
+    assert f"rolled back to the checkpoint of meta-step {killed_at}" in text or "rolled back" in text
+    assert same(load_distilled(out), local_reference(*run))
+    assert ray.is_initialized()
+
+
+def test_nodes_added_mid_run_join_the_fleet_with_the_local_bits(
+        cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
+    """`--workers 1:3` on one node: it starts with one worker; two nodes join and take chunks."""
+    run = ["--workers", "1:3", "--nets", "3", "--iterations", "60", "--checkpoint-every", "20"]
+    nodes(1)
+    out = tmp_path / "out"
+    proc = start(cluster, tmp_path, *run, "--out", str(out))
+    wait_for("the first worker", lambda: "1 alive" in log(tmp_path), proc)
+    nodes(2)
+    assert finish(proc) == 0, log(tmp_path)
+    text = log(tmp_path)
+    assert "worker 1 joined" in text and "worker 2 joined" in text and "3 alive" in text
+    assert "waiting for" not in text  # it started with MIN = 1 worker, nobody waited for MAX
+    assert same(load_distilled(out), local_reference(*run))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run_info] = client.search_runs([client.get_experiment_by_name("ddray").experiment_id])
+    alive = [m.value for m in client.get_metric_history(run_info.info.run_id, "workers_alive")]
+    assert len(alive) == 60 and alive[0] == 1.0 and alive[-1] == 3.0
+
+
+def test_the_driver_sigkilled_then_the_same_command_with_resume_auto_continues(
+        cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
+    """As a retried Ray job: the same command line, `--resume auto`, continues from the checkpoint."""
+    run = ["--workers", "2", "--iterations", "60", "--checkpoint-every", "5"]
+    nodes(2)
+    out = tmp_path / "out"
+    argv = [*run, "--out", str(out), "--resume", "auto"]
+    proc = start(cluster, tmp_path, *argv, name="first")
+    wait_for("a checkpoint", lambda: bool(checkpoints(out)), proc)
+    proc.send_signal(signal.SIGKILL)  # no cleanup in the driver
+    proc.wait()
+    assert "starting a fresh run" in log(tmp_path, "first")
+    done = max(checkpoints(out))
+    assert 5 <= done < 60 and not (out / "meta.json").exists()
+    assert finish(start(cluster, tmp_path, *argv, name="again")) == 0, log(tmp_path, "again")
+    assert f"from its checkpoint at meta-step {done} of 60" in log(tmp_path, "again")
+    assert same(load_distilled(out), local_reference(*run))
+
+
+def test_a_run_asking_for_more_than_the_cluster_has_waits_and_starts_when_a_node_joins(
+        cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path) -> None:
+    nodes(1)
+    out = tmp_path / "out"
+    proc = start(cluster, tmp_path, "--workers", "2", "--iterations", "3", "--out", str(out),
+                 "--placement-timeout", "300")
+    wait_for("the waiting notice", lambda: "waiting for 1 more worker(s)" in log(tmp_path), proc)
+    assert not out.exists()  # nothing is written before the workers are placed
+    nodes(1)
+    assert finish(proc) == 0, log(tmp_path)
+    assert (out / "meta.json").is_file()
+
+
+def test_without_capacity_it_fails_at_the_timeout_naming_request_and_cluster(
+        cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path) -> None:
+    nodes(1)
+    for name, extra, expected in (
+            ("cpus", ["--workers", "3"], "2 more worker(s) of {CPU 1} each could not be placed in 5 s "
+                                         "(1 placed); the cluster has 2 alive nodes with CPU 1, GPU 0 in all"),
+            ("gpus", ["--gpus-per-worker", "1"], "1 more worker(s) of {CPU 1, GPU 1} each could not be placed in "
+                                                 "5 s (0 placed); the cluster has 2 alive nodes with CPU 1, GPU 0 in "
+                                                 "all; no node has a GPU")):
+        out = tmp_path / name
+        rc = finish(start(cluster, tmp_path, *extra, "--iterations", "3", "--out", str(out),
+                          "--placement-timeout", "5", name=name))
+        err = log(tmp_path, name).strip().splitlines()
+        assert rc == 1 and err[-1] == f"ddray distill: error: --placement-timeout 5: {expected}", err
+        assert not out.exists()
+
+
+def test_nothing_runs_on_the_head_and_mid_run_evaluation_matches_local(
+        cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
+    """Workers, servers and every evaluation (each --eval-every snapshot, the final one) off the head;
+    the eval_acc_mean history on Ray, on both transports, is the --local one."""
+    from mlflow.tracking import MlflowClient
+    from ray.util.state import list_actors, list_tasks
+
+    run = ["--workers", "2", "--iterations", "6", "--eval-every", "2", "--checkpoint-every", "3"]
+    nodes(2)
+    head = cluster.head_node.node_id
+    histories = {}
+    for transport in ("objects", "compiled"):
+        out = tmp_path / transport
+        proc = start(cluster, tmp_path, *run, "--out", str(out), "--experiment", transport, name=transport,
+                     DDRAY_TRANSPORT=transport)
+        assert finish(proc) == 0, log(tmp_path, transport)
+        assert same(load_distilled(out), local_reference(*run))
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        [r] = client.search_runs([client.get_experiment_by_name(transport).experiment_id])
+        histories[transport] = [(m.step, m.value) for m in client.get_metric_history(r.info.run_id,
+                                                                                      "eval_acc_mean")]
+    ours = [a for a in list_actors(address=cluster.state_api, limit=10_000)
+            if a.class_name in ("WorkerActor", "ParamServerActor")]
+    assert ours and all(a.node_id != head for a in ours)
+    tasks = [t for t in list_tasks(address=cluster.state_api, limit=10_000)
+             if t.name.startswith(("WorkerActor.", "ParamServerActor."))]
+    assert any(t.name == "WorkerActor.predict" for t in tasks)
+    assert all(t.node_id != head for t in tasks if t.node_id)
+    local = _local_history(tmp_path, *run)
+    assert histories["objects"] == histories["compiled"] == local and [s for s, _ in local] == [2, 4, 6]
+
+
+def _local_history(tmp: Path, *run: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    from ddray.cli import main
+
+    n = torch.get_num_threads()
+    try:
+        assert main(["distill", *FLAGS, *run, "--local", "--out", str(tmp / "local"), "--experiment", "local",
+                     "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    [r] = client.search_runs([client.get_experiment_by_name("local").experiment_id])
+    return [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "eval_acc_mean")]
