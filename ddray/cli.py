@@ -1,4 +1,4 @@
-"""``ddray distill | evaluate | load | baseline | pretrain | experts | show | tune`` — the command line.
+"""``ddray distill | evaluate | load | compare | baseline | pretrain | experts | show | tune`` — the command line.
 
 Every subcommand that runs the method takes ``--config FILE.yaml`` plus flag
 overrides; an invalid value is a one-line error (exit code 2), never a traceback.
@@ -110,6 +110,30 @@ def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
                    default=None, help="continue with a warning when the tracking server is unreachable")
 
 
+def _add_eval_flags(p: argparse.ArgumentParser, default_protocol: str) -> None:
+    """The evaluation protocol's flags (evaluate, load, compare)."""
+    p.add_argument("--nets", type=int, default=None,
+                   help="held-out networks (default 20; protocol dc: 5 — the papers use 20)")
+    p.add_argument("--protocol", choices=("dd", "dc"), default=None,
+                   help="dd: train with the set's own steps and step sizes; dc: as DC/DSA/DM/MTT — "
+                        "the set's network from scratch, SGD 0.01 (MTT: its learned step size), momentum "
+                        "0.9, weight decay 5e-4, lr ×0.1 at half, batch 256, DSA (default: "
+                        f"{default_protocol})")
+    p.add_argument("--epochs", type=int, default=300,
+                   help="protocol dc: training epochs per network (default 300 on CPU; the papers: 1000)")
+    p.add_argument("--no-dsa", dest="dsa", action="store_false",
+                   help="protocol dc: train without DSA augmentation")
+    p.add_argument("--data-root", help="data root, if the sets came from a torchvision data set")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _eval_nets(args: argparse.Namespace, protocol: str) -> int:
+    nets = args.nets if args.nets is not None else (20 if protocol == "dd" else 5)
+    if nets < 1:
+        raise ValueError(f"--nets: invalid value {nets}; expected a positive integer")
+    return nets
+
+
 def _with_tracking(cfg: Config, args: argparse.Namespace) -> Config:
     """``cfg`` with its tracking settings taken from this command line (defaults where not given)."""
     run = dataclasses.replace(cfg.run, tracking=args.tracking is not False, tracking_uri=args.tracking_uri,
@@ -142,21 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
              "runs:/ID|DIR", "MLflow run URI (or a distilled-data directory)")):
         e = sub.add_parser(name, help=help_)
         e.add_argument("path", metavar=metavar, help=path_help)
-        e.add_argument("--nets", type=int, default=None,
-                       help="held-out networks (default 20; protocol dc: 5 — the papers use 20)")
-        e.add_argument("--protocol", choices=("dd", "dc"), default=None,
-                       help="dd: train with the set's own steps and step sizes; dc: as DC/DSA/DM/MTT — "
-                            "the set's network from scratch, SGD 0.01 (MTT: its learned step size), momentum "
-                            "0.9, weight decay 5e-4, lr ×0.1 at half, batch 256, DSA (default: the set's "
-                            "method's: dd for dd, dc otherwise)")
-        e.add_argument("--epochs", type=int, default=300,
-                       help="protocol dc: training epochs per network (default 300 on CPU; the papers: 1000)")
-        e.add_argument("--no-dsa", dest="dsa", action="store_false",
-                       help="protocol dc: train without DSA augmentation")
+        _add_eval_flags(e, "the set's method's: dd for dd, dc otherwise")
         e.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
-        e.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
-        e.add_argument("--no-progress", action="store_true")
         _add_tracking_flags(e)
+
+    c = sub.add_parser("compare", help="score several distilled sets (or baselines) by one protocol: a table and "
+                                       "a bar chart of test accuracy")
+    c.add_argument("paths", nargs="+", metavar="DIR|runs:/ID", help="distilled-data directories or MLflow run URIs, "
+                                                                    "all of one data set")
+    _add_eval_flags(c, "the sets' own, when they agree")
+    c.add_argument("--seed", type=int, default=None,
+                   help="seed of the held-out networks, the same for every set (default: the first set's run seed)")
+    c.add_argument("--png", help="bar chart file (default compare.png)")
+    c.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    _add_tracking_flags(c)
 
     t = sub.add_parser("tune", help="Ray Tune search over distillation settings (tune_configs/*.yaml)")
     t.add_argument("spec", metavar="CONFIG.yaml", help="search file: fixed config, search space, metric, "
@@ -291,27 +314,29 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(src: str, args: argparse.Namespace, quiet: bool) -> str:
+    """A local directory for ``src``: runs:/ URIs are downloaded from the tracking store."""
+    from ddray.tracking import download_distilled
+
+    if not src.startswith(("runs:/", "models:/")):
+        return src
+    local = str(download_distilled(src, args.tracking_uri))
+    if not quiet:
+        print(f"fetched {src} → {local}")
+    return local
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddray.artifact import load_distilled
-    from ddray.core.protocol import ProtocolDC
+    from ddray.compare import eval_protocol
     from ddray.distill import evaluate_distilled, problem_for
-    from ddray.tracking import download_distilled, tracked
+    from ddray.tracking import tracked
 
-    src = args.path
-    if str(src).startswith(("runs:/", "models:/")):
-        src = download_distilled(str(src), args.tracking_uri)
-        if not args.json:
-            print(f"fetched {args.path} → {src}")
-    d = load_distilled(src)
+    d = load_distilled(_fetch(str(args.path), args, args.json))
     problem = problem_for(d, args.data_root)
     name = args.protocol or problem.config.protocol
-    nets = args.nets if args.nets is not None else (20 if name == "dd" else 5)
-    if nets < 1:
-        raise ValueError(f"--nets: invalid value {nets}; expected a positive integer")
-    protocol: ProtocolDC | str = "dd"
-    if name == "dc":
-        protocol = ProtocolDC(epochs=args.epochs, nets=nets,
-                              dsa_strategy=problem.config.distill.dsa_strategy if args.dsa else None)
+    nets = _eval_nets(args, name)
+    protocol = eval_protocol(problem, name, nets, args.epochs, args.dsa)
     with tracked(_with_tracking(problem.config, args), args.command,
                  tags={"ddray.source": str(args.path)}) as tracker:
         tracker.log_params({"evaluate.source": str(args.path), "evaluate.nets": nets, "evaluate.protocol": name,
@@ -331,6 +356,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"test accuracy (protocol {name}):  {r}")
     if s is not None:
         print(f"test accuracy, shuffled order:  {s}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ddray.artifact import load_distilled
+    from ddray.compare import check_one_dataset, choose_protocol, compare_sets, table
+    from ddray.tracking import tracked
+    from ddray.viz import save_comparison_chart
+
+    sources = [str(p) for p in args.paths]
+    sets = [load_distilled(_fetch(src, args, args.json)) for src in sources]
+    dataset = check_one_dataset(sources, sets)
+    protocol = choose_protocol(sources, sets, args.protocol)
+    nets = _eval_nets(args, protocol)
+    first = Config.from_dict(sets[0].meta.get("config", {})).override(data_root=args.data_root)
+    seed = first.run.seed if args.seed is None else args.seed
+    png = Path(args.png or "compare.png")
+    with tracked(_with_tracking(first, args), "compare", tags={"ddray.source": " ".join(sources)}) as tracker:
+        tracker.log_params({"compare.sources": " ".join(sources), "compare.protocol": protocol,
+                            "compare.nets": nets, "compare.seed": seed,
+                            **({"compare.epochs": args.epochs, "compare.dsa": args.dsa} if protocol == "dc" else {})})
+        rows = compare_sets(sources, sets, protocol, nets, seed, args.epochs, args.dsa, args.data_root)
+        for i, r in enumerate(rows):
+            tracker.log_metrics({f"set{i}_acc_mean": r.result.mean, f"set{i}_acc_std": r.result.std}, step=0)
+        title = (f"{dataset}: test accuracy, protocol {protocol}\n"
+                 f"mean ± std over {nets} held-out networks (seed {seed})")
+        save_comparison_chart([r.label for r in rows], [r.result.mean for r in rows], [r.result.std for r in rows],
+                              png, title)
+        report = [{"source": r.source, "method": r.method, "images": r.images, "protocol": protocol,
+                   "seed": seed, "test": r.result.to_dict()} for r in rows]
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "compare.json").write_text(json.dumps(report, indent=2))
+            tracker.log_artifact(Path(tmp) / "compare.json")
+        tracker.log_artifact(png)
+    if args.json:
+        print(json.dumps([{"source": r.source, "method": r.method, "images": r.images, "mean": r.result.mean,
+                           "std": r.result.std, "n": r.result.n, "protocol": protocol, "seed": seed} for r in rows]))
+        return 0
+    print(f"{len(rows)} sets of {dataset}, protocol {protocol}, {nets} held-out networks each (seed {seed})\n")
+    print(table(rows, protocol))
+    print(f"\nbar chart: {png.resolve()}")
     return 0
 
 
@@ -449,7 +517,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "load": cmd_evaluate, "baseline": cmd_baseline,
+COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "load": cmd_evaluate, "compare": cmd_compare,
+            "baseline": cmd_baseline,
             "pretrain": cmd_pretrain, "experts": cmd_experts, "show": cmd_show, "tune": cmd_tune}
 
 

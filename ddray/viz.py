@@ -228,3 +228,30 @@ def save_lr_plot(d: Distilled, path: str | Path) -> Path:
     plt.close(fig)
     return p
 
+
+def save_comparison_chart(labels: list[str], means: list[float], stds: list[float], path: str | Path,
+                          title: str) -> Path:
+    """Bar chart of test accuracy (%), mean with ± std error bars, one bar per set (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * n + 1.5), 4.0))
+    x = np.arange(n)
+    m, s = 100 * np.asarray(means), 100 * np.asarray(stds)
+    bars = ax.bar(x, m, yerr=s, capsize=4, color="#4c72b0", ecolor="black", alpha=0.9)
+    for bar, v, e in zip(bars, m, s):
+        ax.text(bar.get_x() + bar.get_width() / 2, v + e + 1.0, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, min(108.0, float(np.max(m + s)) + 12.0) if n else 100.0)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p
