@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--storage-path", dest="storage_path", help="override the file's storage_path")
     t.add_argument("--data-root", dest="data_root", help="override the file's data_root")
+    t.add_argument("--yes", action="store_true", help="start the search even when it runs more than 50 trials")
     _add_tracking_flags(t)
 
     b = sub.add_parser("baseline", help="real-image baselines at the same budget: random|optimized|kmeans|average")
@@ -487,13 +488,20 @@ def _log_report(tracker: Any, d: Any, report: dict[str, Any]) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ddray.tune import load_tune_spec, run_search
+    from ddray.tune import CONFIRM_ABOVE, load_tune_spec, run_search
 
     overrides = {k: getattr(args, k, None) for k in ("tracking_uri", "experiment", "tracking", "tracking_optional",
                                                        "address", "data_root")}
     spec = load_tune_spec(args.spec, **overrides)
     if args.storage_path:
         spec = dataclasses.replace(spec, storage_path=Path(args.storage_path).expanduser().resolve())
+    n = spec.trial_count()
+    if n > CONFIRM_ABOVE and not (args.yes or args.resume):
+        raise ValueError(f"{spec.source}: this search would run {n} trials (more than {CONFIRM_ABOVE}); pass --yes "
+                         "to start it anyway, or shrink the grid or num_samples")
+    print(f"{spec.source}: {'continuing' if args.resume else 'starting'} a search of {n} trial{'s' * (n != 1)} "
+          f"({'up to ' if 'iterations' in spec.search else ''}{spec.max_iterations} meta-steps each, "
+          f"{spec.scheduler.type} scheduler)", flush=True)
     s = run_search(spec, resume=args.resume)
     print(f"\n{s.table(spec.metric, list(spec.search))}\n")
     print(f"best trial:      {s.best.trial_id} ({spec.metric} {s.best.value:.4f} at step {s.best.value_step})")
@@ -503,6 +511,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"distilled data:  {s.best.distilled_dir}")
     if s.best.run_id:
         print(f"in MLflow:       runs:/{s.best.run_id} (parent run {s.parent_run_id})")
+    if s.report:
+        print(f"results:         {s.report[0]}  (plots in {spec.experiment_dir / 'plots'})")
     return 0
 
 

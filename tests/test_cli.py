@@ -119,5 +119,5 @@ def test_bad_input_is_one_line_error(argv: list[str], message: str, capsys: pyte
 
 def test_help_lists_subcommands() -> None:
     text = build_parser().format_help()
-    for cmd in ("distill", "evaluate", "baseline", "pretrain", "show"):
+    for cmd in ("distill", "evaluate", "compare", "baseline", "pretrain", "show", "tune"):
         assert cmd in text
