@@ -28,6 +28,10 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny distilled digits set, its random-real baseline (tracked in MLflow), and a tiny mnist5k set."""
     root = tmp_path_factory.mktemp("compare")
     digits, mnist = root / "digits", root / "mnist5k"
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db").create_experiment(
+        "ddray", artifact_location=str(root / "artifacts"))  # not ./mlruns, the SQLite store's default
     small = ["--dataset", "digits", "--image-size", "16", "--out", str(digits), *TINY]  # LeNet needs ≥ 16 pixels
     assert main(["distill", "--local", "--no-progress", *small, "--no-tracking"]) == 0
     assert main(["baseline", "--method", "random", *small, "--tracking-uri", f"sqlite:///{root}/mlflow.db"]) == 0

@@ -286,6 +286,12 @@ def ray_session() -> Iterator[None]:
             ray.shutdown()
 
 
+def _store(tmp: Path) -> None:
+    """The test's MLflow store, with its artifacts in ``tmp`` too (not in ./mlruns, the SQLite store's default)."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    client.create_experiment("ddray", artifact_location=str(tmp / "artifacts"))
+
+
 def _runs(uri: str) -> list[Any]:
     c = MlflowClient(tracking_uri=uri)
     return c.search_runs([c.get_experiment_by_name("ddray").experiment_id])
@@ -293,6 +299,7 @@ def _runs(uri: str) -> list[Any]:
 
 def test_search_two_trials_one_parent_and_nested_child_runs(ray_session: None, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    _store(tmp_path)
     path = write(tmp_path, tiny_spec(tmp_path))
     assert main(["tune", str(path)]) == 0
     out = capsys.readouterr().out
@@ -344,6 +351,7 @@ def test_search_two_trials_one_parent_and_nested_child_runs(ray_session: None, t
 
 
 def test_resume_restarts_errored_trials(ray_session: None, tmp_path: Path) -> None:
+    _store(tmp_path)
     # The trials need a pretrained pool that does not exist yet: they fail, the search ends with
     # no finished trial; then the pool appears and --resume restarts the errored trial.
     pool = tmp_path / "pool"
@@ -372,6 +380,7 @@ def test_resume_restarts_errored_trials(ray_session: None, tmp_path: Path) -> No
 
 def test_failed_trial_continues_from_its_tune_checkpoint_on_the_ray_driver(ray_session: None,
                                                                           tmp_path: Path) -> None:
+    _store(tmp_path)
     from ray import tune
 
     def failing_once(params: dict[str, Any], spec: Any, log: Path) -> None:
@@ -429,6 +438,7 @@ def test_failed_trial_continues_from_its_tune_checkpoint_on_the_ray_driver(ray_s
 
 
 def test_the_method_is_a_searchable_option(ray_session: None, tmp_path: Path) -> None:
+    _store(tmp_path)
     spec = parse_tune_spec(tiny_spec(
         tmp_path, name="methods", reference=None, scheduler="fifo", num_samples=1,
         fixed={"data": {"dataset": "digits"}, "model": {"model": "convnet", "width": 8},
