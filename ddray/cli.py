@@ -189,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--storage-path", dest="storage_path", help="override the file's storage_path")
     t.add_argument("--data-root", dest="data_root", help="override the file's data_root")
-    t.add_argument("--yes", action="store_true", help="start the search even when it runs more than 50 trials")
+    from ddray.tune_config import CONFIRM_ABOVE
+
+    t.add_argument("--yes", action="store_true",
+                   help=f"start the search even when it runs more than {CONFIRM_ABOVE} trials")
     _add_tracking_flags(t)
 
     b = sub.add_parser("baseline", help="real-image baselines at the same budget: random|optimized|kmeans|average")

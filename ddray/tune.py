@@ -29,20 +29,19 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from ddray.config import FIELD_SECTION, Config
 from ddray.tracking import Tracker, log_final_checkpoint, make_tracker
-from ddray.tune_config import TuneSpec, load_tune_spec, parse_tune_spec
+from ddray.tune_config import CONFIRM_ABOVE, TuneSpec, load_tune_spec, parse_tune_spec
 from ddray.tune_report import std_column, write_report
 
 if TYPE_CHECKING:
     from ddray.distill import DistillResult
 
-__all__ = ["TuneSpec", "load_tune_spec", "parse_tune_spec", "run_search", "run_trial_distillation",
+__all__ = ["CONFIRM_ABOVE", "TuneSpec", "load_tune_spec", "parse_tune_spec", "run_search", "run_trial_distillation",
            "SearchSummary"]
 
 TIME_ATTR = "step"  # the scheduler's clock: meta-steps done
 STATE_FILE = "ddray_tune.json"  # in the experiment directory: the MLflow parent run, for --resume
 TRIAL_FILE = "trial.json"  # in every trial checkpoint: the trial's MLflow run, for resumed trials
 FINISHED = "ddray_finished"  # result key of a trial's last report (Tune reserves "done")
-CONFIRM_ABOVE = 50  # `ddray tune` asks for --yes before starting more trials than this
 
 
 # ----------------------------------------------------------------------------- one trial

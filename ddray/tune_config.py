@@ -49,6 +49,7 @@ TOP_KEYS = ("name", "storage_path", "fixed", "search", "reference", "metric", "m
 NOT_SEARCHABLE = ("out", "storage", "tracking", "tracking_uri", "tracking_optional", "experiment", "address",
                   "download")
 PLACEMENT_STRATEGY = {"spread": "SPREAD", "strict-spread": "STRICT_SPREAD", "pack": "PACK"}
+CONFIRM_ABOVE = 50  # `ddray tune` asks for --yes before starting more trials than this (TuneSpec.trial_count)
 
 
 # ----------------------------------------------------------------------------- the search file

@@ -1,4 +1,8 @@
-"""``ddray compare``: several sets scored by one protocol, end to end through the CLI on the embedded data."""
+"""``ddray compare``: several sets scored by one protocol, end to end through the CLI on the embedded data.
+
+The CLI tests share one module fixture (two tiny distillations and a baseline, ~60 s of wall time at
+load average 5 on the shared 2-core VM) and are marked slow; the helpers' tests are not.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"digits": digits, "random": digits / "baselines" / "random", "mnist5k": mnist, "root": root}
 
 
+@pytest.mark.slow  # the sets fixture: three tiny ddray runs, ~60 s on the shared 2-core VM
 def test_one_line_per_set_and_a_bar_chart(sets: dict[str, Path], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "c.png"
@@ -54,6 +59,7 @@ def test_one_line_per_set_and_a_bar_chart(sets: dict[str, Path], tmp_path: Path,
     assert Image.open(png).size[0] >= 400 and f"bar chart: {png.resolve()}" in out
 
 
+@pytest.mark.slow  # the sets fixture: three tiny ddray runs, ~60 s on the shared 2-core VM
 def test_every_set_scores_what_ddray_evaluate_gives_it(sets: dict[str, Path],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, "compare", str(sets["digits"]), str(sets["random"]), "--nets", "3", "--json",
@@ -67,6 +73,7 @@ def test_every_set_scores_what_ddray_evaluate_gives_it(sets: dict[str, Path],
         assert (row["mean"], row["std"], row["n"], row["protocol"]) == (single["mean"], single["std"], 3, "dd")
 
 
+@pytest.mark.slow  # the sets fixture: three tiny ddray runs, ~60 s on the shared 2-core VM
 def test_runs_uris_and_the_comparison_is_tracked(sets: dict[str, Path], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from mlflow import MlflowClient
@@ -86,6 +93,7 @@ def test_runs_uris_and_the_comparison_is_tracked(sets: dict[str, Path], tmp_path
     assert {f.path for f in client.list_artifacts(cmp.info.run_id)} == {"compare.json", "c.png"}
 
 
+@pytest.mark.slow  # the sets fixture: three tiny ddray runs, ~60 s on the shared 2-core VM
 def test_sets_of_different_data_sets_are_a_one_line_error(sets: dict[str, Path],
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(capsys, "compare", str(sets["digits"]), str(sets["mnist5k"]), "--no-tracking")
