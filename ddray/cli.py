@@ -1,4 +1,4 @@
-"""``ddray distill | evaluate | load | baseline | pretrain | experts | show | tune`` — the command line.
+"""``ddray distill | evaluate | load | compare | baseline | pretrain | experts | show | tune`` — the command line.
 
 Every subcommand that runs the method takes ``--config FILE.yaml`` plus flag
 overrides; an invalid value is a one-line error (exit code 2), never a traceback.
@@ -120,6 +120,30 @@ def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
                    default=None, help="continue with a warning when the tracking server is unreachable")
 
 
+def _add_eval_flags(p: argparse.ArgumentParser, default_protocol: str) -> None:
+    """The evaluation protocol's flags (evaluate, load, compare)."""
+    p.add_argument("--nets", type=int, default=None,
+                   help="held-out networks (default 20; protocol dc: 5 — the papers use 20)")
+    p.add_argument("--protocol", choices=("dd", "dc"), default=None,
+                   help="dd: train with the set's own steps and step sizes; dc: as DC/DSA/DM/MTT — "
+                        "the set's network from scratch, SGD 0.01 (MTT: its learned step size), momentum "
+                        "0.9, weight decay 5e-4, lr ×0.1 at half, batch 256, DSA (default: "
+                        f"{default_protocol})")
+    p.add_argument("--epochs", type=int, default=300,
+                   help="protocol dc: training epochs per network (default 300 on CPU; the papers: 1000)")
+    p.add_argument("--no-dsa", dest="dsa", action="store_false",
+                   help="protocol dc: train without DSA augmentation")
+    p.add_argument("--data-root", help="data root, if the sets came from a torchvision data set")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _eval_nets(args: argparse.Namespace, protocol: str) -> int:
+    nets = args.nets if args.nets is not None else (20 if protocol == "dd" else 5)
+    if nets < 1:
+        raise ValueError(f"--nets: invalid value {nets}; expected a positive integer")
+    return nets
+
+
 def _with_tracking(cfg: Config, args: argparse.Namespace) -> Config:
     """``cfg`` with its tracking settings taken from this command line (defaults where not given)."""
     run = dataclasses.replace(cfg.run, tracking=args.tracking is not False, tracking_uri=args.tracking_uri,
@@ -154,22 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
              "runs:/ID|DIR", "MLflow run URI (or a distilled-data directory)")):
         e = sub.add_parser(name, help=help_)
         e.add_argument("path", metavar=metavar, help=path_help)
-        e.add_argument("--nets", type=int, default=None,
-                       help="held-out networks (default 20; protocol dc: 5 — the papers use 20)")
-        e.add_argument("--protocol", choices=("dd", "dc"), default=None,
-                       help="dd: train with the set's own steps and step sizes; dc: as DC/DSA/DM/MTT — "
-                            "the set's network from scratch, SGD 0.01 (MTT: its learned step size), momentum "
-                            "0.9, weight decay 5e-4, lr ×0.1 at half, batch 256, DSA (default: the set's "
-                            "method's: dd for dd, dc otherwise)")
-        e.add_argument("--epochs", type=int, default=300,
-                       help="protocol dc: training epochs per network (default 300 on CPU; the papers: 1000)")
-        e.add_argument("--no-dsa", dest="dsa", action="store_false",
-                       help="protocol dc: train without DSA augmentation")
+        _add_eval_flags(e, "the set's method's: dd for dd, dc otherwise")
         e.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
-        e.add_argument("--data-root", help="data root, if the set came from a torchvision data set")
-        e.add_argument("--no-progress", action="store_true")
         _add_pool_flags(e, "the held-out networks train")
         _add_tracking_flags(e)
+
+    c = sub.add_parser("compare", help="score several distilled sets (or baselines) by one protocol: a table and "
+                                       "a bar chart of test accuracy")
+    c.add_argument("paths", nargs="+", metavar="DIR|runs:/ID", help="distilled-data directories or MLflow run URIs, "
+                                                                    "all of one data set")
+    _add_eval_flags(c, "the sets' own, when they agree")
+    c.add_argument("--seed", type=int, default=None,
+                   help="seed of the held-out networks, the same for every set (default: the first set's run seed)")
+    c.add_argument("--png", help="bar chart file (default compare.png)")
+    c.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    _add_pool_flags(c, "the held-out networks train")
+    _add_tracking_flags(c)
 
     t = sub.add_parser("tune", help="Ray Tune search over distillation settings (tune_configs/*.yaml)")
     t.add_argument("spec", metavar="CONFIG.yaml", help="search file: fixed config, search space, metric, "
@@ -179,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--storage-path", dest="storage_path", help="override the file's storage_path")
     t.add_argument("--data-root", dest="data_root", help="override the file's data_root")
+    from ddray.tune_config import CONFIRM_ABOVE
+
+    t.add_argument("--yes", action="store_true",
+                   help=f"start the search even when it runs more than {CONFIRM_ABOVE} trials")
     _add_tracking_flags(t)
 
     b = sub.add_parser("baseline", help="real-image baselines at the same budget: random|optimized|kmeans|average")
@@ -305,27 +333,29 @@ def _add_pool_flags(p: argparse.ArgumentParser, does: str) -> None:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
 
 
+def _fetch(src: str, args: argparse.Namespace, quiet: bool) -> str:
+    """A local directory for ``src``: runs:/ URIs are downloaded from the tracking store."""
+    from ddray.tracking import download_distilled
+
+    if not src.startswith(("runs:/", "models:/")):
+        return src
+    local = str(download_distilled(src, args.tracking_uri))
+    if not quiet:
+        print(f"fetched {src} → {local}")
+    return local
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddray.artifact import load_distilled
-    from ddray.core.protocol import ProtocolDC
+    from ddray.compare import eval_protocol
     from ddray.evaluation import evaluate_distilled, predict_job, problem_for
-    from ddray.tracking import download_distilled, tracked
+    from ddray.tracking import tracked
 
-    src = args.path
-    if str(src).startswith(("runs:/", "models:/")):
-        src = download_distilled(str(src), args.tracking_uri)
-        if not args.json:
-            print(f"fetched {args.path} → {src}")
-    d = load_distilled(src)
+    d = load_distilled(_fetch(str(args.path), args, args.json))
     problem = problem_for(d, args.data_root)
     name = args.protocol or problem.config.protocol
-    nets = args.nets if args.nets is not None else (20 if name == "dd" else 5)
-    if nets < 1:
-        raise ValueError(f"--nets: invalid value {nets}; expected a positive integer")
-    protocol: ProtocolDC | str = "dd"
-    if name == "dc":
-        protocol = ProtocolDC(epochs=args.epochs, nets=nets,
-                              dsa_strategy=problem.config.distill.dsa_strategy if args.dsa else None)
+    nets = _eval_nets(args, name)
+    protocol = eval_protocol(problem, name, nets, args.epochs, args.dsa)
     cluster = _cluster_from(args)
     with tracked(_with_tracking(problem.config, args), args.command,
                  tags={"ddray.source": str(args.path)}) as tracker, _jobs_on(args, cluster, "evaluation worker") as mapper:
@@ -354,6 +384,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"test accuracy (protocol {name}):  {r}")
     if s is not None:
         print(f"test accuracy, shuffled order:  {s}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ddray.artifact import load_distilled
+    from ddray.compare import check_one_dataset, choose_protocol, compare_sets, table
+    from ddray.tracking import tracked
+    from ddray.viz import save_comparison_chart
+
+    sources = [str(p) for p in args.paths]
+    sets = [load_distilled(_fetch(src, args, args.json)) for src in sources]
+    dataset = check_one_dataset(sources, sets)
+    protocol = choose_protocol(sources, sets, args.protocol)
+    nets = _eval_nets(args, protocol)
+    first = Config.from_dict(sets[0].meta.get("config", {})).override(data_root=args.data_root)
+    seed = first.run.seed if args.seed is None else args.seed
+    png = Path(args.png or "compare.png")
+    cluster = _cluster_from(args)
+    with tracked(_with_tracking(first, args), "compare", tags={"ddray.source": " ".join(sources)}) as tracker, \
+            _jobs_on(args, cluster, "evaluation worker") as mapper:
+        tracker.log_params({"compare.sources": " ".join(sources), "compare.protocol": protocol,
+                            "compare.nets": nets, "compare.seed": seed,
+                            **({"compare.epochs": args.epochs, "compare.dsa": args.dsa} if protocol == "dc" else {})})
+        rows = compare_sets(sources, sets, protocol, nets, seed, args.epochs, args.dsa, args.data_root, mapper,
+                            cluster.max_workers)
+        for i, r in enumerate(rows):
+            tracker.log_metrics({f"set{i}_acc_mean": r.result.mean, f"set{i}_acc_std": r.result.std}, step=0)
+        title = (f"{dataset}: test accuracy, protocol {protocol}\n"
+                 f"mean ± std over {nets} held-out networks (seed {seed})")
+        save_comparison_chart([r.label for r in rows], [r.result.mean for r in rows], [r.result.std for r in rows],
+                              png, title)
+        report = [{"source": r.source, "method": r.method, "images": r.images, "protocol": protocol,
+                   "seed": seed, "test": r.result.to_dict()} for r in rows]
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "compare.json").write_text(json.dumps(report, indent=2))
+            tracker.log_artifact(Path(tmp) / "compare.json")
+        tracker.log_artifact(png)
+    if args.json:
+        print(json.dumps([{"source": r.source, "method": r.method, "images": r.images, "mean": r.result.mean,
+                           "std": r.result.std, "n": r.result.n, "protocol": protocol, "seed": seed} for r in rows]))
+        return 0
+    print(f"{len(rows)} sets of {dataset}, protocol {protocol}, {nets} held-out networks each (seed {seed})\n")
+    print(table(rows, protocol))
+    print(f"\nbar chart: {png.resolve()}")
     return 0
 
 
@@ -444,13 +520,20 @@ def _log_report(tracker: Any, d: Any, report: dict[str, Any]) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ddray.tune import load_tune_spec, run_search
+    from ddray.tune import CONFIRM_ABOVE, load_tune_spec, run_search
 
     overrides = {k: getattr(args, k, None) for k in ("tracking_uri", "experiment", "tracking", "tracking_optional",
                                                        "address", "data_root")}
     spec = load_tune_spec(args.spec, **overrides)
     if args.storage_path:
         spec = dataclasses.replace(spec, storage_path=Path(args.storage_path).expanduser().resolve())
+    n = spec.trial_count()
+    if n > CONFIRM_ABOVE and not (args.yes or args.resume):
+        raise ValueError(f"{spec.source}: this search would run {n} trials (more than {CONFIRM_ABOVE}); pass --yes "
+                         "to start it anyway, or shrink the grid or num_samples")
+    print(f"{spec.source}: {'continuing' if args.resume else 'starting'} a search of {n} trial{'s' * (n != 1)} "
+          f"({'up to ' if 'iterations' in spec.search else ''}{spec.max_iterations} meta-steps each, "
+          f"{spec.scheduler.type} scheduler)", flush=True)
     s = run_search(spec, resume=args.resume)
     print(f"\n{s.table(spec.metric, list(spec.search))}\n")
     print(f"best trial:      {s.best.trial_id} ({spec.metric} {s.best.value:.4f} at step {s.best.value_step})")
@@ -460,6 +543,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"distilled data:  {s.best.distilled_dir}")
     if s.best.run_id:
         print(f"in MLflow:       runs:/{s.best.run_id} (parent run {s.parent_run_id})")
+    if s.report:
+        print(f"results:         {s.report[0]}  (plots in {spec.experiment_dir / 'plots'})")
     return 0
 
 
@@ -474,7 +559,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "load": cmd_evaluate, "baseline": cmd_baseline,
+COMMANDS = {"distill": cmd_distill, "evaluate": cmd_evaluate, "load": cmd_evaluate, "compare": cmd_compare,
+            "baseline": cmd_baseline,
             "pretrain": cmd_pretrain, "experts": cmd_experts, "show": cmd_show, "tune": cmd_tune}
 
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+DIGIT_NAMES = tuple(str(i) for i in range(10))
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,23 @@ Loader = Callable[[Path | None, bool], Dataset]
 #: name → loader(root, download). Embedded sets ignore ``root``/``download``.
 DATASETS: dict[str, Loader] = {"mnist5k": _mnist5k, "digits": _digits}
 EMBEDDED = ("mnist5k", "digits")
+#: name → the class names in label order (pictures label their columns with them).
+CLASS_NAMES: dict[str, tuple[str, ...]] = {"mnist5k": DIGIT_NAMES, "digits": DIGIT_NAMES}
 
 
-def register_dataset(name: str, loader: Loader) -> None:
-    """Add a data set to the registry (custom data sets plug in here)."""
+def register_dataset(name: str, loader: Loader, class_names: Sequence[str] | None = None) -> None:
+    """Add a data set to the registry (custom data sets plug in here), with its class names if it has them."""
     DATASETS[name] = loader
+    if class_names is not None:
+        CLASS_NAMES[name] = tuple(str(c) for c in class_names)
+
+
+def class_names(name: str, num_classes: int) -> list[str]:
+    """The names of data set ``name``'s classes 0‥C−1; their indices where it has none (or a different count)."""
+    names = CLASS_NAMES.get(name)
+    if names is None or len(names) != num_classes:
+        return [str(i) for i in range(num_classes)]
+    return list(names)
 
 
 def load_dataset(name: str, root: str | Path | None = None, download: bool = False,

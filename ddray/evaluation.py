@@ -92,14 +92,20 @@ def evaluate_distilled(problem: Problem, d: Distilled, nets: int, shuffled: bool
 _PROBLEMS: dict[tuple[str, str | None, bool], Problem] = {}  # per worker process: data loaded once
 
 
-def predict_job(d: Distilled, data_root: str | None, job: EvalJob, ids: list[int]) -> torch.Tensor:
-    """:func:`predict_nets` for a set shipped to a Ray worker (its problem is built once per process)."""
+def predict_job(d: Distilled, data_root: str | None, job: EvalJob, ids: list[int],
+                seed: int | None = None) -> torch.Tensor:
+    """:func:`predict_nets` for a set shipped to a Ray worker (its problem is built once per process);
+    ``seed``: the evaluation seed, when not the set's own run seed (``ddray compare``)."""
+    import dataclasses
     import json
 
     key = (json.dumps(d.meta.get("config", {}), sort_keys=True, default=str), data_root, d.init_params is not None)
     if key not in _PROBLEMS:
         _PROBLEMS[key] = problem_for(d, data_root)
-    return predict_nets(_PROBLEMS[key], d, job, ids)
+    problem = _PROBLEMS[key]
+    if seed is not None and seed != problem.config.run.seed:
+        problem = dataclasses.replace(problem, config=problem.config.override(seed=seed))
+    return predict_nets(problem, d, job, ids)
 
 
 def problem_for(d: Distilled, data_root: str | None = None) -> Problem:

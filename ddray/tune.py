@@ -8,7 +8,8 @@ and hands its ddray checkpoint to Tune (``ray.tune.Checkpoint``) so that stopped
 failed or interrupted trials continue from it (``Tuner.restore``, ``ddray tune FILE
 --resume``). In MLflow the search is one parent run with one nested child run per
 trial. At the end: a table of the trials, the best config as a ready-to-run
-distill YAML, and the best trial's distilled-data directory.
+distill YAML, the best trial's distilled-data directory, and ``results.csv`` with
+plots of the metric against the searched parameters (:mod:`ddray.tune_report`).
 
 The search file's format and validation live in :mod:`ddray.tune_config`.
 """
@@ -19,7 +20,7 @@ import json
 import math
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -28,12 +29,13 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from ddray.config import FIELD_SECTION, Config
 from ddray.tracking import Tracker, log_final_checkpoint, make_tracker
-from ddray.tune_config import TuneSpec, load_tune_spec, parse_tune_spec
+from ddray.tune_config import CONFIRM_ABOVE, TuneSpec, load_tune_spec, parse_tune_spec
+from ddray.tune_report import std_column, write_report
 
 if TYPE_CHECKING:
     from ddray.distill import DistillResult
 
-__all__ = ["TuneSpec", "load_tune_spec", "parse_tune_spec", "run_search", "run_trial_distillation",
+__all__ = ["CONFIRM_ABOVE", "TuneSpec", "load_tune_spec", "parse_tune_spec", "run_search", "run_trial_distillation",
            "SearchSummary"]
 
 TIME_ATTR = "step"  # the scheduler's clock: meta-steps done
@@ -223,6 +225,8 @@ class TrialRow:
     history: dict[int, float]  # step → metric
     distilled_dir: str | None
     run_id: str | None
+    steps_reached: int | None = None  # the last meta-step the trial reported
+    value_std: float | None = None  # the metric's std over held-out nets at value_step (metrics *_mean)
 
 
 @dataclass
@@ -235,6 +239,7 @@ class SearchSummary:
     reference: TrialRow | None
     comparison: str | None
     parent_run_id: str | None
+    report: list[Path] = field(default_factory=list)  # results.csv and the plots
 
     def table(self, metric: str, keys: list[str]) -> str:
         head = ["trial", *keys, metric, "at step", "status"]
@@ -252,6 +257,16 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _history(df: Any, key: str | None) -> dict[int, float]:
+    """step → value of result column ``key`` where it was reported."""
+    import pandas as pd
+
+    if key is None or key not in df.columns or TIME_ATTR not in df.columns:
+        return {}
+    return {int(step): float(val) for step, val in zip(df[TIME_ATTR], df[key])
+            if val is not None and not pd.isna(val)}
+
+
 def _rows(results: Any, spec: TuneSpec) -> list[TrialRow]:
     import pandas as pd
 
@@ -259,12 +274,10 @@ def _rows(results: Any, spec: TuneSpec) -> list[TrialRow]:
     for res in results:
         m = res.metrics or {}
         df = res.metrics_dataframe if res.metrics_dataframe is not None else pd.DataFrame()
-        history: dict[int, float] = {}
-        if spec.metric in df.columns and TIME_ATTR in df.columns:
-            for step, val in zip(df[TIME_ATTR], df[spec.metric]):
-                if val is not None and not pd.isna(val):
-                    history[int(step)] = float(val)
+        history = _history(df, spec.metric)
         last = max(history) if history else None
+        stds = _history(df, std_column(spec.metric))
+        reached = [int(s) for s in df[TIME_ATTR] if not pd.isna(s)] if TIME_ATTR in df.columns else []
         distilled = None
         finished = bool(m.get(FINISHED))
         if finished and res.checkpoint is not None and Path(res.checkpoint.path, "distilled").is_dir():
@@ -275,7 +288,8 @@ def _rows(results: Any, spec: TuneSpec) -> list[TrialRow]:
         params = {k: v for k, v in (res.config or {}).items() if k in FIELD_SECTION}
         rows.append(TrialRow(str(m.get("trial_id", Path(res.path).name)), params, status,
                              history[last] if last is not None else None, last, history, distilled,
-                             m.get("mlflow_run_id")))
+                             m.get("mlflow_run_id"), max(reached) if reached else None,
+                             stds.get(last) if last is not None else None))
     return rows
 
 
@@ -322,7 +336,8 @@ def write_best_config(spec: TuneSpec, best: TrialRow, path: Path) -> Path:
 def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> SearchSummary:
     """Run (or with ``resume`` continue) the search; Ray must be initialised by the caller or is started locally.
 
-    Writes STORAGE_PATH/NAME/{best_config.yaml, trials.txt} and logs them to the MLflow parent run.
+    Writes STORAGE_PATH/NAME/{best_config.yaml, trials.txt, results.csv, plots/} and logs them to the
+    MLflow parent run.
     """
     import logging
     import os
@@ -394,6 +409,8 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
                          **({"ddray.best_run_id": summary.best.run_id} if summary.best.run_id else {})})
         parent.log_artifact(summary.best_config_path)
         parent.log_artifact(exp_dir / "trials.txt")
+        for f in summary.report:
+            parent.log_artifact(f, None if f.parent == exp_dir else f.parent.name)
     except KeyboardInterrupt:
         parent.finish("KILLED")
         raise
@@ -405,8 +422,10 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
 
 
 def summarize(results: Any, spec: TuneSpec, parent_run_id: str | None = None) -> SearchSummary:
-    """The trial table, the best (finished) trial, its config file and the reference comparison."""
+    """The trial table, results.csv and plots, the best (finished) trial, its config file and the reference
+    comparison. The report is written even when no trial finished (then a ValueError follows)."""
     rows = _rows(results, spec)
+    report = write_report(rows, spec, spec.experiment_dir)
     done = [r for r in rows if r.status == "done" and r.value is not None]
     if not done:
         errors = [str(res.error).splitlines()[0] for res in results if res.error]
@@ -417,6 +436,6 @@ def summarize(results: Any, spec: TuneSpec, parent_run_id: str | None = None) ->
     exp_dir = spec.experiment_dir
     exp_dir.mkdir(parents=True, exist_ok=True)
     best_path = write_best_config(spec, best, exp_dir / "best_config.yaml")
-    summary = SearchSummary(rows, best, best_path, ref, _compare(best, ref, spec, rows), parent_run_id)
+    summary = SearchSummary(rows, best, best_path, ref, _compare(best, ref, spec, rows), parent_run_id, report)
     (exp_dir / "trials.txt").write_text(summary.table(spec.metric, list(spec.search)) + "\n")
     return summary

@@ -29,6 +29,7 @@ a spec into Tune objects (:meth:`Distribution.to_tune`, :meth:`TuneSpec.placemen
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,6 +49,7 @@ TOP_KEYS = ("name", "storage_path", "fixed", "search", "reference", "metric", "m
 NOT_SEARCHABLE = ("out", "storage", "tracking", "tracking_uri", "tracking_optional", "experiment", "address",
                   "download")
 PLACEMENT_STRATEGY = {"spread": "SPREAD", "strict-spread": "STRICT_SPREAD", "pack": "PACK"}
+CONFIRM_ABOVE = 50  # `ddray tune` asks for --yes before starting more trials than this (TuneSpec.trial_count)
 
 
 # ----------------------------------------------------------------------------- the search file
@@ -126,6 +128,18 @@ class TuneSpec:
             return self.fixed.distill.iterations
         values = [int(v) for v in d.args] if d.kind in ("choice", "grid") else [int(d.args[1]) - 1]
         return max(values + [int((self.reference or {}).get("iterations", 0))])
+
+    def trial_count(self) -> int:
+        """How many trials the search runs: ``num_samples`` × the grid's size, the way Ray counts them.
+
+        The reference point replaces one sample and spans only the grid axes it does not set.
+        """
+        def grid(skip: Mapping[str, Any]) -> int:
+            return math.prod(len(d.args) for k, d in self.search.items() if d.kind == "grid" and k not in skip)
+
+        if not self.reference:
+            return self.num_samples * grid({})
+        return grid(self.reference) + (self.num_samples - 1) * grid({})
 
     def trial_config(self, params: Mapping[str, Any], out: str | Path | None = None) -> Config:
         """The fixed config with a trial's sampled ``params`` applied (and its own output directory)."""

@@ -43,7 +43,8 @@ USPS uses the fixed, commonly quoted constants (those of the full USPS training
 split), *not* statistics recomputed from whatever files are at ``root``, so a
 subset or a re-packed copy is normalised the same way as the full set.
 
-Labels are int64 in 0..9 and every set has 10 classes. Missing files raise a
+Labels are int64 in 0..9 and every set has 10 classes, registered with their names
+(digits ``0``–``9``; FashionMNIST's and CIFAR-10's as torchvision names them). Missing files raise a
 one-line :class:`ValueError` naming the set, the exact expected path and how to
 get the files (``--download`` or ``--data-root``).
 """
@@ -73,6 +74,10 @@ _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST = "test_batch"
 _SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 _USPS_FILES = ("usps.bz2", "usps.t.bz2")
+DIGITS = tuple(str(i) for i in range(10))
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 # --------------------------------------------------------------------------- file formats
@@ -194,6 +199,8 @@ class _Spec:
     fetch: Callable[[Path, list[int]], None]
     #: ``read(paths)``: the resolved path of each entry of ``files`` → :data:`Arrays`.
     read: Callable[[list[Path]], Arrays]
+    #: the class names in label order.
+    classes: tuple[str, ...] = DIGITS
 
 
 def _find(root: Path, alternatives: Sequence[str]) -> Path | None:
@@ -254,8 +261,8 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
 
 # mnist / fashion_mnist -------------------------------------------------------------------
 
-def _idx_spec(name: str, folder: str, tv_class: str,
-              mean: tuple[float, ...], std: tuple[float, ...]) -> _Spec:
+def _idx_spec(name: str, folder: str, tv_class: str, mean: tuple[float, ...], std: tuple[float, ...],
+              classes: tuple[str, ...] = DIGITS) -> _Spec:
     files = tuple((f"{folder}/raw/{f}", f"{folder}/raw/{f}.gz") for f in _MNIST_FILES)
 
     def fetch(root: Path, missing: list[int]) -> None:
@@ -274,7 +281,7 @@ def _idx_spec(name: str, folder: str, tv_class: str,
             ys.append(y.astype(np.int64))
         return xs[0], ys[0], xs[1], ys[1]
 
-    return _Spec(name, mean, std, files, fetch, read)
+    return _Spec(name, mean, std, files, fetch, read, classes)
 
 
 # cifar10 ---------------------------------------------------------------------------------
@@ -325,10 +332,11 @@ def _usps_read(paths: list[Path]) -> Arrays:
 
 SPECS: dict[str, _Spec] = {
     "mnist": _idx_spec("mnist", "MNIST", "MNIST", (0.1307,), (0.3081,)),
-    "fashion_mnist": _idx_spec("fashion_mnist", "FashionMNIST", "FashionMNIST", (0.2860,), (0.3530,)),
+    "fashion_mnist": _idx_spec("fashion_mnist", "FashionMNIST", "FashionMNIST", (0.2860,), (0.3530,),
+                               FASHION_MNIST_CLASSES),
     "cifar10": _Spec("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
                      tuple((f"{_CIFAR_DIR}/{f}",) for f in (*_CIFAR_TRAIN, _CIFAR_TEST)),
-                     _cifar_fetch, _cifar_read),
+                     _cifar_fetch, _cifar_read, CIFAR10_CLASSES),
     "svhn": _Spec("svhn", (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
                   tuple((f,) for f in _SVHN_FILES), _svhn_fetch, _svhn_read),
     "usps": _Spec("usps", (0.2469,), (0.2989,),
@@ -354,6 +362,6 @@ def make_loader(name: str) -> Callable[[Path | None, bool], "Dataset"]:
 
 
 def register_all(register: Callable[..., None]) -> None:
-    """Register every torchvision data set with ``register(name, loader)``."""
-    for name in SPECS:
-        register(name, make_loader(name))
+    """Register every torchvision data set with ``register(name, loader, class_names)``."""
+    for name, spec in SPECS.items():
+        register(name, make_loader(name), spec.classes)

@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from ddray.artifact import load_distilled
 from ddray.cli import main
 from ddray.config import load_config
-from ddray.tune import load_tune_spec, parse_tune_spec, run_search
+from ddray.tune import CONFIRM_ABOVE, TrialRow, load_tune_spec, parse_tune_spec, run_search
+from ddray.tune_report import heatmap_values, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,10 +59,93 @@ def test_shipped_search_files_validate(path: Path) -> None:
     if "method" in spec.search:  # the methods search: every method × budget under one evaluation
         assert spec.search["method"].kind == "grid" and spec.fixed.model.model == "convnet"
         assert {spec.trial_config({"method": m}).protocol for m in spec.search["method"].args} == {"dc"}
+    elif "study" in path.stem:  # the paper's study: a grid, every point run to the same budget (no early stop)
+        assert spec.scheduler.type == "fifo" and spec.reference is None and spec.num_samples == 1
+        assert all(d.kind == "grid" for d in spec.search.values()) and spec.trial_count() <= CONFIRM_ABOVE
+        assert spec.fixed.data.dataset == "mnist5k" and spec.fixed.distill.init == "random"
     else:  # DD searches around the default config
         assert spec.scheduler.type == "asha"
         assert spec.reference and {"epochs", "lr", "init_lr"} <= set(spec.search)
     assert path.read_text().startswith("#")  # documented at the top
+
+
+def test_the_study_grids_are_steps_by_epochs_and_images_per_class() -> None:
+    study = load_tune_spec(REPO / "tune_configs" / "mnist5k_study.yaml")
+    assert list(study.search) == ["steps", "epochs"] and study.trial_count() == 15
+    ipc = load_tune_spec(REPO / "tune_configs" / "mnist5k_study_ipc.yaml")
+    assert list(ipc.search) == ["ipc"] and ipc.trial_count() == 3
+    # the same budget and evaluation in both, so the ipc axis meets the grid at S = 10, E = 3
+    assert ipc.trial_config({"ipc": 1}) == study.trial_config({"steps": 10, "epochs": 3})
+
+
+@pytest.mark.parametrize("changes", [
+    {"search": {"steps": {"grid": [1, 2, 5]}, "epochs": {"grid": [1, 2]}}, "reference": None, "num_samples": 1},
+    {"search": {"steps": {"grid": [1, 2, 5]}, "epochs": {"grid": [1, 2]}}, "reference": None, "num_samples": 3},
+    {"search": {"steps": {"grid": [1, 2, 5]}, "epochs": {"grid": [1, 2]}, "lr": {"loguniform": [0.01, 0.1]}},
+     "reference": {"steps": 2, "epochs": 1}, "num_samples": 3},
+    {"search": {"steps": {"grid": [1, 2, 5]}, "epochs": {"grid": [1, 2]}}, "reference": {"steps": 5},
+     "num_samples": 2},
+    {"search": {"lr": {"loguniform": [0.005, 0.05]}, "epochs": {"choice": [1, 2]}}, "reference": {"lr": 0.01},
+     "num_samples": 4},
+])
+def test_trial_count_is_what_ray_runs(tmp_path: Path, changes: dict[str, Any]) -> None:
+    from ray.tune.experiment import Experiment
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    spec = parse_tune_spec(tiny_spec(tmp_path, scheduler="fifo", **changes), "s.yaml")
+    searcher = BasicVariantGenerator(points_to_evaluate=[dict(spec.reference)] if spec.reference else None)
+    searcher.add_configurations([Experiment("count", run=lambda c: None, config=spec.param_space(),
+                                            num_samples=spec.num_samples)])
+    trials = 0
+    while searcher.next_trial() is not None:
+        trials += 1
+    assert spec.trial_count() == trials == searcher.total_samples
+
+
+def test_more_than_50_trials_need_yes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    big = tiny_spec(tmp_path, search={"steps": {"grid": [1, 2, 3, 4, 5, 6]}, "epochs": {"grid": list(range(1, 10))}},
+                    reference=None, scheduler="fifo", num_samples=1)
+    path = write(tmp_path, big)
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (f"ddray tune: error: {path}: this search would run 54 trials (more than 50); "
+                                     "pass --yes to start it anyway") in err
+    assert not (tmp_path / "ray").exists()  # refused before anything started
+    # with --yes it goes on (and stops at the next check: this experiment directory is taken)
+    (tmp_path / "ray" / "tiny").mkdir(parents=True)
+    (tmp_path / "ray" / "tiny" / "x").write_text("")
+    assert main(["tune", str(path), "--yes"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{path}: starting a search of 54 trials (4 meta-steps each, fifo scheduler)")
+    assert "already exists" in err
+
+
+def test_report_of_a_two_axis_grid(tmp_path: Path) -> None:
+    import csv
+
+    spec = parse_tune_spec(tiny_spec(tmp_path, search={"steps": {"grid": [1, 2]}, "epochs": {"grid": [1, 3]}},
+                                     reference=None, scheduler="fifo"), "s.yaml")
+    rows = [TrialRow("t0", {"steps": 1, "epochs": 1}, "done", 0.50, 4, {2: 0.4, 4: 0.5}, None, None, 4, 0.05),
+            TrialRow("t1", {"steps": 1, "epochs": 3}, "done", 0.60, 4, {2: 0.5, 4: 0.6}, None, None, 4, 0.04),
+            TrialRow("t2", {"steps": 2, "epochs": 1}, "done", 0.70, 4, {2: 0.6, 4: 0.7}, None, None, 4, 0.03),
+            TrialRow("t3", {"steps": 2, "epochs": 3}, "error", None, None, {}, None, None, None, None)]
+    files = write_report(rows, spec, tmp_path / "exp")
+    plots = tmp_path / "exp" / "plots"
+    assert files == [tmp_path / "exp" / "results.csv", plots / "eval_acc_mean_vs_steps.png",
+                     plots / "eval_acc_mean_vs_epochs.png", plots / "heatmap_steps_epochs.png",
+                     plots / "learning_curves.png"]
+    assert all(f.stat().st_size > 0 for f in files)
+    with open(files[0]) as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["trial_id", "steps", "epochs", "eval_acc_mean", "eval_acc_std", "metric_step",
+                        "steps_reached", "status"]
+    assert table[1] == ["t0", "1", "1", "0.5", "0.05", "4", "4", "done"]
+    assert table[4] == ["t3", "2", "3", "", "", "", "", "error"]
+    a, b, m = heatmap_values(rows, spec) or ("", "", None)
+    assert (a, b) == ("steps", "epochs") and m is not None
+    assert m[0].tolist() == [0.5, 0.6] and m[1, 0] == 0.7 and m[1, 1] != m[1, 1]  # NaN: that trial errored
+    one_axis = parse_tune_spec(tiny_spec(tmp_path, reference=None), "s.yaml")
+    assert heatmap_values(rows, one_axis) is None
 
 
 def test_shipped_quick_search_compares_with_the_default_config() -> None:
@@ -202,6 +286,12 @@ def ray_session() -> Iterator[None]:
             ray.shutdown()
 
 
+def _store(tmp: Path) -> None:
+    """The test's MLflow store, with its artifacts in ``tmp`` too (not in ./mlruns, the SQLite store's default)."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    client.create_experiment("ddray", artifact_location=str(tmp / "artifacts"))
+
+
 def _runs(uri: str) -> list[Any]:
     c = MlflowClient(tracking_uri=uri)
     return c.search_runs([c.get_experiment_by_name("ddray").experiment_id])
@@ -209,6 +299,7 @@ def _runs(uri: str) -> list[Any]:
 
 def test_search_two_trials_one_parent_and_nested_child_runs(ray_session: None, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    _store(tmp_path)
     path = write(tmp_path, tiny_spec(tmp_path))
     assert main(["tune", str(path)]) == 0
     out = capsys.readouterr().out
@@ -236,7 +327,13 @@ def test_search_two_trials_one_parent_and_nested_child_runs(ray_session: None, t
     assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny"
     assert parent.data.params["search.lr"] == "loguniform[0.005, 0.05]" and "best_eval_acc_mean" in parent.data.metrics
     c = MlflowClient(tracking_uri=uri)
-    assert {f.path for f in c.list_artifacts(parent.info.run_id)} == {"best_config.yaml", "trials.txt"}
+    assert {f.path for f in c.list_artifacts(parent.info.run_id)} == {"best_config.yaml", "trials.txt",
+                                                                      "results.csv", "plots"}
+    assert {f.path for f in c.list_artifacts(parent.info.run_id, "plots")} == {
+        "plots/eval_acc_mean_vs_lr.png", "plots/learning_curves.png"}
+    results = (exp / "results.csv").read_text().splitlines()
+    assert results[0] == "trial_id,lr,eval_acc_mean,eval_acc_std,metric_step,steps_reached,status"
+    assert len(results) == 3 and all(line.endswith((",done", ",stopped")) for line in results[1:])
     assert json.loads((exp / "ddray_tune.json").read_text())["parent_run_id"] == parent.info.run_id
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["ddray.command"] == "trial"
@@ -254,6 +351,7 @@ def test_search_two_trials_one_parent_and_nested_child_runs(ray_session: None, t
 
 
 def test_resume_restarts_errored_trials(ray_session: None, tmp_path: Path) -> None:
+    _store(tmp_path)
     # The trials need a pretrained pool that does not exist yet: they fail, the search ends with
     # no finished trial; then the pool appears and --resume restarts the errored trial.
     pool = tmp_path / "pool"
@@ -282,6 +380,7 @@ def test_resume_restarts_errored_trials(ray_session: None, tmp_path: Path) -> No
 
 def test_failed_trial_continues_from_its_tune_checkpoint_on_the_ray_driver(ray_session: None,
                                                                           tmp_path: Path) -> None:
+    _store(tmp_path)
     from ray import tune
 
     def failing_once(params: dict[str, Any], spec: Any, log: Path) -> None:
@@ -339,6 +438,7 @@ def test_failed_trial_continues_from_its_tune_checkpoint_on_the_ray_driver(ray_s
 
 
 def test_the_method_is_a_searchable_option(ray_session: None, tmp_path: Path) -> None:
+    _store(tmp_path)
     spec = parse_tune_spec(tiny_spec(
         tmp_path, name="methods", reference=None, scheduler="fifo", num_samples=1,
         fixed={"data": {"dataset": "digits"}, "model": {"model": "convnet", "width": 8},

@@ -1,0 +1,153 @@
+"""``ddray compare``: several distilled sets scored by one evaluation protocol, side by side.
+
+Every set (a distilled set, its baselines, another run's set) is evaluated with the function
+``ddray evaluate`` uses, :func:`ddray.evaluation.evaluate_distilled` on
+:func:`ddray.evaluation.problem_for` the set, under one protocol, with one number of held-out
+networks and one seed, so that every set meets the same held-out θ₀ draws. Sets of
+different data sets (or image shapes) cannot be compared: that is a one-line error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ddray.artifact import Distilled
+from ddray.config import Config
+from ddray.core.evaluate import EvalResult
+from ddray.core.protocol import ProtocolDC
+from ddray.problem import Problem
+
+PROTOCOLS = ("dd", "dc")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One line of the comparison.
+
+    Attributes:
+        source: the directory or ``runs:/`` URI as given.
+        label: a short name for the chart (the method, plus the source where methods repeat).
+        method: the set's ``method`` (``dd``, ``dc``, …, ``baseline-random``, …).
+        images: how many synthetic images the set holds (S × M × C).
+        result: its test accuracy over the held-out networks.
+    """
+
+    source: str
+    label: str
+    method: str
+    images: int
+    result: EvalResult
+
+
+def own_protocol(d: Distilled) -> str:
+    """The protocol a set is evaluated with by default (its run config's: dd for DD, dc otherwise)."""
+    return Config.from_dict(d.meta.get("config", {})).protocol
+
+
+def check_one_dataset(sources: Sequence[str], sets: Sequence[Distilled]) -> str:
+    """The data set all ``sets`` come from; a one-line ValueError naming two that differ."""
+    def ident(d: Distilled) -> str:
+        c, h, w = d.images.shape[2:]
+        return f"{d.meta.get('dataset', '?')} {c}×{h}×{w}"
+
+    first = ident(sets[0])
+    for src, d in zip(sources[1:], sets[1:]):
+        if ident(d) != first:
+            raise ValueError(f"compare: the sets come from different data sets: {sources[0]} is {first}, "
+                             f"{src} is {ident(d)}; compare sets of one data set")
+    return str(sets[0].meta.get("dataset", "?"))
+
+
+def choose_protocol(sources: Sequence[str], sets: Sequence[Distilled], given: str | None) -> str:
+    """``given``, else the sets' common own protocol; a ValueError when theirs differ and none is given."""
+    if given is not None:
+        if given not in PROTOCOLS:
+            raise ValueError(f"--protocol: invalid value {given!r}; choose one of {', '.join(PROTOCOLS)}")
+        return given
+    own = [own_protocol(d) for d in sets]
+    if len(set(own)) > 1:
+        which = "; ".join(f"{p}: {', '.join(s for s, q in zip(sources, own) if q == p)}" for p in PROTOCOLS
+                          if p in own)
+        raise ValueError(f"--protocol: the sets are evaluated differently by default ({which}); pass "
+                         "--protocol dd or --protocol dc to score them all the same way")
+    return own[0]
+
+
+def eval_protocol(problem: Problem, name: str, nets: int, epochs: int, dsa: bool) -> ProtocolDC | str:
+    """What :func:`ddray.evaluation.evaluate_distilled` takes for protocol ``name`` (``ddray evaluate``'s flags)."""
+    if name == "dd":
+        return "dd"
+    strategy = problem.config.distill.dsa_strategy if dsa else None
+    return ProtocolDC(epochs=epochs, nets=nets, dsa_strategy=strategy)
+
+
+def _distinct(sources: Sequence[str], width: int = 24) -> list[str]:
+    """The part of each source that tells it from the others (common leading and trailing parts dropped)."""
+    parts = [s[len("runs:/"):].split("/") if s.startswith("runs:/") else list(Path(s).parts) for s in sources]
+    lead = 0
+    while all(len(p) > lead + 1 for p in parts) and len({p[lead] for p in parts}) == 1:
+        lead += 1
+    trail = 0
+    while all(len(p) > lead + trail + 1 for p in parts) and len({p[-1 - trail] for p in parts}) == 1:
+        trail += 1
+    out = []
+    for p in parts:
+        text = "/".join(p[lead:len(p) - trail]) or p[-1]
+        out.append(text if len(text) <= width else "…" + text[1 - width:])
+    return out
+
+
+def labels(sources: Sequence[str], sets: Sequence[Distilled]) -> list[str]:
+    """Short chart labels: the method, with what tells the sources apart where two sets share a method."""
+    methods = [str(d.meta.get("method", "?")) for d in sets]
+    tails = _distinct(sources)
+    return [m if methods.count(m) == 1 else f"{m}\n{t}" for m, t in zip(methods, tails)]
+
+
+def compare_sets(sources: Sequence[str], sets: Sequence[Distilled], protocol: str, nets: int, seed: int,
+                 epochs: int = 300, dsa: bool = True, data_root: str | None = None,
+                 mapper: Callable[..., list[Any]] | None = None, workers: int = 1) -> list[Scored]:
+    """Score every set with ``protocol`` over ``nets`` held-out networks drawn with ``seed``.
+
+    Args:
+        sources: what each set was loaded from (for the table).
+        sets: the sets, all of one data set (:func:`check_one_dataset`).
+        protocol: ``dd`` (the set's own steps and step sizes) or ``dc`` (the DC line's training).
+        nets: held-out networks per set.
+        seed: the evaluation seed, the same for all sets (so they meet the same θ₀ draws).
+        epochs, dsa: protocol ``dc``: training epochs per network, DSA augmentation.
+        data_root: where a torchvision data set's files are.
+        mapper: trains the chunks of held-out networks on Ray workers
+            (:func:`ddray.distributed.pool.call_mapper`), ``workers`` chunks per set; default here.
+    """
+    import torch
+
+    from ddray.evaluation import evaluate_distilled, predict_job, problem_for
+
+    out = []
+    for src, label, d in zip(sources, labels(sources, sets), sets):
+        problem = problem_for(d, data_root)
+        problem = dataclasses.replace(problem, config=problem.config.override(seed=seed))
+
+        def predictor(job: Any, chunks: list[list[int]], d: Distilled = d) -> list[torch.Tensor]:
+            assert mapper is not None
+            return mapper(predict_job, [(d, data_root, job, ids, seed) for ids in chunks])
+
+        r = evaluate_distilled(problem, d, nets, protocol=eval_protocol(problem, protocol, nets, epochs, dsa),
+                               predictor=predictor if mapper else None, workers=workers)
+        out.append(Scored(src, label, str(d.meta.get("method", "?")), int(d.images.shape[0] * d.images.shape[1]),
+                          r))
+    return out
+
+
+def table(rows: Sequence[Scored], protocol: str) -> str:
+    """One line per set: source, method, images, test accuracy mean ± std (%), n, protocol."""
+    head = ["set", "method", "images", "test accuracy %", "n", "protocol"]
+    lines = [head] + [[r.source, r.method, str(r.images),
+                       f"{100 * r.result.mean:.1f} ± {100 * r.result.std:.1f}", str(r.result.n), protocol]
+                      for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
