@@ -62,6 +62,19 @@ def ray_version() -> str:
     return pinned_version("ray")
 
 
+def has_elastic_fleet() -> bool:
+    """Whether ddray has the elastic-fleet options the manifests use (issue 9: cluster.placement_timeout,
+    gpus_per_worker, ``--resume auto``). Tests of those manifests wait for it instead of failing."""
+    from dataclasses import fields
+
+    from ddray.config import ClusterConfig
+
+    return "placement_timeout" in {f.name for f in fields(ClusterConfig)}
+
+
+NEEDS_ISSUE_9 = "needs ddray's elastic fleet (issue 9: --resume auto, cluster.gpus_per_worker, placement_timeout)"
+
+
 # --------------------------------------------------------------------------- kustomize
 
 

@@ -184,8 +184,9 @@ def s3_server(keys: list[tuple[str, str]], buckets: list[str]) -> Iterator[S3Ser
     for b in buckets:
         (root / "data" / b).mkdir(parents=True)
     port, log = free_port(), root / "rclone.log"
-    cmd = [str(rclone), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--vfs-cache-mode", "writes",
-           "--dir-cache-time", "0s", "--cache-dir", str(root / "cache"), "--config", "/dev/null"]
+    # --dir-cache-time 100ms: listings see each write at once (0s makes rclone spin)
+    cmd = [str(rclone), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--dir-cache-time", "100ms",
+           "--config", "/dev/null"]
     for key, secret in keys:
         cmd += ["--auth-key", f"{key},{secret}"]
     proc = subprocess.Popen(cmd + [str(root / "data")], stdout=log.open("w"), stderr=subprocess.STDOUT,
