@@ -442,6 +442,9 @@ def resolve_from(instructions: list[Instruction], build_args: dict[str, str] | N
         elif ins.cmd == "FROM":
             seen_from = True
             image = ins.args.split()[0] if not ins.args.startswith("--") else ins.args.split()[1]
+            # ${VAR:+@${VAR}} (an optional digest): "@value", or nothing when VAR is empty
+            image = re.sub(r"\$\{(\w+):\+@\$\{\1\}\}", lambda m: "@" + args[m.group(1)] if args.get(m.group(1)) else "",
+                           image)
             images.append(re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), image))
     return images
 
