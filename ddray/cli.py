@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="Ray Tune search over distillation settings (tune_configs/*.yaml)")
     t.add_argument("spec", metavar="CONFIG.yaml", help="search file: fixed config, search space, metric, "
                                                         "scheduler, resources (see tune_configs/)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue the interrupted search (unfinished trials resumed, errored ones restarted)")
+    t.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "auto"), metavar="auto",
+                   help="continue the interrupted search (unfinished trials resumed, errored ones restarted); "
+                        "--resume auto: continue it if there is one, else start it (a retried RayJob)")
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--storage-path", dest="storage_path", help="override the file's storage_path")
     t.add_argument("--data-root", dest="data_root", help="override the file's data_root")
@@ -425,13 +426,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                                        "address", "data_root")}
     spec = load_tune_spec(args.spec, **overrides)
     if args.storage_path:
-        spec = dataclasses.replace(spec, storage_path=Path(args.storage_path).expanduser().resolve())
+        from ddray.tune_config import storage_location
+
+        spec = dataclasses.replace(spec, storage_path=storage_location(args.storage_path))
     s = run_search(spec, resume=args.resume)
     print(f"\n{s.table(spec.metric, list(spec.search))}\n")
     print(f"best trial:      {s.best.trial_id} ({spec.metric} {s.best.value:.4f} at step {s.best.value_step})")
     if s.comparison:
         print(f"vs reference:    {s.comparison}")
-    print(f"best config:     {s.best_config_path}  (ddray distill --config {s.best_config_path})")
+    where = s.best_config_location or s.best_config_path
+    print(f"best config:     {where}" + (f"  (ddray distill --config {where})" if "://" not in str(where) else ""))
     print(f"distilled data:  {s.best.distilled_dir}")
     if s.best.run_id:
         print(f"in MLflow:       runs:/{s.best.run_id} (parent run {s.parent_run_id})")

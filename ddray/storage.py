@@ -24,6 +24,7 @@ into those.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -146,5 +147,62 @@ def probe(uri: str, option: str = "--storage") -> None:
     fs, path = filesystem(uri, option)
     try:
         fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise storage_error(uri, e, "listing it", option) from None
+
+
+# ----------------------------------------------------------------------------- small files at a location
+
+
+def join(location: str | Path, name: str) -> str | Path:
+    """``location/name`` for a path or a URI."""
+    return f"{str(location).rstrip('/')}/{name}" if is_uri(location) else Path(location) / name
+
+
+def read_text(location: str | Path, option: str = "--storage-path") -> str | None:
+    """The text of the file at ``location`` (path or URI), or None if there is none."""
+    if not is_uri(location):
+        p = Path(location)
+        return p.read_text() if p.is_file() else None
+    uri = str(location)
+    fs, path = filesystem(uri, option)
+    try:
+        with fs.open_input_stream(path) as f:
+            return bytes(f.read()).decode()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if "NoSuchKey" in str(e) or "NOT_FOUND" in str(e).upper() or "does not exist" in str(e):
+            return None
+        raise storage_error(uri, e, "reading it", option) from None
+
+
+def write_text(location: str | Path, text: str, option: str = "--storage-path") -> None:
+    """Write ``text`` to the file at ``location`` (path or URI; parents created as needed)."""
+    if not is_uri(location):
+        p = Path(location)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        return
+    uri = str(location)
+    fs, path = filesystem(uri, option)
+    try:
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+    except OSError as e:
+        raise storage_error(uri, e, "writing it", option) from None
+
+
+def has_entries(location: str | Path, option: str = "--storage-path") -> bool:
+    """Whether the directory (or URI prefix) ``location`` holds anything."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        p = Path(location)
+        return p.is_dir() and any(p.iterdir())
+    uri = str(location)
+    fs, path = filesystem(uri, option)
+    try:
+        return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
     except OSError as e:
         raise storage_error(uri, e, "listing it", option) from None

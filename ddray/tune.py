@@ -27,6 +27,7 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from ddray.config import FIELD_SECTION, Config
+from ddray.storage import filesystem, has_entries, is_uri, join, read_text, write_text
 from ddray.tracking import Tracker, log_final_checkpoint, make_tracker
 from ddray.tune_config import TuneSpec, load_tune_spec, parse_tune_spec
 
@@ -231,10 +232,11 @@ class SearchSummary:
 
     rows: list[TrialRow]
     best: TrialRow
-    best_config_path: Path
+    best_config_path: Path  # a local copy (next to trials.txt)
     reference: TrialRow | None
     comparison: str | None
     parent_run_id: str | None
+    best_config_location: Path | str | None = None  # where it is stored: STORAGE_PATH/NAME/best_config.yaml
 
     def table(self, metric: str, keys: list[str]) -> str:
         head = ["trial", *keys, metric, "at step", "status"]
@@ -319,9 +321,19 @@ def write_best_config(spec: TuneSpec, best: TrialRow, path: Path) -> Path:
     return path
 
 
-def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> SearchSummary:
+def _tune_storage(spec: TuneSpec) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, storage path for Tune): a URI goes through ddray's own S3 settings
+    (endpoint, path-style addressing, credentials from the environment: :mod:`ddray.storage`)."""
+    if is_uri(spec.storage_path):
+        return filesystem(str(spec.storage_path), "--storage-path")
+    return None, str(spec.storage_path)
+
+
+def run_search(spec: TuneSpec, resume: bool | str = False, verbose: int = 1) -> SearchSummary:
     """Run (or with ``resume`` continue) the search; Ray must be initialised by the caller or is started locally.
 
+    ``resume``: True continues the experiment in STORAGE_PATH/NAME (an error if there is none);
+    ``"auto"`` continues it if there is one and starts it otherwise (a retried RayJob).
     Writes STORAGE_PATH/NAME/{best_config.yaml, trials.txt} and logs them to the MLflow parent run.
     """
     import logging
@@ -331,13 +343,20 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
     from ray import tune
 
     exp_dir = spec.experiment_dir
-    state_path = exp_dir / STATE_FILE
+    state_path = join(exp_dir, STATE_FILE)
+    fs, storage = _tune_storage(spec)
+    exp_path = f"{storage}/{spec.name}"
+    if resume == "auto":
+        resume = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+        if resume:
+            print(f"--resume auto: continuing the Tune experiment in {exp_dir}", flush=True)
     if resume:
-        if not tune.Tuner.can_restore(str(exp_dir)):
+        if not tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
             raise ValueError(f"--resume: no Tune experiment to continue in {exp_dir}")
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        text = read_text(state_path)
+        state = json.loads(text) if text else {}
     else:
-        if exp_dir.exists() and any(exp_dir.iterdir()):
+        if has_entries(exp_dir):
             raise ValueError(f"{spec.source}: name: experiment directory {exp_dir} already exists; continue it "
                              "with --resume, or change name / storage_path")
         state = {}
@@ -357,8 +376,7 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
     try:
         if parent_id and not state.get("parent_run_id"):
             parent.log_params(spec.params())
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps({"parent_run_id": parent_id, "source": spec.source}))
+        write_text(state_path, json.dumps({"parent_run_id": parent_id, "source": spec.source}))
         # Results carry the metric only when it was measured (eval_every, the end); ASHA
         # skips the others, and Tune's strict check would reject them.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -367,7 +385,8 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
         trainable = tune.with_resources(tune.with_parameters(tune_trial, spec=spec, parent_run_id=parent_id),
                                         resources=spec.placement)
         if resume:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, restart_errored=True)
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True,
+                                       storage_filesystem=fs)
         else:
             from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -380,7 +399,7 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
                                             scheduler=_make_scheduler(spec), search_alg=searcher,
                                             max_concurrent_trials=spec.max_concurrent_trials),
                 run_config=tune.RunConfig(
-                    name=spec.name, storage_path=str(spec.storage_path), verbose=verbose,
+                    name=spec.name, storage_path=storage, storage_filesystem=fs, verbose=verbose,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     failure_config=tune.FailureConfig(max_failures=1),
                     callbacks=[_close_trial_runs_callback(spec.fixed.run.tracking_uri
@@ -393,7 +412,7 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
         parent.set_tags({"ddray.best_trial": summary.best.trial_id,
                          **({"ddray.best_run_id": summary.best.run_id} if summary.best.run_id else {})})
         parent.log_artifact(summary.best_config_path)
-        parent.log_artifact(exp_dir / "trials.txt")
+        parent.log_artifact(summary.best_config_path.parent / "trials.txt")
     except KeyboardInterrupt:
         parent.finish("KILLED")
         raise
@@ -415,8 +434,13 @@ def summarize(results: Any, spec: TuneSpec, parent_run_id: str | None = None) ->
     best = pick(done, key=lambda r: r.value if r.value is not None else -math.inf)
     ref = next((r for r in rows if _is_reference(r, spec.reference)), None)
     exp_dir = spec.experiment_dir
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    best_path = write_best_config(spec, best, exp_dir / "best_config.yaml")
-    summary = SearchSummary(rows, best, best_path, ref, _compare(best, ref, spec, rows), parent_run_id)
-    (exp_dir / "trials.txt").write_text(summary.table(spec.metric, list(spec.search)) + "\n")
+    local = Path(tempfile.mkdtemp(prefix="ddray-tune-")) if is_uri(exp_dir) else Path(exp_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    best_path = write_best_config(spec, best, local / "best_config.yaml")
+    summary = SearchSummary(rows, best, best_path, ref, _compare(best, ref, spec, rows), parent_run_id,
+                            join(exp_dir, "best_config.yaml"))
+    (local / "trials.txt").write_text(summary.table(spec.metric, list(spec.search)) + "\n")
+    if is_uri(exp_dir):  # the stored copies, next to Tune's results
+        for name in ("best_config.yaml", "trials.txt"):
+            write_text(join(exp_dir, name), (local / name).read_text())
     return summary
