@@ -250,11 +250,14 @@ def mlflow_server(argv: list[str], env: dict[str, str], workdir: Path) -> Iterat
 
 # `ray start` swaps 127.0.0.1 for the machine's address (resolve_ip_for_localhost);
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 stops that for drivers, but `ray start` refuses
-# the variable. The nodes run `ray start` through this shim, which keeps 127.0.0.1.
+# the variable. The nodes run `ray start` through this shim, which keeps 127.0.0.1,
+# and set the variable only after Ray read it, for the processes the node starts
+# (dashboard agents, job supervisors, drivers, workers: they connect to 127.0.0.1 too).
 RAY_START_SHIM = """
-import sys
+import os, sys
 import ray._private.services as services
 services.resolve_ip_for_localhost = lambda address: address
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 from ray.scripts.scripts import main
 sys.argv = ["ray"] + sys.argv[1:]
 main()
