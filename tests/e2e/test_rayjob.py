@@ -17,6 +17,7 @@ import os
 import secrets
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,11 @@ def test_cpu_dev_rayjob_runs_like_kuberay_runs_it(platform: Platform, tmp_path: 
     for key, text in configmap_data(platform.docs, "ddray-distill-config").items():
         (config_dir / key).write_text(text)
     job = json.loads(json.dumps(job).replace(mount["mountPath"] + "/", f"{config_dir}/"))
+    # the head's emptyDir at /tmp (the driver's --out), here a directory of this test
+    scratch = tmp_path / "head-tmp"
+    scratch.mkdir()
+    assert any(m["mountPath"] == "/tmp" for m in head_c["volumeMounts"])
+    job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace('"/tmp/', f'"{scratch}/')
 
     token = secrets.token_urlsafe(32)
     head_env = pod_env(platform, head_c, token, config_dir)
@@ -110,9 +116,11 @@ def test_cpu_dev_rayjob_runs_like_kuberay_runs_it(platform: Platform, tmp_path: 
                    "PYTHONUNBUFFERED": "1"}
             proc = subprocess.run(["/bin/bash", "-ce", "--", submit_command(job, address, iterations)], env=env,
                                   capture_output=True, text=True, timeout=900)
-            status = subprocess.run(["ray", "job", "status", "--address", address, sid], env=env,
-                                    capture_output=True, text=True, timeout=120)
-            assert "SUCCEEDED" in status.stdout + status.stderr, (
+            status = subprocess.run(  # the job's status, as the operator polls it (with the token)
+                [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+                 "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", address, sid],
+                env=env, capture_output=True, text=True, timeout=120)
+            assert status.stdout.strip() == "SUCCEEDED", (
                 f"attempt {n}: {status.stdout}{status.stderr}\n--- logs\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}")
             return proc.stdout
 
