@@ -140,17 +140,6 @@ def storage_error(uri: str, e: BaseException, doing: str, option: str = "--stora
     return ValueError(f"{option} {where(uri)}: {doing} failed ({_first_line(e)})")
 
 
-def probe(uri: str, option: str = "--storage") -> None:
-    """Fail now, with a one-line error, if ``uri`` cannot be listed (bad credentials, no server, no bucket)."""
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(uri, option)
-    try:
-        fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError as e:
-        raise storage_error(uri, e, "listing it", option) from None
-
-
 # ----------------------------------------------------------------------------- small files at a location
 
 

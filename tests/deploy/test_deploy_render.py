@@ -182,3 +182,27 @@ def test_staged_apply_labels(docs: list[Doc]) -> None:
                 for d in docs if "ddray.io/workload" in d["metadata"].get("labels", {})}
     assert labelled == {"RayCluster/ddray": "raycluster", "RayJob/ddray-distill": "distill",
                         "RayJob/ddray-tune": "tune", "Job/ddray-data-fill": "data"}
+
+
+def test_pvc_storage_component_puts_storage_on_the_shared_volume(kustomize: Kustomize, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """k8s/components/pvc-storage, added to an overlay as docs/kubernetes.md says: every Ray pod of every
+    cluster mounts the ReadWriteMany claim where $DDRAY_STORAGE points."""
+    import shutil
+
+    from deploy_support import configmap_data, mount_for
+
+    shutil.copytree(K8S, tmp_path / "k8s")
+    kz = tmp_path / "k8s" / "overlays" / "cpu-dev" / "kustomization.yaml"
+    doc = yaml.safe_load(kz.read_text())
+    doc["components"].append("../../components/pvc-storage")
+    kz.write_text(yaml.safe_dump(doc, sort_keys=False))
+    docs, stderr = render(kustomize, kz.parent)
+    assert "warning" not in stderr.lower(), stderr
+    storage = configmap_data(docs, "ddray-env")["DDRAY_STORAGE"]
+    assert storage == "/mnt/ddray"
+    assert one(docs, "PersistentVolumeClaim", "ddray-storage")["spec"]["accessModes"] == ["ReadWriteMany"]
+    pods = [p for p in pod_specs(docs) if p.role in ("head", "worker")]
+    assert {p.where.split(" ")[0] for p in pods} == {"RayCluster/ddray", "RayJob/ddray-distill", "RayJob/ddray-tune"}
+    for pod in pods:
+        found = mount_for(storage + "/x", pod.spec["containers"][0], pod.spec)
+        assert found and found[1].get("persistentVolumeClaim", {}).get("claimName") == "ddray-storage", pod.where
