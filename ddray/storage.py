@@ -195,3 +195,69 @@ def has_entries(location: str | Path, option: str = "--storage-path") -> bool:
         return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
     except OSError as e:
         raise storage_error(uri, e, "listing it", option) from None
+
+
+def without_directory_markers(fs: Any) -> Any:
+    """``fs`` (an object store) as a pyarrow filesystem whose ``create_dir`` does nothing.
+
+    Object stores have no directories: a key's prefix exists once an object under it does.
+    pyarrow's S3 ``create_dir`` writes an empty ``prefix/`` marker object instead, which
+    clutters the bucket and which some S3-compatible servers cannot store next to objects
+    under that prefix (``rclone serve s3``). Ray Tune calls ``create_dir`` for every trial
+    and checkpoint directory; this wrapper is what it gets for ``s3://`` storage paths.
+    """
+    import pyarrow.fs as pafs
+
+    class Handler(pafs.FileSystemHandler):  # type: ignore[misc]
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def get_type_name(self) -> str:
+            return f"{self.inner.type_name}-nomarkers"
+
+        def equals(self, other: Any) -> bool:
+            return isinstance(other, Handler) and self.inner.equals(other.inner)
+
+        def normalize_path(self, path: str) -> str:
+            return str(self.inner.normalize_path(path))
+
+        def create_dir(self, path: str, recursive: bool) -> None:
+            pass
+
+        def get_file_info(self, paths: list[str]) -> Any:
+            return self.inner.get_file_info(paths)
+
+        def get_file_info_selector(self, selector: Any) -> Any:
+            return self.inner.get_file_info(selector)
+
+        def delete_dir(self, path: str) -> None:
+            self.inner.delete_dir(path)
+
+        def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+            self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self) -> None:
+            raise OSError("refusing to delete a whole bucket store")
+
+        def delete_file(self, path: str) -> None:
+            self.inner.delete_file(path)
+
+        def move(self, src: str, dest: str) -> None:
+            self.inner.move(src, dest)
+
+        def copy_file(self, src: str, dest: str) -> None:
+            self.inner.copy_file(src, dest)
+
+        def open_input_stream(self, path: str) -> Any:
+            return self.inner.open_input_stream(path)
+
+        def open_input_file(self, path: str) -> Any:
+            return self.inner.open_input_file(path)
+
+        def open_output_stream(self, path: str, metadata: Any) -> Any:
+            return self.inner.open_output_stream(path, metadata=metadata)
+
+        def open_append_stream(self, path: str, metadata: Any) -> Any:
+            return self.inner.open_append_stream(path, metadata=metadata)
+
+    return pafs.PyFileSystem(Handler(fs))

@@ -27,7 +27,7 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from ddray.config import FIELD_SECTION, Config
-from ddray.storage import filesystem, has_entries, is_uri, join, read_text, write_text
+from ddray.storage import filesystem, has_entries, is_uri, join, read_text, without_directory_markers, write_text
 from ddray.tracking import Tracker, log_final_checkpoint, make_tracker
 from ddray.tune_config import TuneSpec, load_tune_spec, parse_tune_spec
 
@@ -325,7 +325,8 @@ def _tune_storage(spec: TuneSpec) -> tuple[Any, str]:
     """(pyarrow filesystem or None, storage path for Tune): a URI goes through ddray's own S3 settings
     (endpoint, path-style addressing, credentials from the environment: :mod:`ddray.storage`)."""
     if is_uri(spec.storage_path):
-        return filesystem(str(spec.storage_path), "--storage-path")
+        fs, path = filesystem(str(spec.storage_path), "--storage-path")
+        return (without_directory_markers(fs) if fs.type_name == "s3" else fs), path
     return None, str(spec.storage_path)
 
 

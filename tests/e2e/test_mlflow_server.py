@@ -118,6 +118,7 @@ def test_host_header_check_of_the_real_server(platform: Platform, host: str, acc
     assert (status == 401) == accepted, f"Host: {host} → HTTP {status}"
 
 
+@pytest.mark.slow  # two Ray runs
 def test_checkpoints_on_s3_and_resume_reads_them_back(platform: Platform, tmp_path: Path) -> None:
     env = {"MLFLOW_TRACKING_URI": platform.mlflow.url, **login(platform), **s3_env(platform)}
     out, storage = tmp_path / "run", "s3://ddray/e2e/resume"
