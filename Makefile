@@ -6,7 +6,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast bench clean
+.PHONY: run test test-fast test-e2e e2e-deps bench clean
+
+# tests/e2e run PostgreSQL from Debian's package (the S3 and MLflow servers come
+# with the dev extra): installed once, skipped when already there.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+e2e-deps:
+	@if ! command -v initdb >/dev/null 2>&1 && [ -z "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ]; then \
+		echo "tests/e2e: installing PostgreSQL (apt-get install postgresql)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +26,11 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/ddray distill --baselines
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed e2e-deps
 	$(PY) -m pytest -q
+
+test-e2e: $(VENV)/.installed e2e-deps
+	$(PY) -m pytest -q -m e2e
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m 'not slow'

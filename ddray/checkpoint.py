@@ -15,6 +15,11 @@ understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``, ``abfs://``, …):
   rename, so a reader never sees half a file (local paths are also fsync'ed);
 * object stores (S3, GCS, Azure): the object is written under its final name in a
   single upload, which the store makes visible atomically — there is no rename.
+
+How a URI becomes a filesystem (S3 endpoint, path-style addressing, credentials from
+the environment) and how its errors read: :mod:`ddray.storage`. A storage that cannot
+be used (wrong credentials, endpoint down, no bucket) is a one-line ``ValueError``
+naming the URI and the endpoint.
 """
 
 from __future__ import annotations
@@ -32,26 +37,16 @@ from typing import Any
 import torch
 
 from ddray import __version__
+from ddray.storage import filesystem, is_uri, storage_error
 
 PATTERN = re.compile(r"^step-(\d+)\.pt$")
 KEEP = 3
 RENAMING_FILESYSTEMS = ("local", "hdfs", "mock")  # pyarrow type_names with an atomic move
 
 
-def is_uri(location: str | Path) -> bool:
-    """True for ``scheme://…`` locations (handled by pyarrow.fs), False for plain paths."""
-    return isinstance(location, str) and "://" in location
-
-
 def _filesystem(uri: str) -> tuple[Any, str]:
     """(pyarrow FileSystem, path inside it) for a URI; ValueError naming the URI otherwise."""
-    import pyarrow.fs as pafs
-
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, … depending on the scheme
-        raise ValueError(f"--storage {uri}: not a usable filesystem URI ({str(e).splitlines()[0]})") from None
-    return fs, path.rstrip("/")
+    return filesystem(uri, "--storage")
 
 
 def _encode(step: int, state: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -89,7 +84,22 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> 
 
 def _save_uri(uri: str, name: str, data: bytes, digest: bytes) -> str:
     fs, base = _filesystem(uri)
-    fs.create_dir(base, recursive=True)
+    try:
+        _write_uri(fs, base, name, data, digest)
+    except OSError as e:
+        raise storage_error(uri, e, f"writing {name}") from None
+    for old in list_checkpoints(uri)[:-KEEP]:
+        for suffix in ("", ".sha256"):
+            try:
+                fs.delete_file(f"{base}/{str(old).rsplit('/', 1)[1]}{suffix}")
+            except OSError:  # already gone (FileNotFoundError is an OSError)
+                pass
+    return f"{uri.rstrip('/')}/{name}"
+
+
+def _write_uri(fs: Any, base: str, name: str, data: bytes, digest: bytes) -> None:
+    if fs.type_name in RENAMING_FILESYSTEMS:  # object stores have no directories to create
+        fs.create_dir(base, recursive=True)
     for suffix, payload in ((".sha256", digest), ("", data)):
         final = f"{base}/{name}{suffix}"
         if fs.type_name in RENAMING_FILESYSTEMS:
@@ -100,13 +110,6 @@ def _save_uri(uri: str, name: str, data: bytes, digest: bytes) -> str:
         else:  # object store: one upload under the final name is atomic
             with fs.open_output_stream(final) as f:
                 f.write(payload)
-    for old in list_checkpoints(uri)[:-KEEP]:
-        for suffix in ("", ".sha256"):
-            try:
-                fs.delete_file(f"{base}/{str(old).rsplit('/', 1)[1]}{suffix}")
-            except OSError:  # already gone (FileNotFoundError is an OSError)
-                pass
-    return f"{uri.rstrip('/')}/{name}"
 
 
 def list_checkpoints(directory: str | Path) -> list[Path | str]:
@@ -116,7 +119,10 @@ def list_checkpoints(directory: str | Path) -> list[Path | str]:
 
         uri = str(directory).rstrip("/")
         fs, base = _filesystem(uri)
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        except OSError as e:
+            raise storage_error(uri, e, "listing checkpoints") from None
         found_uri = [(int(m.group(1)), f"{uri}/{i.base_name}") for i in infos
                      if i.type == pafs.FileType.File and (m := PATTERN.match(i.base_name))]
         return [u for _, u in sorted(found_uri)]  # URIs

@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="Ray Tune search over distillation settings (tune_configs/*.yaml)")
     t.add_argument("spec", metavar="CONFIG.yaml", help="search file: fixed config, search space, metric, "
                                                         "scheduler, resources (see tune_configs/)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue the interrupted search (unfinished trials resumed, errored ones restarted)")
+    t.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "auto"), metavar="auto",
+                   help="continue the interrupted search (unfinished trials resumed, errored ones restarted); "
+                        "--resume auto: continue it if there is one, else start it (a retried RayJob)")
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--storage-path", dest="storage_path", help="override the file's storage_path")
     t.add_argument("--data-root", dest="data_root", help="override the file's data_root")
@@ -526,12 +527,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                                        "address", "data_root")}
     spec = load_tune_spec(args.spec, **overrides)
     if args.storage_path:
-        spec = dataclasses.replace(spec, storage_path=Path(args.storage_path).expanduser().resolve())
+        from ddray.tune_config import storage_location
+
+        spec = dataclasses.replace(spec, storage_path=storage_location(args.storage_path))
     n = spec.trial_count()
     if n > CONFIRM_ABOVE and not (args.yes or args.resume):
         raise ValueError(f"{spec.source}: this search would run {n} trials (more than {CONFIRM_ABOVE}); pass --yes "
                          "to start it anyway, or shrink the grid or num_samples")
-    print(f"{spec.source}: {'continuing' if args.resume else 'starting'} a search of {n} trial{'s' * (n != 1)} "
+    doing = {True: "continuing", "auto": "continuing (or starting)"}.get(args.resume, "starting")
+    print(f"{spec.source}: {doing} a search of {n} trial{'s' * (n != 1)} "
           f"({'up to ' if 'iterations' in spec.search else ''}{spec.max_iterations} meta-steps each, "
           f"{spec.scheduler.type} scheduler)", flush=True)
     s = run_search(spec, resume=args.resume)
@@ -539,12 +543,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"best trial:      {s.best.trial_id} ({spec.metric} {s.best.value:.4f} at step {s.best.value_step})")
     if s.comparison:
         print(f"vs reference:    {s.comparison}")
-    print(f"best config:     {s.best_config_path}  (ddray distill --config {s.best_config_path})")
+    where = s.best_config_location or s.best_config_path
+    print(f"best config:     {where}" + (f"  (ddray distill --config {where})" if "://" not in str(where) else ""))
     print(f"distilled data:  {s.best.distilled_dir}")
     if s.best.run_id:
         print(f"in MLflow:       runs:/{s.best.run_id} (parent run {s.parent_run_id})")
     if s.report:
-        print(f"results:         {s.report[0]}  (plots in {spec.experiment_dir / 'plots'})")
+        from ddray.storage import join
+
+        print(f"results:         {join(spec.experiment_dir, s.report[0].name)}  (plots in "
+              f"{join(spec.experiment_dir, 'plots')})")
     return 0
 
 

@@ -11,6 +11,13 @@ Where runs go: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's
 default, an SQLite store ``mlflow.db`` in the working directory. Relative SQLite
 paths are made absolute, so Ray actors (which run in other directories) write to
 the same store. Only this module imports ``mlflow``, and only when tracking is on.
+
+A server with authentication (``mlflow server --app-name basic-auth``) takes the
+login from ``$MLFLOW_TRACKING_USERNAME`` / ``$MLFLOW_TRACKING_PASSWORD``, which the
+MLflow client reads itself. They never travel in a URI, a Ray runtime_env or a
+param: every process that logs (the driver, Ray workers, Tune trials) must have
+them in its environment — on Kubernetes from the Secret that ``$DDRAY_MLFLOW_LOGIN_FROM``
+names, so that errors can say which Secret to check.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
     from ddray.config import Config
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+SECRET_ENV = "DDRAY_MLFLOW_LOGIN_FROM"  # the Kubernetes Secret the login comes from (named in messages)
 DISTILLED_ARTIFACT = "distilled"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
@@ -91,25 +100,64 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (:class:`TrackingUnavailable`) when the store at ``uri`` cannot be reached.
+def _login_hint() -> str:
+    keys = " and ".join(LOGIN_ENV)
+    secret = os.environ.get(SECRET_ENV)
+    if secret:
+        return f"{keys} come from the Secret {secret!r}: check that it exists and holds both keys"
+    return f"set {keys}"
 
-    HTTP(S): any HTTP answer from the server counts as reachable; SQLite: the
-    database's directory must exist. MLflow's own client would retry for minutes.
+
+def check_login(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast when an HTTP(S) server at ``uri`` wants a login that ``$MLFLOW_TRACKING_USERNAME`` /
+    ``$MLFLOW_TRACKING_PASSWORD`` do not give (MLflow's client would fail later, deep in a run)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    have = [k for k in LOGIN_ENV if os.environ.get(k)]
+    if os.environ.get(SECRET_ENV) and len(have) < len(LOGIN_ENV):
+        missing = ", ".join(k for k in LOGIN_ENV if k not in have)
+        raise TrackingUnavailable(f"MLflow tracking server {uri}: no login ({missing} not set); {_login_hint()}")
+    req = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if len(have) == len(LOGIN_ENV):
+        token = base64.b64encode(f"{os.environ[LOGIN_ENV[0]]}:{os.environ[LOGIN_ENV[1]]}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    try:
+        urllib.request.urlopen(req, timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            what = "rejected the login" if have else "requires a login"
+            raise TrackingUnavailable(f"MLflow tracking server {uri} {what}; {_login_hint()}") from None
+    except (urllib.error.URLError, OSError):
+        pass  # reachability is check_reachable's job
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (:class:`TrackingUnavailable`) when the store at ``uri`` cannot be reached or used.
+
+    HTTP(S): any HTTP answer from ``/health`` counts as reachable, and then the login
+    must be accepted (:func:`check_login`); SQLite: the database's directory must
+    exist. MLflow's own client would retry for minutes.
     """
     if uri.startswith(("http://", "https://")):
         import urllib.error
+        import urllib.parse
         import urllib.request
 
+        if urllib.parse.urlsplit(uri).password is not None:
+            raise TrackingUnavailable(f"--tracking-uri: the URI holds a user:password part; remove it and set "
+                                      f"{' / '.join(LOGIN_ENV)} instead (a Secret on Kubernetes)")
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
         except urllib.error.HTTPError:
-            return  # the server answered
+            pass  # the server answered
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
                                       f"--tracking-uri / ${TRACKING_ENV}, or pass --tracking-optional or "
                                       "--no-tracking") from None
+        check_login(uri, timeout)
     elif uri.startswith("sqlite:///"):
         db = uri[len("sqlite:///"):]
         if db != ":memory:" and not Path(db).parent.is_dir():

@@ -28,6 +28,8 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from ddray.config import FIELD_SECTION, Config
+from ddray.storage import (filesystem, has_entries, is_uri, join, read_text, without_directory_markers, write_bytes,
+                           write_text)
 from ddray.tracking import Tracker, log_final_checkpoint, make_tracker
 from ddray.tune_config import CONFIRM_ABOVE, TuneSpec, load_tune_spec, parse_tune_spec
 from ddray.tune_report import std_column, write_report
@@ -235,10 +237,11 @@ class SearchSummary:
 
     rows: list[TrialRow]
     best: TrialRow
-    best_config_path: Path
+    best_config_path: Path  # a local copy (next to trials.txt)
     reference: TrialRow | None
     comparison: str | None
     parent_run_id: str | None
+    best_config_location: Path | str | None = None  # where it is stored: STORAGE_PATH/NAME/best_config.yaml
     report: list[Path] = field(default_factory=list)  # results.csv and the plots
 
     def table(self, metric: str, keys: list[str]) -> str:
@@ -333,9 +336,20 @@ def write_best_config(spec: TuneSpec, best: TrialRow, path: Path) -> Path:
     return path
 
 
-def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> SearchSummary:
+def _tune_storage(spec: TuneSpec) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, storage path for Tune): a URI goes through ddray's own S3 settings
+    (endpoint, path-style addressing, credentials from the environment: :mod:`ddray.storage`)."""
+    if is_uri(spec.storage_path):
+        fs, path = filesystem(str(spec.storage_path), "--storage-path")
+        return (without_directory_markers(fs) if fs.type_name == "s3" else fs), path
+    return None, str(spec.storage_path)
+
+
+def run_search(spec: TuneSpec, resume: bool | str = False, verbose: int = 1) -> SearchSummary:
     """Run (or with ``resume`` continue) the search; Ray must be initialised by the caller or is started locally.
 
+    ``resume``: True continues the experiment in STORAGE_PATH/NAME (an error if there is none);
+    ``"auto"`` continues it if there is one and starts it otherwise (a retried RayJob).
     Writes STORAGE_PATH/NAME/{best_config.yaml, trials.txt, results.csv, plots/} and logs them to the
     MLflow parent run.
     """
@@ -346,13 +360,20 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
     from ray import tune
 
     exp_dir = spec.experiment_dir
-    state_path = exp_dir / STATE_FILE
+    state_path = join(exp_dir, STATE_FILE)
+    fs, storage = _tune_storage(spec)
+    exp_path = f"{storage}/{spec.name}"
+    if resume == "auto":
+        resume = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+        if resume:
+            print(f"--resume auto: continuing the Tune experiment in {exp_dir}", flush=True)
     if resume:
-        if not tune.Tuner.can_restore(str(exp_dir)):
+        if not tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
             raise ValueError(f"--resume: no Tune experiment to continue in {exp_dir}")
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        text = read_text(state_path)
+        state = json.loads(text) if text else {}
     else:
-        if exp_dir.exists() and any(exp_dir.iterdir()):
+        if has_entries(exp_dir):
             raise ValueError(f"{spec.source}: name: experiment directory {exp_dir} already exists; continue it "
                              "with --resume, or change name / storage_path")
         state = {}
@@ -372,8 +393,7 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
     try:
         if parent_id and not state.get("parent_run_id"):
             parent.log_params(spec.params())
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps({"parent_run_id": parent_id, "source": spec.source}))
+        write_text(state_path, json.dumps({"parent_run_id": parent_id, "source": spec.source}))
         # Results carry the metric only when it was measured (eval_every, the end); ASHA
         # skips the others, and Tune's strict check would reject them.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -382,7 +402,8 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
         trainable = tune.with_resources(tune.with_parameters(tune_trial, spec=spec, parent_run_id=parent_id),
                                         resources=spec.placement)
         if resume:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, restart_errored=True)
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True,
+                                       storage_filesystem=fs)
         else:
             from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -395,7 +416,7 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
                                             scheduler=_make_scheduler(spec), search_alg=searcher,
                                             max_concurrent_trials=spec.max_concurrent_trials),
                 run_config=tune.RunConfig(
-                    name=spec.name, storage_path=str(spec.storage_path), verbose=verbose,
+                    name=spec.name, storage_path=storage, storage_filesystem=fs, verbose=verbose,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     failure_config=tune.FailureConfig(max_failures=1),
                     callbacks=[_close_trial_runs_callback(spec.fixed.run.tracking_uri
@@ -408,9 +429,9 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
         parent.set_tags({"ddray.best_trial": summary.best.trial_id,
                          **({"ddray.best_run_id": summary.best.run_id} if summary.best.run_id else {})})
         parent.log_artifact(summary.best_config_path)
-        parent.log_artifact(exp_dir / "trials.txt")
+        parent.log_artifact(summary.best_config_path.parent / "trials.txt")
         for f in summary.report:
-            parent.log_artifact(f, None if f.parent == exp_dir else f.parent.name)
+            parent.log_artifact(f, None if f.parent == summary.best_config_path.parent else f.parent.name)
     except KeyboardInterrupt:
         parent.finish("KILLED")
         raise
@@ -423,19 +444,30 @@ def run_search(spec: TuneSpec, resume: bool = False, verbose: int = 1) -> Search
 
 def summarize(results: Any, spec: TuneSpec, parent_run_id: str | None = None) -> SearchSummary:
     """The trial table, results.csv and plots, the best (finished) trial, its config file and the reference
-    comparison. The report is written even when no trial finished (then a ValueError follows)."""
+    comparison, in STORAGE_PATH/NAME (written locally first when that is a URI, then stored there). The
+    report is written even when no trial finished (then a ValueError follows)."""
     rows = _rows(results, spec)
-    report = write_report(rows, spec, spec.experiment_dir)
+    exp_dir = spec.experiment_dir
+    local = Path(tempfile.mkdtemp(prefix="ddray-tune-")) if is_uri(exp_dir) else Path(exp_dir)
+    report = write_report(rows, spec, local)
     done = [r for r in rows if r.status == "done" and r.value is not None]
     if not done:
+        _store(local, report, exp_dir)
         errors = [str(res.error).splitlines()[0] for res in results if res.error]
         raise ValueError(f"{spec.source}: no trial finished" + (f" (first error: {errors[0]})" if errors else ""))
     pick = max if spec.mode == "max" else min
     best = pick(done, key=lambda r: r.value if r.value is not None else -math.inf)
     ref = next((r for r in rows if _is_reference(r, spec.reference)), None)
-    exp_dir = spec.experiment_dir
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    best_path = write_best_config(spec, best, exp_dir / "best_config.yaml")
-    summary = SearchSummary(rows, best, best_path, ref, _compare(best, ref, spec, rows), parent_run_id, report)
-    (exp_dir / "trials.txt").write_text(summary.table(spec.metric, list(spec.search)) + "\n")
+    best_path = write_best_config(spec, best, local / "best_config.yaml")
+    summary = SearchSummary(rows, best, best_path, ref, _compare(best, ref, spec, rows), parent_run_id,
+                            join(exp_dir, "best_config.yaml"), report)
+    (local / "trials.txt").write_text(summary.table(spec.metric, list(spec.search)) + "\n")
+    _store(local, [best_path, local / "trials.txt", *report], exp_dir)
     return summary
+
+
+def _store(local: Path, files: list[Path], exp_dir: Path | str) -> None:
+    """The stored copies of files written in ``local``, next to Tune's results (when those are at a URI)."""
+    if is_uri(exp_dir):
+        for f in files:
+            write_bytes(join(exp_dir, str(f.relative_to(local))), f.read_bytes())

@@ -3,7 +3,8 @@
 A search file (every key but ``search`` is optional)::
 
     name: mnist5k_quick           # Tune directory and MLflow parent-run name (default: the file's stem)
-    storage_path: runs/tune       # Tune results + trial checkpoints go to STORAGE_PATH/NAME
+    storage_path: runs/tune       # Tune results + trial checkpoints go to STORAGE_PATH/NAME (a path or a
+                                  # URI such as s3://bucket/prefix, see ddray/storage.py)
     fixed:                        # the run config every trial starts from (a distill YAML's sections)
       distill: {iterations: 60}
       run: {eval_every: 20, eval_nets: 10}
@@ -37,6 +38,7 @@ from typing import Any, Mapping
 import yaml
 
 from ddray.config import FIELD_SECTION, SECTIONS, Config, is_int, is_number
+from ddray.storage import check_uri, is_uri, join
 from ddray.tracking import resolve_tracking_uri
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -105,7 +107,7 @@ class TuneSpec:
     """A validated search file."""
 
     name: str
-    storage_path: Path
+    storage_path: Path | str  # a local directory, or a URI (s3://…) kept as given
     fixed: Config
     search: dict[str, Distribution]
     reference: dict[str, Any] | None = None
@@ -118,8 +120,8 @@ class TuneSpec:
     source: str = "<tune spec>"
 
     @property
-    def experiment_dir(self) -> Path:
-        return self.storage_path / self.name
+    def experiment_dir(self) -> Path | str:
+        return join(self.storage_path, self.name)
 
     @property
     def max_iterations(self) -> int:
@@ -324,8 +326,8 @@ def parse_tune_spec(raw: Any, source: str = "<tune spec>", **fixed_overrides: An
         raise _err(source, "name", f"expected a plain directory name, got {name!r}")
     storage = raw.get("storage_path", "runs/tune")
     if not isinstance(storage, str):
-        raise _err(source, "storage_path", f"expected a path, got {storage!r}")
-    spec = TuneSpec(name, Path(storage).expanduser().resolve(), fixed, search, reference, metric, mode,
+        raise _err(source, "storage_path", f"expected a path or a URI, got {storage!r}")
+    spec = TuneSpec(name, storage_location(storage), fixed, search, reference, metric, mode,
                     num_samples, scheduler, mct, resources, source)
 
     if scheduler.type == "asha":
@@ -340,6 +342,14 @@ def parse_tune_spec(raw: Any, source: str = "<tune spec>", **fixed_overrides: An
         if k == "workers" and resources.workers is not None:
             raise _err(source, "resources.workers", "workers is searched; drop it from resources")
     return spec
+
+
+def storage_location(value: str) -> Path | str:
+    """``storage_path`` as Tune gets it: a URI as given (credentials in it refused), a path made absolute."""
+    if is_uri(value):
+        check_uri(value, "--storage-path")
+        return value.rstrip("/")
+    return Path(value).expanduser().resolve()
 
 
 def load_tune_spec(path: str | Path, **fixed_overrides: Any) -> TuneSpec:

@@ -16,7 +16,9 @@ from deploy_support import (
 
 DDRAY = REPO / "deploy" / "Dockerfile"
 MLFLOW = REPO / "deploy" / "mlflow" / "Dockerfile"
-DOCKERFILES = pytest.mark.parametrize("dockerfile", [DDRAY, MLFLOW], ids=["ddray", "mlflow"])
+SUBMITTER = REPO / "deploy" / "submitter" / "Dockerfile"
+CONSTRAINTS = REPO / "deploy" / "constraints.txt"
+DOCKERFILES = pytest.mark.parametrize("dockerfile", [DDRAY, MLFLOW, SUBMITTER], ids=["ddray", "mlflow", "submitter"])
 SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL|PRIVATE", re.I)
 
 
@@ -30,14 +32,15 @@ def test_hadolint_is_clean(dockerfile: Path) -> None:
     assert proc.returncode == 0, f"hadolint {dockerfile.relative_to(REPO)}:\n{proc.stdout}{proc.stderr}"
 
 
-def test_base_image_is_the_official_ray_image_of_the_pinned_ray() -> None:
+def test_base_image_is_the_official_ray_image_of_the_pinned_ray_without_cuda() -> None:
+    """One CUDA stack: both variants start from Ray's CPU image; CUDA comes from torch's wheels only."""
     ray = ray_version()
     ins = parse_dockerfile(DDRAY)
-    [image] = resolve_from(ins)
-    assert image == f"rayproject/ray:{ray}-py311-gpu", f"{image}: not Ray {ray} (pyproject.toml)"
-    [cpu] = resolve_from(ins, {"VARIANT": "cpu"})
-    assert cpu == f"rayproject/ray:{ray}-py311-cpu"
+    for variant in ("gpu", "cpu"):
+        [image] = resolve_from(ins, {"VARIANT": variant})
+        assert image == f"rayproject/ray:{ray}-py311-cpu", f"{image}: not Ray {ray}'s CPU image"
     assert "${RAY_VERSION}" in DDRAY.read_text(), "the smoke test must check the installed Ray"
+    assert "download.pytorch.org/whl/cpu" in DDRAY.read_text(), "the cpu variant must take CPU torch wheels"
 
 
 @DOCKERFILES
@@ -74,11 +77,12 @@ def test_installs_ddray_from_the_copied_context_and_smoke_tests_it() -> None:
     ins = parse_dockerfile(DDRAY)
     copies = [i.args for i in ins if i.cmd == "COPY"]
     sources = {s.rstrip("/") for c in copies for s in c.split()[:-1] if not s.startswith("--")}
-    assert sources == {"pyproject.toml", "README.md", "ddray", "tune_configs"}, f"copies {sources}"
+    assert sources == {"pyproject.toml", "README.md", "ddray", "tune_configs", "deploy/constraints.txt"}, sources
     runs = [i.args for i in ins if i.cmd == "RUN"]
     install = [r for r in runs if "pip install" in r]
     assert len(install) == 1, install
     assert "--no-cache-dir" in install[0] and " -e " not in install[0] and "--editable" not in install[0]
+    assert "-c /tmp/ddray-src/constraints.txt" in install[0], "install without the pins"
     # `ddray --help` runs after the install, in the same image
     assert "ddray --help" in install[0] or any("ddray --help" in r for r in runs[runs.index(install[0]):])
 
@@ -94,7 +98,8 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     for path in (".venv", ".venv/bin/python", "runs", "runs/x/checkpoints", "mlflow.db", "mlruns", "mlartifacts",
                  ".git", ".git/config", "data", "ddray/__pycache__/cli.cpython-311.pyc", ".pytest_cache"):
         assert dockerignore_excludes(path, patterns), f".dockerignore lets {path} into the build context"
-    for path in ("pyproject.toml", "README.md", "ddray/cli.py", "tune_configs/mnist5k_quick.yaml"):
+    for path in ("pyproject.toml", "README.md", "ddray/cli.py", "tune_configs/mnist5k_quick.yaml",
+                 "deploy/constraints.txt"):
         assert not dockerignore_excludes(path, patterns), f".dockerignore drops {path}, which the build needs"
 
 
@@ -111,5 +116,21 @@ def test_mlflow_server_requirements_are_pinned_and_compatible() -> None:
     assert client.specifier.contains(server), f"server mlflow {server} outside ddray's {client.specifier}"
 
 
-def test_pyproject_pins_the_ray_the_image_is_built_for() -> None:
-    assert re.fullmatch(r"\d+\.\d+\.\d+", pinned_version("ray"))
+def test_constraints_pin_every_dependency_inside_pyproject_ranges() -> None:
+    """deploy/constraints.txt (deploy/lock.py) pins each dependency of pyproject.toml, within its range,
+    and the Ray of the image."""
+    from packaging.requirements import Requirement
+
+    if not CONSTRAINTS.is_file():
+        pytest.skip("deploy/constraints.txt not generated yet: python deploy/lock.py")
+    pins = {}
+    for ln in CONSTRAINTS.read_text().splitlines():
+        if ln.strip() and not ln.startswith("#"):
+            name, _, version = ln.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    for dep in pyproject()["project"]["dependencies"]:
+        req = Requirement(dep)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"deploy/constraints.txt does not pin {name}"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} outside {req.specifier}"
+    assert pins["ray"] == ray_version()

@@ -10,15 +10,15 @@ traffic docs/kubernetes.md describes; versions agree with pyproject.toml.
 from __future__ import annotations
 
 import base64
-import fnmatch
+import json
 import re
 from urllib.parse import urlparse
 
 import pytest
 
 from deploy_support import (
-    Doc, PodSpec, base_name, by_kind, configmap_data, container_env, cpu_cores, mem_bytes, mount_for, one,
-    pod_specs, pyproject, ray_cluster_specs, ray_version, selector_matches, split_image,
+    NEEDS_ISSUE_9, Doc, PodSpec, base_name, by_kind, configmap_data, container_env, cpu_cores, has_elastic_fleet,
+    mem_bytes, mount_for, one, pod_specs, pyproject, ray_cluster_specs, ray_version, selector_matches, split_image,
 )
 
 # Containers allowed a writable root file system, with the reason. Keep it empty.
@@ -139,13 +139,17 @@ def test_ray_version_matches_pyproject(docs: list[Doc]) -> None:
 
 
 def test_ray_containers_run_the_ddray_image(docs: list[Doc]) -> None:
-    """Head, workers and submitter share one image (one Ray, one ddray), the one
-    deploy/Dockerfile builds for the project's version."""
+    """Head and workers share one image (one Ray, one ddray), the one deploy/Dockerfile builds
+    for the project's version; the job submitters run the small submitter image of the same Ray."""
     version = pyproject()["project"]["version"]
-    images = {c["image"] for pod, c in containers(docs) if pod.role in ("head", "worker", "submitter")}
+    images = {c["image"] for pod, c in containers(docs) if pod.role in ("head", "worker")}
     assert len(images) == 1, images
     name, tag, _ = split_image(images.pop())
     assert name.rsplit("/", 1)[-1] == "ddray" and tag and tag.startswith(version + "-"), (name, tag)
+    submitters = {c["image"] for pod, c in containers(docs) if pod.role == "submitter"}
+    assert len(submitters) == 1, submitters
+    name, tag, _ = split_image(submitters.pop())
+    assert name.rsplit("/", 1)[-1] == "ddray-submitter" and tag == ray_version(), (name, tag)
 
 
 def test_mlflow_image_matches_its_requirements(docs: list[Doc]) -> None:
@@ -254,13 +258,18 @@ def test_ingress_is_denied_by_default(docs: list[Doc]) -> None:
     assert deny, "no default-deny ingress NetworkPolicy"
 
 
+def _ray_pods(docs: list[Doc]) -> set[str]:
+    return {p.where for p in _workloads(docs) if p.role in ("head", "worker")}
+
+
 @pytest.mark.parametrize("store, port, allowed", [
-    ("mlflow-postgres", 5432, {"Deployment/mlflow"}),
-    ("mlflow-minio", 9000, {"Deployment/mlflow", "Job/mlflow-minio-bucket"}),
+    ("mlflow-postgres", 5432, lambda docs: {"Deployment/mlflow"}),
+    # MLflow (its artifacts) and the Ray pods (bucket ddray), each with its own MinIO user
+    ("mlflow-minio", 9000, lambda docs: {"Deployment/mlflow", "Job/mlflow-minio-bucket"} | _ray_pods(docs)),
 ])
-def test_stores_admit_only_mlflow(docs: list[Doc], store: str, port: int, allowed: set[str]) -> None:
+def test_stores_admit_only_their_clients(docs: list[Doc], store: str, port: int, allowed) -> None:
     target = _pod(docs, "StatefulSet", store)
-    assert _admitted(docs, target) == allowed
+    assert _admitted(docs, target) == allowed(docs)
     for peer, rule in _peers(docs, target):
         assert "namespaceSelector" not in peer, f"{store}: admits other namespaces"
         assert [p["port"] for p in rule.get("ports", [])] == [port], f"{store}: ports {rule.get('ports')}"
@@ -269,31 +278,44 @@ def test_stores_admit_only_mlflow(docs: list[Doc], store: str, port: int, allowe
                for p in _policies_for(docs, target)), f"{store}: egress not denied"
 
 
-def test_mlflow_admits_only_this_namespace(docs: list[Doc]) -> None:
+MONITORING_NS = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+
+
+def test_mlflow_admits_ray_pods_its_users_job_and_prometheus(docs: list[Doc]) -> None:
     target = _pod(docs, "Deployment", "mlflow")
-    assert _admitted(docs, target) == {p.where for p in _workloads(docs)}  # every pod of the namespace
+    assert _admitted(docs, target) == _ray_pods(docs) | {"Job/mlflow-users"}
     for peer, rule in _peers(docs, target):
-        assert set(peer) == {"podSelector"}, f"mlflow: peer {peer} reaches beyond the namespace"
         assert [p["port"] for p in rule.get("ports", [])] == [5000]
+        if "namespaceSelector" in peer:  # Prometheus, for /metrics (behind the login too)
+            assert peer == {"namespaceSelector": MONITORING_NS}, peer
 
 
-def test_ray_job_api_is_closed_to_other_namespaces(docs: list[Doc]) -> None:
-    """Only the KubeRay operator may reach Ray pods from outside the namespace, and only
-    on the dashboard/job-API port it polls."""
+def test_ray_pods_admit_ray_pods_submitters_the_operator_and_prometheus(docs: list[Doc]) -> None:
+    """Ray pods talk to each other on any port; the job API (8265) takes the submitters and the
+    KubeRay operator; Prometheus gets the metrics port (8080) only; nothing else gets in."""
     for pod in _workloads(docs):
         if pod.role not in ("head", "worker"):
             continue
-        assert _policies_for(docs, pod), f"{pod.where}: no NetworkPolicy"
+        assert _admitted(docs, pod) == _ray_pods(docs) | {p.where for p in _workloads(docs) if p.role == "submitter"}
+        metrics = {p["containerPort"] for p in pod.spec["containers"][0].get("ports", []) if p["name"] == "metrics"}
+        assert metrics == {8080}, f"{pod.where}: metrics port {metrics}"
         for peer, rule in _peers(docs, pod):
-            assert "ipBlock" not in peer, pod.where
-            if "namespaceSelector" in peer:
-                assert peer.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "kuberay-operator"}
-                assert [p["port"] for p in rule.get("ports", [])] == [8265], pod.where
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if "namespaceSelector" not in peer:
+                assert ports in ([], [8265]), (pod.where, peer, ports)
+                assert ports == [8265] or peer["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}
+            elif peer.get("podSelector"):
+                assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+                assert ports == [8265], pod.where
+            else:
+                assert peer == {"namespaceSelector": MONITORING_NS} and ports == [8080], (pod.where, peer)
 
 
-def test_every_pod_is_covered_by_an_ingress_policy(docs: list[Doc]) -> None:
-    for pod in _workloads(docs):
-        assert any("Ingress" in p["spec"]["policyTypes"] for p in _policies_for(docs, pod)), pod.where
+def test_ray_token_authentication_is_on(docs: list[Doc]) -> None:
+    """KubeRay's authOptions: a generated token, required by the GCS, the dashboard and the job API."""
+    for where, spec in ray_cluster_specs(docs):
+        assert spec.get("authOptions", {}).get("mode") == "token", where
+        assert not spec["authOptions"].get("enableK8sTokenAuth"), f"{where}: unsupported for RayJobs"
 
 
 # --------------------------------------------------------------------------- MLflow wiring
@@ -314,13 +336,16 @@ def _flags(container: Doc) -> dict[str, str]:
 
 
 def _host_allowed(allowed: list[str], host: str) -> bool:
-    # mlflow.server.security_utils.is_allowed_host_header
-    return "*" in allowed or any(fnmatch.fnmatch(host, a) if "*" in a else host == a for a in allowed)
+    from mlflow.server.security_utils import is_allowed_host_header  # the server's own check
+
+    return bool(is_allowed_host_header(allowed, host))
 
 
 def test_mlflow_server_flags(docs: list[Doc]) -> None:
     flags = _flags(_mlflow_container(docs))
     assert "--serve-artifacts" in flags
+    assert flags.get("--app-name") == "basic-auth", "MLflow must require a login"
+    assert flags.get("--expose-prometheus"), "no /metrics"
     assert flags.get("--port", "5000") == "5000" and flags.get("--host") == "0.0.0.0"
     assert flags["--backend-store-uri"].startswith("postgresql")
     assert flags["--artifacts-destination"].startswith("s3://")
@@ -378,24 +403,49 @@ def test_stores_keep_their_data_in_volume_claims(docs: list[Doc]) -> None:
 # --------------------------------------------------------------------------- Ray wiring
 
 
-def test_head_runs_no_tasks(docs: list[Doc]) -> None:
+def test_head_runs_no_tasks_and_one_driver(docs: list[Doc]) -> None:
+    """The head advertises no CPU (KubeRay: group resources → --num-cpus=0) but one ddray_driver slot,
+    which every RayJob's entrypoint takes."""
     for where, spec in ray_cluster_specs(docs):
-        assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", where
+        head = spec["headGroupSpec"]
+        assert head.get("resources", {}).get("CPU") == "0" and "num-cpus" not in head["rayStartParams"], where
+        assert head["resources"].get("ddray_driver") == "1", where
+    for job in by_kind(docs, "RayJob"):
+        assert json.loads(job["spec"]["entrypointResources"]) == {"ddray_driver": 1}, job["metadata"]["name"]
+        assert not job["spec"].get("entrypointNumCpus"), "a CPU would push the driver off the head"
+        assert 0 < job["spec"]["preRunningDeadlineSeconds"] < job["spec"]["activeDeadlineSeconds"]
 
 
-def test_ray_pods_get_tracking_uri_and_storage(docs: list[Doc]) -> None:
-    """MLFLOW_TRACKING_URI and DDRAY_STORAGE reach head, workers and submitter, and
-    DDRAY_STORAGE is the shared volume in every Ray pod."""
+def test_ray_pods_reach_tracking_and_storage_with_their_own_credentials(docs: list[Doc]) -> None:
+    """Head and workers get MLflow's address and login, and $DDRAY_STORAGE: the bucket the bucket Job
+    creates for the Ray pods, at the MinIO Service, with that bucket's MinIO user from its Secret.
+    The Secrets are optional in the pod, so that ddray reports a missing one by name
+    ($DDRAY_S3_KEYS_FROM, $DDRAY_MLFLOW_LOGIN_FROM) instead of the pod never starting."""
+    services = {s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]} for s in by_kind(docs, "Service")}
+    job = container_env(one(docs, "Job", "mlflow-minio-bucket")["spec"]["template"]["spec"]["containers"][0], docs)
     for pod in pod_specs(docs):
         if pod.role not in ("head", "worker", "submitter"):
             continue
         c = pod.spec["containers"][0]
         env = container_env(c, docs)
-        assert env.get("MLFLOW_TRACKING_URI", "").startswith("http://"), pod.where
-        assert "DDRAY_STORAGE" in env, pod.where
-        if pod.role in ("head", "worker"):
+        tracking = urlparse(env.get("MLFLOW_TRACKING_URI", ""))
+        assert tracking.scheme == "http" and tracking.port in services.get(tracking.hostname or "", ()), pod.where
+        storage = urlparse(env["DDRAY_STORAGE"])
+        if pod.role == "submitter":
+            continue
+        if storage.scheme == "s3":
+            assert storage.netloc == job["DDRAY_BUCKET"], f"{pod.where}: bucket {storage.netloc}"
+            endpoint = urlparse(env["AWS_ENDPOINT_URL"])
+            assert endpoint.port in services.get(endpoint.hostname or "", ()), f"{pod.where}: {endpoint}"
+            assert env["AWS_ACCESS_KEY_ID"] == job["DDRAY_ACCESS_KEY_ID"], f"{pod.where}: not the bucket's user"
+        else:  # k8s/components/pvc-storage
             found = mount_for(env["DDRAY_STORAGE"], c, pod.spec)
-            assert found and "persistentVolumeClaim" in found[1], f"{pod.where}: $DDRAY_STORAGE is not the shared volume"
+            assert found and "persistentVolumeClaim" in found[1], f"{pod.where}: $DDRAY_STORAGE is not shared"
+        refs = {s["secretRef"]["name"]: s["secretRef"].get("optional") for s in c.get("envFrom", []) if "secretRef" in s}
+        for var, key in (("DDRAY_S3_KEYS_FROM", "AWS_SECRET_ACCESS_KEY"),
+                         ("DDRAY_MLFLOW_LOGIN_FROM", "MLFLOW_TRACKING_PASSWORD")):
+            assert refs.get(env[var]) is True, f"{pod.where}: Secret {env[var]} ({var}) not optional envFrom"
+            assert env[key] == f"<secret:{env[var]}/{key}>", f"{pod.where}: {key}"
 
 
 # --------------------------------------------------------------------------- overlay shapes
@@ -427,19 +477,52 @@ def test_cpu_dev_fits_a_laptop(renders: dict[str, tuple[list[Doc], str]]) -> Non
     assert cpu <= 4 and mem <= 8 * 2**30, f"requests {cpu} CPU, {mem / 2**30:.1f} GiB"
 
 
-def test_gpu_overlay_scales_gpu_workers(renders: dict[str, tuple[list[Doc], str]]) -> None:
+def test_gpu_overlay_can_place_what_its_distillation_asks_for(renders: dict[str, tuple[list[Doc], str]]) -> None:
+    """The run's workers (config: workers × gpus/cpus_per_worker) fit the GPU group at maxReplicas, the
+    autoscaler is on to bring them up from minReplicas, and the run waits for them (placement_timeout)
+    for less than the RayJob's deadline. (The bug this replaces: a cluster at 1 GPU, a run of 4.)"""
+    import math
+
+    import yaml
+
+    if not has_elastic_fleet():
+        pytest.skip(NEEDS_ISSUE_9)
     docs = renders["gpu"][0]
-    for where, spec in ray_cluster_specs(docs):
-        assert spec.get("enableInTreeAutoscaling") is True, where
-        gpu_groups = [g for g in spec["workerGroupSpecs"]
-                      if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
-        assert gpu_groups, f"{where}: no GPU worker group"
-        for g in gpu_groups:
-            res = g["template"]["spec"]["containers"][0]["resources"]
-            assert str(res["limits"]["nvidia.com/gpu"]) == "1", f"{where}: one GPU per pod"
-            assert str(res["requests"].get("nvidia.com/gpu")) == "1", f"{where}: GPU request must equal the limit"
-            assert 0 <= g["minReplicas"] < g["maxReplicas"], f"{where}: no room to autoscale"
-        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
-        assert not any("gpu" in r for r in head.get("limits", {})), f"{where}: GPU on the head"
-    pvc = one(docs, "PersistentVolumeClaim", "ddray-storage")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "multi-node checkpoints need ReadWriteMany"
+    cfg = yaml.safe_load(configmap_data(docs, "ddray-distill-config")["distill.yaml"])["cluster"]
+    job = one(docs, "RayJob", "ddray-distill")["spec"]
+    spec = job["rayClusterSpec"]
+    assert spec.get("enableInTreeAutoscaling") is True
+    [group] = spec["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    gpus, cpus = float(limits["nvidia.com/gpu"]), cpu_cores(limits["cpu"])
+    per_pod = min(math.floor(gpus / cfg["gpus_per_worker"]), math.floor(cpus / cfg["cpus_per_worker"]))
+    assert per_pod >= 1, f"a worker ({cfg}) does not fit a pod ({limits})"
+    assert cfg["workers"] <= per_pod * group["maxReplicas"], f"{cfg['workers']} workers > {per_pod} × maxReplicas"
+    assert group["minReplicas"] < group["maxReplicas"]
+    assert cfg["placement_timeout"] < job["activeDeadlineSeconds"]
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert not any("gpu" in r for r in head.get("limits", {})), "GPU on the head"
+
+
+def test_data_volume_is_shared_where_pods_spread(renders: dict[str, tuple[list[Doc], str]]) -> None:
+    """Ray pods on several GPU nodes read the data volume at once: ReadWriteMany there."""
+    pvc = one(renders["gpu"][0], "PersistentVolumeClaim", "ddray-data")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_pod_monitors_scrape_ports_that_exist_and_are_admitted(renders: dict[str, tuple[list[Doc], str]]) -> None:
+    docs = renders["gpu"][0]
+    monitors = by_kind(docs, "PodMonitor")
+    assert {m["metadata"]["name"] for m in monitors} == {"ddray-ray", "ddray-mlflow"}
+    secrets = {base_name(s): s for s in by_kind(docs, "Secret")}
+    for m in monitors:
+        pods = [p for p in _workloads(docs) if selector_matches(m["spec"]["selector"], p.labels)]
+        assert pods, f"PodMonitor/{m['metadata']['name']} selects no pod"
+        for ep in m["spec"]["podMetricsEndpoints"]:
+            for pod in pods:
+                ports = {p["name"]: p["containerPort"] for p in pod.spec["containers"][0].get("ports", [])}
+                assert ep["port"] in ports, f"{pod.where}: no port {ep['port']}"
+                admitted = [rule for peer, rule in _peers(docs, pod) if peer.get("namespaceSelector") == MONITORING_NS]
+                assert any(ports[ep["port"]] in [p["port"] for p in r.get("ports", [])] for r in admitted), pod.where
+            for part in ep.get("basicAuth", {}).values():
+                assert part["key"] in secrets[part["name"]]["data"], part

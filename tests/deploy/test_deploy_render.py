@@ -4,6 +4,7 @@ against KubeRay's v1 CRD schemas, plus the checks the KubeRay operator makes."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -17,6 +18,7 @@ from deploy_support import (
 CORE_KINDS = {"Namespace", "ConfigMap", "Secret", "Service", "PersistentVolumeClaim", "Deployment",
               "StatefulSet", "Job", "NetworkPolicy"}
 RAY_KINDS = {"RayCluster", "RayJob"}
+MONITORING_KINDS = {"PodMonitor"}  # k8s/components/monitoring, in the gpu overlay
 
 
 def test_every_yaml_under_k8s_parses() -> None:
@@ -33,7 +35,8 @@ def test_overlays_render_cleanly(renders: dict[str, tuple[list[Doc], str]]) -> N
         assert "warning" not in stderr.lower(), f"{overlay}: kustomize warned:\n{stderr}"
         kinds = {d["kind"] for d in docs}
         assert CORE_KINDS | RAY_KINDS <= kinds, f"{overlay}: missing kinds {CORE_KINDS | RAY_KINDS - kinds}"
-        assert kinds <= CORE_KINDS | RAY_KINDS, f"{overlay}: unexpected kinds {kinds - CORE_KINDS - RAY_KINDS}"
+        extra = kinds - CORE_KINDS - RAY_KINDS - MONITORING_KINDS
+        assert not extra, f"{overlay}: unexpected kinds {extra}"
 
 
 def test_base_renders_on_its_own(kustomize: Kustomize) -> None:
@@ -54,7 +57,7 @@ def test_core_objects_validate_against_kubernetes_schemas(docs: list[Doc]) -> No
 
     errors = []
     for d in docs:
-        if d["kind"] in RAY_KINDS:
+        if d["kind"] in RAY_KINDS | MONITORING_KINDS:
             continue
         try:
             kubernetes_validate.validate(d, KUBERNETES_VERSION, strict=True)
@@ -102,6 +105,9 @@ def test_kuberay_operator_validation(docs: list[Doc]) -> None:
         assert spec.get("backoffLimit", 0) >= 0, name
         assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode", f"{name}: submitterPodTemplate needs K8sJobMode"
         assert isinstance(yaml.safe_load(spec.get("runtimeEnvYAML", "{}")), dict), f"{name}: runtimeEnvYAML"
+        if "entrypointResources" in spec:  # `ray job submit --entrypoint-resources` takes a JSON object
+            res = json.loads(spec["entrypointResources"])
+            assert isinstance(res, dict) and all(isinstance(v, (int, float)) for v in res.values()), name
         assert spec["submitterPodTemplate"]["spec"].get("restartPolicy") == "Never", name
     for where, spec in ray_cluster_specs(docs):
         groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
@@ -175,4 +181,28 @@ def test_staged_apply_labels(docs: list[Doc]) -> None:
     labelled = {f"{d['kind']}/{base_name(d)}": d["metadata"].get("labels", {}).get("ddray.io/workload")
                 for d in docs if "ddray.io/workload" in d["metadata"].get("labels", {})}
     assert labelled == {"RayCluster/ddray": "raycluster", "RayJob/ddray-distill": "distill",
-                        "RayJob/ddray-tune": "tune"}
+                        "RayJob/ddray-tune": "tune", "Job/ddray-data-fill": "data"}
+
+
+def test_pvc_storage_component_puts_storage_on_the_shared_volume(kustomize: Kustomize, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """k8s/components/pvc-storage, added to an overlay as docs/kubernetes.md says: every Ray pod of every
+    cluster mounts the ReadWriteMany claim where $DDRAY_STORAGE points."""
+    import shutil
+
+    from deploy_support import configmap_data, mount_for
+
+    shutil.copytree(K8S, tmp_path / "k8s")
+    kz = tmp_path / "k8s" / "overlays" / "cpu-dev" / "kustomization.yaml"
+    doc = yaml.safe_load(kz.read_text())
+    doc["components"].append("../../components/pvc-storage")
+    kz.write_text(yaml.safe_dump(doc, sort_keys=False))
+    docs, stderr = render(kustomize, kz.parent)
+    assert "warning" not in stderr.lower(), stderr
+    storage = configmap_data(docs, "ddray-env")["DDRAY_STORAGE"]
+    assert storage == "/mnt/ddray"
+    assert one(docs, "PersistentVolumeClaim", "ddray-storage")["spec"]["accessModes"] == ["ReadWriteMany"]
+    pods = [p for p in pod_specs(docs) if p.role in ("head", "worker")]
+    assert {p.where.split(" ")[0] for p in pods} == {"RayCluster/ddray", "RayJob/ddray-distill", "RayJob/ddray-tune"}
+    for pod in pods:
+        found = mount_for(storage + "/x", pod.spec["containers"][0], pod.spec)
+        assert found and found[1].get("persistentVolumeClaim", {}).get("claimName") == "ddray-storage", pod.where
