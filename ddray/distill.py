@@ -132,11 +132,28 @@ def start_state(problem: Problem, config: Config, storage: str, resume: str | Pa
     return RunState(saved.step, saved.images, saved.raw_lrs, saved.optimizer, config)
 
 
+RUN_FILES = ("data.parquet", "meta.json", "init_params.safetensors", "eval.json", "grid.png", "lrs.png",
+             "config.yaml")  # what a finished run leaves in OUT (and, for a URI --storage, in STORAGE/run/)
+
+
 def begin(config: Config, out: Path, tracker: Tracker) -> None:
     """Write the run's config into OUT and the tracker (once the run is sure to start)."""
     out.mkdir(parents=True, exist_ok=True)
     config.dump(out / "config.yaml")
     tracker.log_params(config.flat())
+
+
+def publish(out: Path, storage: str) -> None:
+    """With ``--storage`` a URI (e.g. S3) OUT may be a pod's scratch disk: copy the finished run's files
+    (artifact, evaluation, plots, config) to STORAGE/run/, beside the checkpoints, where every retry and
+    every user finds them."""
+    if not is_uri(storage):
+        return
+    from ddray.storage import join, write_bytes
+
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            write_bytes(join(join(storage, "run"), name), (out / name).read_bytes(), "--storage")
 
 
 def apply_threads(config: Config) -> None:
@@ -201,6 +218,7 @@ def distill(config: Config, tracker: Tracker | None = None, progress: bool = Tru
     bar.close()
     sec = (time.perf_counter() - t0) / max(1, iters - start)
     result = finish(problem, syn, iters, out, tracker, sec)
+    publish(out, storage)
     if baselines:
         result.baselines = run_baselines(config, out)
     return result

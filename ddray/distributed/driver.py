@@ -39,8 +39,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from tqdm import tqdm
 
 from ddray.config import Config
-from ddray.distill import (DistillResult, begin, evaluate_snapshot, finish, run_dir, start_state, storage_location,
-                           synthetic, to_distilled)
+from ddray.distill import (DistillResult, begin, evaluate_snapshot, finish, publish, run_dir, start_state,
+                           storage_location, synthetic, to_distilled)
 from ddray.distributed.fleet import Fleet, Round
 from ddray.distributed.messages import Version
 from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes, connect, current_group,
@@ -309,6 +309,7 @@ def distill_ray(config: Config, tracker: Tracker | None = None, progress: bool =
             syn = synthetic(problem, fleet.state())
             result = finish(problem, syn, config.distill.iterations, out, tracker, seconds,
                             predictor=lambda job, chunks: fleet.predict(job, chunks))
+            publish(out, storage)
             if baselines:
                 result.baselines = run_baselines(config, out, mapper=call_mapper(fleet.pool))
         finally:

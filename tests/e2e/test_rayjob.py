@@ -129,6 +129,8 @@ def test_cpu_dev_rayjob_runs_like_kuberay_runs_it(platform: Platform, tmp_path: 
         prefix = f"{JOB}/{run}"
         ckpts = [o for o in platform.s3.objects("ddray", prefix) if o.endswith(".pt")]
         assert ckpts == [f"{prefix}/step-{ITERATIONS:08d}.pt"], platform.s3.objects("ddray")
+        stored = platform.s3.objects("ddray", f"{prefix}/run")  # the finished run's files beside its checkpoints
+        assert {f"{prefix}/run/{n}" for n in ("data.parquet", "meta.json", "eval.json", "config.yaml")} <= set(stored)
         # a retry of the RayJob (backoffLimit), or a re-apply with the same DDRAY_RUN: continues, 2 steps more
         logs = attempt(2, ITERATIONS + 2)
         assert f"step-{ITERATIONS + 2:08d}.pt" in " ".join(platform.s3.objects("ddray", prefix)), logs[-3000:]
