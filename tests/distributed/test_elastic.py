@@ -9,6 +9,7 @@ with ray.cluster_utils.Cluster; each test adds the nodes it needs and removes th
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,7 +142,6 @@ def test_a_node_killed_mid_run_the_run_finishes_with_the_local_bits(
         cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
     """`--workers 1:2`, the node of worker 0 and the parameter server killed without warning: the fleet
     shrinks to one worker, the server is rebuilt from its checkpoint on the other node, the run finishes."""
-    import ray
     from ray.util.state import list_actors
 
     run = ["--workers", "1:2", "--iterations", "60", "--checkpoint-every", "10"]
@@ -156,10 +156,10 @@ def test_a_node_killed_mid_run_the_run_finishes_with_the_local_bits(
     cluster.remove_node(victim, allow_graceful=False)
     assert finish(proc) == 0, log(tmp_path)
     text = log(tmp_path)
-    assert "lost" in text and "parameter-server shard 0 lost with its node" in text
-    assert f"rolled back to the checkpoint of meta-step {killed_at}" in text or "rolled back" in text
+    assert "parameter-server shard 0 lost with its node" in text and "1 alive" in text
+    rolled = [int(m) for m in re.findall(r"rolled back to the checkpoint of meta-step (\d+)", text)]
+    assert len(rolled) == 1 and rolled[0] >= killed_at and rolled[0] % 10 == 0  # the newest one at the kill
     assert same(load_distilled(out), local_reference(*run))
-    assert ray.is_initialized()
 
 
 def test_nodes_added_mid_run_join_the_fleet_with_the_local_bits(
