@@ -74,6 +74,29 @@ def config(out: Path, iterations: int, **kw: Any) -> Any:
                              "checkpoint_every": 10, "tracking": False, "out": str(out), **kw})
 
 
+def in_background(run: Any) -> threading.Thread:
+    """Run the distillation in a thread: cluster_utils adds nodes from the main thread only."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as e:  # re-raised by the caller after join()
+            errors.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.errors = errors  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def wait_step(times: dict[int, tuple[float, float]], step: int, thread: threading.Thread) -> None:
+    while step not in times:
+        if not thread.is_alive():
+            raise RuntimeError(f"the run ended before meta-step {step}: {thread.errors}")  # type: ignore[attr-defined]
+        time.sleep(0.05)
+
+
 def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
     import ray
     from ray.util import list_named_actors
@@ -82,27 +105,26 @@ def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[st
 
     cluster = start_cluster(2)
     times: dict[int, tuple[float, float]] = {}  # step → (time, workers alive)
-    killed: dict[str, float] = {}
-
-    def kill() -> None:
-        ps = next(n for n in list_named_actors() if "/ps-0." in n)
-        node = ray.get(ray.get_actor(ps).info.remote())["node"]
-        victim = next(n for n in cluster.worker_nodes if n.node_id == node)
-        killed["t"] = time.time()
-        cluster.remove_node(victim, allow_graceful=False)
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         times.setdefault(step, (time.time(), metrics["workers_alive"]))
-        if step == kill_at and "t" not in killed:
-            threading.Thread(target=kill, daemon=True).start()
 
     try:
-        distill_ray(config(tmp / "loss", iterations), progress=False, on_step=on_step)
+        thread = in_background(lambda: distill_ray(config(tmp / "loss", iterations), progress=False,
+                                                   on_step=on_step))
+        wait_step(times, kill_at, thread)
+        ps = next(n for n in list_named_actors() if "/ps-0." in n)
+        node = ray.get(ray.get_actor(ps).info.remote())["node"]
+        victim = next(n for n in cluster.worker_nodes if n.node_id == node)
+        t = time.time()
+        cluster.remove_node(victim, allow_graceful=False)
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        thread.join()
+        if thread.errors:  # type: ignore[attr-defined]
+            raise thread.errors[0]  # type: ignore[attr-defined]
     finally:
         ray.shutdown()
         cluster.shutdown()
-    t = killed["t"]
     rollback = lines.first("rolled back to the checkpoint of meta-step", t)
     found = re.search(r"meta-step (\d+)", rollback.getMessage()) if rollback else None
     rolled_to = int(found.group(1)) if found else kill_at
@@ -120,25 +142,28 @@ def join(iterations: int, join_at: int, tmp: Path, lines: Lines) -> dict[str, fl
     from ddray.distributed.driver import distill_ray
 
     cluster = start_cluster(1)
-    added: dict[str, float] = {}
-
-    def add() -> None:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        added["t"] = time.time()
+    times: dict[int, tuple[float, float]] = {}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        if step == join_at and "t" not in added:
-            threading.Thread(target=add, daemon=True).start()
+        times.setdefault(step, (time.time(), metrics["workers_alive"]))
 
     try:
-        distill_ray(config(tmp / "join", iterations), progress=False, on_step=on_step)
+        thread = in_background(lambda: distill_ray(config(tmp / "join", iterations), progress=False,
+                                                   on_step=on_step))
+        wait_step(times, join_at, thread)
+        t0 = time.time()
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        added = time.time()  # the node is registered with the cluster
+        thread.join()
+        if thread.errors:  # type: ignore[attr-defined]
+            raise thread.errors[0]  # type: ignore[attr-defined]
     finally:
         ray.shutdown()
         cluster.shutdown()
-    joined = lines.first("worker 1 joined")
-    first = lines.first("worker 1: first chunks")
-    return {"to_joined_s": joined.created - added["t"] if joined else float("nan"),
-            "to_first_share_s": first.created - added["t"] if first else float("nan")}
+    joined = lines.first("worker 1 joined", t0)
+    first = lines.first("worker 1: first chunks", t0)
+    return {"node_start_s": added - t0, "to_joined_s": joined.created - added if joined else float("nan"),
+            "to_first_share_s": first.created - added if first else float("nan")}
 
 
 def evaluation(nets: int, tmp: Path) -> dict[int, float]:
@@ -192,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r['to_full_speed_s']:.1f} s (a meta-step takes {r['s_per_step']:.2f} s) |")
         if args.part in ("join", "all"):
             r = join(args.iterations, 10, Path(tmp), lines)
-            rows.append(f"| a node joins a `--workers 1:2` run | — | worker answers {r['to_joined_s']:.1f} s, "
-                        f"takes its first chunks {r['to_first_share_s']:.1f} s after `add_node` |")
+            rows.append(f"| a node joins a `--workers 1:2` run | — | the node registers in {r['node_start_s']:.1f} s; "
+                        f"then its worker answers after {r['to_joined_s']:.1f} s and takes its first chunks after "
+                        f"{r['to_first_share_s']:.1f} s |")
         if args.part in ("eval", "all"):
             s = evaluation(args.eval_nets, Path(tmp))
             rows.append(f"| final evaluation, {args.eval_nets} held-out nets | — | 1 worker {s[1]:.1f} s, "

@@ -35,7 +35,9 @@ from ddray.distributed.slots import Slots
 from ddray.state import RunState
 
 log = logging.getLogger("ddray")
-RECOVERY_TIMEOUT_S = 300.0  # a parameter server on a live node has this long to come back after a crash
+RECOVERY_TIMEOUT_S = 300.0  # a worker's share of a failed round has this long to finish
+SERVER_GRACE_S = 20.0  # a parameter server that does not answer for this long is rebuilt elsewhere (a crashed
+# one on a live node is back within seconds; one whose node died would wait for Ray's health checks to say so)
 
 RemoteParamServer = ray.remote(max_restarts=-1, max_task_retries=0)(ParamServerActor)
 
@@ -153,8 +155,8 @@ class Fleet:
     def servers_lost(self) -> bool:
         """True if a parameter-server shard died; it is back (restored from the last checkpoint) on return.
 
-        A shard whose node is gone, or that does not come back within
-        :data:`RECOVERY_TIMEOUT_S`, is replaced in the slot of an alive worker.
+        A shard whose node is gone, or that does not answer within :data:`SERVER_GRACE_S`,
+        is replaced in the slot of an alive worker (from the last checkpoint, like a restart).
         """
         lost = False
         for j, s in enumerate(self.servers):
@@ -163,8 +165,8 @@ class Fleet:
                 self.pool.ensure()
                 ray.kill(s, no_restart=True)
                 self.servers[j] = s = self._server(j, restore=True)
-                log.warning("parameter-server shard %d lost with its node; replaced in worker %d's slot", j,
-                            self.server_hosts[j])
+                log.warning("parameter-server shard %d lost (its node is gone, or it did not answer for %g s); "
+                            "replaced in worker %d's slot", j, SERVER_GRACE_S, self.server_hosts[j])
                 info = ray.get(s.info.remote())
             if info["pid"] != self.server_pids[j]:
                 self.server_pids[j], lost = info["pid"], True
@@ -173,12 +175,13 @@ class Fleet:
         return lost
 
     def _server_info(self, j: int) -> dict[str, Any] | None:
-        """Shard ``j``'s info once it answers; None if it is gone for good (dead, or its node is)."""
-        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        """Shard ``j``'s info once it answers; None if it is gone (dead, its node gone, or silent too long)."""
+        deadline = time.monotonic() + SERVER_GRACE_S
         host = self.server_hosts[j]
         while time.monotonic() < deadline:
             try:
-                return ray.get(self.servers[j].info.remote(), timeout=5.0)  # type: ignore[no-any-return]
+                return ray.get(self.servers[j].info.remote(),  # type: ignore[no-any-return]
+                               timeout=max(0.1, deadline - time.monotonic()))
             except ActorDiedError:
                 return None
             except (RayActorError, GetTimeoutError):  # restarting, or waiting for its bundle

@@ -156,7 +156,7 @@ def test_a_node_killed_mid_run_the_run_finishes_with_the_local_bits(
     cluster.remove_node(victim, allow_graceful=False)
     assert finish(proc) == 0, log(tmp_path)
     text = log(tmp_path)
-    assert "parameter-server shard 0 lost with its node" in text and "1 alive" in text
+    assert "parameter-server shard 0 lost" in text and "1 alive" in text
     rolled = [int(m) for m in re.findall(r"rolled back to the checkpoint of meta-step (\d+)", text)]
     assert len(rolled) == 1 and rolled[0] >= killed_at and rolled[0] % 10 == 0  # the newest one at the kill
     assert same(load_distilled(out), local_reference(*run))
