@@ -155,7 +155,7 @@ def _with_tracking(cfg: Config, args: argparse.Namespace) -> Config:
 def build_parser() -> argparse.ArgumentParser:
     """The ``ddray`` argument parser (also used to validate RayJob entrypoints)."""
     p = argparse.ArgumentParser(prog="ddray", description="Dataset distillation (Wang et al. 2018) on Ray.")
-    from ddray import __version__
+    from ddray._version import __version__
 
     p.add_argument("--version", action="version", version=f"ddray {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -340,7 +340,7 @@ def _fetch(src: str, args: argparse.Namespace, quiet: bool) -> str:
 
     if not src.startswith(("runs:/", "models:/")):
         return src
-    local = str(download_distilled(src, args.tracking_uri))
+    local = str(download_distilled(src, getattr(args, "tracking_uri", None)))  # `show` has no --tracking-uri
     if not quiet:
         print(f"fetched {src} → {local}")
     return local
@@ -560,7 +560,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ddray.artifact import load_distilled
     from ddray.viz import save_grid
 
-    d = load_distilled(args.path)
+    d = load_distilled(_fetch(str(args.path), args, quiet=True))  # stdout: the PNG's path only
     png = Path(args.png) if args.png else (Path(args.path) / "grid.png" if Path(args.path).is_dir()
                                           else Path("grid.png"))
     print(save_grid(d, png).resolve())

@@ -131,7 +131,7 @@ def baseline_set(config: Config, method: str, candidates: int = 50) -> tuple[Dis
     """One baseline of ``config``'s budget, tuned and evaluated by the config's protocol (a job for any worker)."""
     from ddray.core.baselines import make_baseline
     from ddray.core.synthetic import SyntheticSet, inverse_softplus
-    from ddray.distill import to_distilled
+    from ddray.problem import to_distilled
 
     problem = build_problem(config)
     c, data = config.distill, problem.data

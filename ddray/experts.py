@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddray import __version__
+from ddray._version import __version__
 from ddray.config import INIT_SCHEMES, DataConfig, is_int, is_number
 from ddray.core.augment import parse_strategy
 from ddray.core.inits import EXPERT, generator

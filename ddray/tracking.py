@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 if TYPE_CHECKING:
-    from ddray.artifact import Distilled
     from ddray.config import Config
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
@@ -203,7 +202,7 @@ def ray_address(config: "Config") -> str:
 
 def run_tags(config: "Config", command: str) -> dict[str, str]:
     """Tags every ddray run carries: version, git commit, Ray address, command, mode, data set, model."""
-    from ddray import __version__
+    from ddray._version import __version__
 
     tags = {"ddray.version": __version__, "ddray.command": command, "ddray.mode": config.cluster.mode,
             "ddray.init": config.distill.init, "ddray.dataset": config.data.dataset,
@@ -386,17 +385,6 @@ def tracked(config: "Config", kind: str, **kwargs: Any) -> Iterator[Tracker]:
 
 
 # ----------------------------------------------------------------------------- artifacts
-
-
-def log_eval_grid(tracker: Tracker, distilled: "Distilled", out: str | Path, step: int) -> Path:
-    """Write the image grid at meta-step ``step`` to OUT/grids/ and log it under ``grids/``."""
-    from ddray.viz import save_grid
-
-    d = Path(out) / "grids"
-    d.mkdir(parents=True, exist_ok=True)
-    png = save_grid(distilled, d / f"step-{step:08d}.png")
-    tracker.log_artifact(png, "grids")
-    return png
 
 
 def log_final_checkpoint(tracker: Tracker, config: "Config", out: str | Path) -> Path | None:
