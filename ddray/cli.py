@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--storage-path", dest="storage_path", help="override the file's storage_path")
     t.add_argument("--data-root", dest="data_root", help="override the file's data_root")
-    from ddray.tune_config import CONFIRM_ABOVE
+    from ddray.tune.spec import CONFIRM_ABOVE
 
     t.add_argument("--yes", action="store_true",
                    help=f"start the search even when it runs more than {CONFIRM_ABOVE} trials")
@@ -521,14 +521,13 @@ def _log_report(tracker: Any, d: Any, report: dict[str, Any]) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ddray.tune import CONFIRM_ABOVE, load_tune_spec, run_search
+    from ddray.tune.search import run_search
+    from ddray.tune.spec import CONFIRM_ABOVE, load_tune_spec, storage_location
 
     overrides = {k: getattr(args, k, None) for k in ("tracking_uri", "experiment", "tracking", "tracking_optional",
                                                        "address", "data_root")}
     spec = load_tune_spec(args.spec, **overrides)
     if args.storage_path:
-        from ddray.tune_config import storage_location
-
         spec = dataclasses.replace(spec, storage_path=storage_location(args.storage_path))
     n = spec.trial_count()
     if n > CONFIRM_ABOVE and not (args.yes or args.resume):
