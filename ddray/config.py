@@ -194,7 +194,12 @@ class DistillConfig:
     @property
     def layout(self) -> tuple[int, int]:
         """(S, E) of the learned set: DD's steps and epochs; one batch, one step size otherwise."""
-        return (self.steps, self.epochs) if self.method == "dd" else (1, 1)
+        return (self.steps, self.epochs) if self.spec.steps_and_epochs else (1, 1)
+
+    @property
+    def initial_lr(self) -> float:
+        """η₀, where the learned step size(s) start: DD's ``init_lr``, the other methods' ``net_lr``."""
+        return float(getattr(self, self.spec.step_size_option))
 
     @property
     def total_steps(self) -> int:
@@ -342,7 +347,7 @@ class Config:
     @property
     def protocol(self) -> str:
         """The evaluation protocol: ``eval_protocol``, else ``dd`` for DD and ``dc`` for the other methods."""
-        return self.run.eval_protocol or ("dd" if self.distill.method == "dd" else "dc")
+        return self.run.eval_protocol or self.distill.spec.eval_protocol
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict (YAML/JSON friendly)."""

@@ -62,9 +62,8 @@ class Problem:
         d, c = self.config.distill, self.config
         real = (self.data.x_train, self.data.y_train) if d.init_images == "real" else None
         steps, epochs = d.layout
-        init_lr = d.init_lr if d.method == "dd" else d.net_lr
         return SyntheticSet.initial(steps, epochs, d.ipc, self.data.num_classes, self.data.shape,
-                                    init_lr, generator(c.run.seed, SYN_INIT), real)
+                                    d.initial_lr, generator(c.run.seed, SYN_INIT), real)
 
     def outer_optimizer(self, syn: SyntheticSet) -> OuterOptimizer:
         """The method's outer optimiser on ``syn`` (:func:`ddray.methods.optimizer_options`)."""
@@ -158,7 +157,7 @@ def build_problem(config: Config, data: Dataset | None = None) -> Problem:
         if c.distill.init == "fixed-pretrained":
             fixed = pool[0]
     experts = None
-    if c.distill.method == "mtt":
+    if c.distill.spec.needs_experts:
         assert c.distill.experts is not None  # checked by DistillConfig
         experts, _ = load_experts(c.distill.experts, c.model.model, data.shape, data.num_classes, c.data.dataset,
                                   c.model.width)
