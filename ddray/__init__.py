@@ -11,7 +11,7 @@ Public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ddray._version import __version__
 
 from typing import TYPE_CHECKING, Any
 
@@ -22,13 +22,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ddray.artifact import Distilled
     from ddray.core.evaluate import EvalResult
     from ddray.core.protocol import ProtocolDC
 
 _LAZY = {
     "Config": "ddray.config", "load_config": "ddray.config", "load_dataset": "ddray.data",
-    "distill": "ddray.distill", "load_distilled": "ddray.artifact", "save_distilled": "ddray.artifact",
+    "distill": "ddray.distill", "save_distilled": "ddray.artifact",
     "Distilled": "ddray.artifact", "meta_gradient": "ddray.core.unroll", "unroll": "ddray.core.unroll",
     "build_model": "ddray.core.models", "ProtocolDC": "ddray.core.protocol", "ExpertSettings": "ddray.experts",
     "train_experts": "ddray.experts",
@@ -44,6 +46,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ddray' has no attribute {name!r}")
 
 
+def load_distilled(path: "str | Path", tracking_uri: str | None = None) -> "Distilled":
+    """Read a distilled set from a directory, or from an MLflow run: ``runs:/<run id>[/<artifact path>]``.
+
+    A ``runs:/`` URI is resolved here, where it enters, and downloaded from the tracking store
+    (``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``);
+    :func:`ddray.artifact.load_distilled` itself reads directories only.
+    """
+    from ddray.artifact import load_distilled as read
+
+    src = str(path)
+    if src.startswith(("runs:/", "models:/")):
+        from ddray.tracking import download_distilled
+
+        return read(download_distilled(src, tracking_uri))
+    return read(path)
+
+
 def evaluate(distilled: "Distilled | str", nets: int = 20, shuffled: bool = False,
              data_root: str | None = None, protocol: "str | ProtocolDC | None" = None) -> "EvalResult":
     """Train ``nets`` held-out networks on a distilled set (object, directory or ``runs:/`` URI) and test them.
@@ -51,7 +70,6 @@ def evaluate(distilled: "Distilled | str", nets: int = 20, shuffled: bool = Fals
     ``protocol``: ``"dd"`` (the set's own schedule), ``"dc"`` or a :class:`ProtocolDC` (the
     DC/DSA/DM/MTT papers' training from scratch); default: the one of the set's method.
     """
-    from ddray.artifact import load_distilled
     from ddray.evaluation import evaluate_distilled, problem_for
 
     d = distilled if not isinstance(distilled, str) else load_distilled(distilled)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ddray import __version__
+from ddray._version import __version__
 
 DATA_FILE, META_FILE, INIT_FILE = "data.parquet", "meta.json", "init_params.safetensors"
 
@@ -101,15 +101,15 @@ def save_distilled(path: str | Path, d: Distilled) -> Path:
 
 
 def load_distilled(path: str | Path) -> Distilled:
-    """Read a distilled-data directory (or an MLflow ``runs:/<id>`` URI, see ddray.tracking).
+    """Read a distilled-data directory.
 
     Returns images (S, N, C, H, W), labels (N,), step sizes (T,), meta and θ₀ if saved.
+    MLflow ``runs:/<id>`` URIs are resolved where they enter (:func:`ddray.load_distilled`,
+    the CLI), not here: this module knows files only.
     """
-    src = str(path)
-    if src.startswith("runs:/") or src.startswith("models:/"):
-        from ddray.tracking import download_distilled
-
-        path = download_distilled(src)
+    if str(path).startswith(("runs:/", "models:/")):
+        raise ValueError(f"{path}: an MLflow URI, not a directory; read it with ddray.load_distilled, "
+                         "which downloads it first")
     p = Path(path)
     if not (p / META_FILE).is_file() or not (p / DATA_FILE).is_file():
         raise ValueError(f"{p}: not a distilled-data directory (expected {META_FILE} and {DATA_FILE})")

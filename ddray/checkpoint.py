@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ddray import __version__
+from ddray._version import __version__
 from ddray.storage import filesystem, is_uri, storage_error
 
 PATTERN = re.compile(r"^step-(\d+)\.pt$")

@@ -13,84 +13,112 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from ddray.config import (FIELD_SECTION, INIT_MODES, INIT_SCHEMES, MEMORY_MODES, MODELS, PLACEMENTS,
-                          SYN_INITS, SYNC_MODES, ClusterConfig, Config, load_config)
+from ddray.config import (FIELD_DEFAULTS, FIELD_SECTION, INIT_MODES, INIT_SCHEMES, MEMORY_MODES, MODELS,
+                          PLACEMENTS, SYN_INITS, SYNC_MODES, ClusterConfig, Config, RunConfig, load_config)
 from ddray.distributed.placement import CapacityError
-from ddray.methods import METHOD_NAMES
+from ddray.methods import DC_LOOPS, METHOD_NAMES, METHODS, Method
 
-# flag → (type, help); flag names are config field names with '_' → '-'.
+def _method_defaults(value: Callable[[Method], Any]) -> str:
+    """``dd 0.01, dc 0.1, …``: a per-method default, read from :data:`ddray.methods.METHODS`."""
+    return ", ".join(f"{m.name} {value(m):g}" if isinstance(value(m), float) else f"{m.name} {value(m)}"
+                     for m in METHODS.values())
+
+
+def _dc_loops(which: int) -> str:
+    """DC's outer (0) or inner (1) loop count by --ipc, read from :data:`ddray.methods.DC_LOOPS`."""
+    return ", ".join(f"{ipc}→{loops[which]}" for ipc, loops in DC_LOOPS.items() if ipc in (1, 10, 50))
+
+
+# flag → (type, help); flag names are config field names with '_' → '-'. The defaults are not written here:
+# _help appends the config dataclass's default (or puts it where the text says {default}).
 OVERRIDES: dict[str, tuple[Any, str]] = {
-    "dataset": (str, "data set: mnist5k (default, embedded), digits (embedded), mnist, fashion_mnist, "
-                     "cifar10, svhn, usps (from --data-root)"),
+    "dataset": (str, "data set: mnist5k, digits (embedded), mnist, fashion_mnist, cifar10, svhn, usps "
+                     "(from --data-root)"),
     "data_root": (str, "directory of a torchvision data set's files"),
     "image_size": (int, "resize images to this square size (e.g. 28 to adapt USPS/digits to MNIST)"),
-    "model": (str, f"network: {', '.join(MODELS)} (default lenet)"),
-    "init_scheme": (str, f"θ₀ distribution: {', '.join(INIT_SCHEMES)} (default xavier)"),
-    "init": (str, f"init mode: {', '.join(INIT_MODES)} (default random)"),
+    "model": (str, f"network: {', '.join(MODELS)}"),
+    "init_scheme": (str, f"θ₀ distribution: {', '.join(INIT_SCHEMES)}"),
+    "init": (str, f"init mode: {', '.join(INIT_MODES)}"),
     "pretrained": (str, "pool directory made by `ddray pretrain` (pretrained init modes)"),
-    "steps": (int, "S: distinct synthetic batches (default 10)"),
-    "epochs": (int, "E: passes over the S batches; T = S×E learned step sizes (default 3)"),
-    "ipc": (int, "M: images per class per step (default 1)"),
-    "iterations": (int, "total meta-steps of the run (default 500)"),
-    "nets": (int, "K: networks θ₀ per meta-step, gradients averaged (default 4)"),
-    "batch_size": (int, "real images per meta-step (default 1024)"),
-    "method": (str, f"distillation method: {', '.join(METHOD_NAMES)} (default dd; see the README's "
+    "steps": (int, "S: distinct synthetic batches"),
+    "epochs": (int, "E: passes over the S batches; T = S×E learned step sizes"),
+    "ipc": (int, "M: images per class per step"),
+    "iterations": (int, "total meta-steps of the run"),
+    "nets": (int, "K: networks θ₀ per meta-step, gradients averaged"),
+    "batch_size": (int, "real images per meta-step"),
+    "method": (str, f"distillation method: {', '.join(METHOD_NAMES)} (default {{default}}; see the README's "
                     "'The rest of the family')"),
-    "lr": (float, "outer learning rate on the images (default: the method's — dd 0.01 (Adam), dc/dsa 0.1, "
-                  "dm 1, mtt 1000 (SGD, momentum 0.5))"),
-    "lr_decay": (float, "outer lr factor per decay (default 0.5)"),
-    "lr_decay_every": (int, "meta-steps between outer lr decays (default 400)"),
-    "init_lr": (float, "initial learned step size (default 0.02)"),
-    "syn_init": (str, f"synthetic image init: {', '.join(SYN_INITS)} (default: noise for dd, real otherwise)"),
+    "lr": (float, "outer learning rate on the images (default: the method's — "
+                  f"{_method_defaults(lambda m: f'{m.lr:g} ({m.optimizer})')})"),
+    "lr_decay": (float, "outer lr factor per decay"),
+    "lr_decay_every": (int, "meta-steps between outer lr decays"),
+    "init_lr": (float, "initial learned step size"),
+    "syn_init": (str, f"synthetic image init: {', '.join(SYN_INITS)} (default: the method's — "
+                      f"{_method_defaults(lambda m: m.syn_init)})"),
     "attack": (str, "A:B — distil data that makes nets predict class A as B"),
     "memory": (str, f"unroll backward (dd, mtt): {', '.join(MEMORY_MODES)} (recompute: memory flat in T)"),
-    "dsa_strategy": (str, "DSA augmentations, '_'-joined (default color_crop_cutout_flip_scale_rotate)"),
-    "real_per_class": (int, "dc/dsa/dm: real images per class per meta-step (default 256)"),
-    "outer_loop": (int, "dc/dsa: outer steps per fresh network (default by --ipc as the paper: 1→1, 10→10, 50→50)"),
-    "inner_loop": (int, "dc/dsa: epochs on the synthetic set between outer steps (default 1→1, 10→50, 50→10)"),
-    "net_lr": (float, "dc/dsa: lr of the network between outer steps; mtt: initial step size (default 0.01)"),
+    "dsa_strategy": (str, "DSA augmentations, '_'-joined"),
+    "real_per_class": (int, "dc/dsa/dm: real images per class per meta-step"),
+    "outer_loop": (int, f"dc/dsa: outer steps per fresh network (default by --ipc as the paper: {_dc_loops(0)})"),
+    "inner_loop": (int, f"dc/dsa: epochs on the synthetic set between outer steps (default {_dc_loops(1)})"),
+    "net_lr": (float, "dc/dsa: lr of the network between outer steps; mtt: initial step size"),
     "experts": (str, "mtt: expert-trajectory directory made by `ddray experts`"),
-    "syn_steps": (int, "mtt: student steps on the synthetic set per meta-step (default 20)"),
-    "expert_epochs": (int, "mtt: M, expert epochs the student should cover (default 2)"),
-    "max_start_epoch": (int, "mtt: the student starts at a random expert epoch below this (default 20)"),
-    "lr_lr": (float, "mtt: outer learning rate of the step size (default 1e-5)"),
-    "width": (int, "convnet: channels per layer (default 128, the papers')"),
-    "workers": (lambda v: int(v) if v.strip().lstrip("-").isdigit() else v, "Ray worker actors: N, or MIN:MAX to start once MIN are placed and grow to MAX as nodes "
-                     "join (default 1)"),
+    "syn_steps": (int, "mtt: student steps on the synthetic set per meta-step"),
+    "expert_epochs": (int, "mtt: M, expert epochs the student should cover"),
+    "max_start_epoch": (int, "mtt: the student starts at a random expert epoch below this"),
+    "lr_lr": (float, "mtt: outer learning rate of the step size"),
+    "width": (int, "convnet: channels per layer (default {default}, the papers')"),
+    "workers": (lambda v: int(v) if v.strip().lstrip("-").isdigit() else v, "Ray worker actors: N, or MIN:MAX to "
+                "start once MIN are placed and grow to MAX as nodes join"),
     "cpus_per_worker": (float, "CPUs each worker reserves and uses as torch threads (default: derived from the "
                                "cluster when the run starts)"),
     "gpus_per_worker": (float, "GPUs each worker reserves; a fraction shares a card, e.g. 0.25 (default: 1 where "
                                "the cluster has GPUs, else 0)"),
-    "placement_timeout": (float, "seconds to wait for the workers to be placed, e.g. by an autoscaler (default "
-                                 "600)"),
+    "placement_timeout": (float, "seconds to wait for the workers to be placed, e.g. by an autoscaler"),
     "mode": (str, f"parameter-server mode: {', '.join(SYNC_MODES)}"),
     "max_staleness": (int, "async mode: drop gradients older than this many versions"),
     "shards": (int, "parameter-server shards (blocks of classes)"),
     "placement": (str, f"placement-group strategy: {', '.join(PLACEMENTS)}"),
     "address": (str, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
-    "seed": (int, "run seed (default 0)"),
+    "seed": (int, "run seed"),
     "out": (str, "output directory (default runs/<timestamp>)"),
-    "checkpoint_every": (int, "meta-steps between checkpoints (default 100)"),
+    "checkpoint_every": (int, "meta-steps between checkpoints"),
     "storage": (str, "checkpoint location: a path or a pyarrow filesystem URI (default OUT/checkpoints)"),
     "eval_every": (int, "evaluate every N meta-steps (0: only at the end)"),
-    "eval_nets": (int, "held-out networks per evaluation (default 20)"),
+    "eval_nets": (int, "held-out networks per evaluation"),
     "eval_protocol": (str, "evaluation: dd (the set's own schedule) or dc (ConvNet-style training, the DC line's; "
-                           "default dd for --method dd, dc otherwise)"),
-    "eval_epochs": (int, "protocol dc: training epochs per network (default 300; the papers: 1000)"),
+                           f"default: the method's — {_method_defaults(lambda m: m.eval_protocol)})"),
+    "eval_epochs": (int, "protocol dc: training epochs per network (default {default}; the papers: 1000)"),
     "tracking_uri": (str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
-    "experiment": (str, "MLflow experiment name (default ddray)"),
+    "experiment": (str, "MLflow experiment name"),
 }
 assert set(OVERRIDES) <= set(FIELD_SECTION)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _help(name: str) -> str:
+    """The help of config flag ``name``: its text and the default of its config field (read from ddray/config.py,
+    never restated): where the text says ``{default}``, else appended; None (the text says what it means) and
+    switches get none."""
+    text, default = OVERRIDES[name][1], FIELD_DEFAULTS[name]
+    if "{default}" in text:
+        return text.format(default=_fmt(default))
+    if default is None or isinstance(default, bool):
+        return text
+    return f"{text} (default {_fmt(default)})"
 
 
 def _add_overrides(p: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data/model/distill/cluster/run)")
     g = p.add_argument_group("config overrides")
     for name in names or OVERRIDES:
-        typ, help_ = OVERRIDES[name]
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=OVERRIDES[name][0], default=None,
+                       help=_help(name))
     if names is None:
         g.add_argument("--dsa", dest="dsa", action="store_const", const=True, default=None,
                        help="differentiable siamese augmentation on (default: on for dsa, dm, mtt)")
@@ -112,8 +140,8 @@ def _config_from(args: argparse.Namespace) -> Config:
 def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
     """MLflow flags for commands without --config (evaluate, load, tune)."""
     g = p.add_argument_group("tracking")
-    g.add_argument("--tracking-uri", dest="tracking_uri", help=OVERRIDES["tracking_uri"][1])
-    g.add_argument("--experiment", dest="experiment", help=OVERRIDES["experiment"][1])
+    g.add_argument("--tracking-uri", dest="tracking_uri", help=_help("tracking_uri"))
+    g.add_argument("--experiment", dest="experiment", help=_help("experiment"))
     g.add_argument("--no-tracking", dest="tracking", action="store_const", const=False, default=None,
                    help="do not record the run in MLflow")
     g.add_argument("--tracking-optional", dest="tracking_optional", action="store_const", const=True,
@@ -123,14 +151,15 @@ def _add_tracking_flags(p: argparse.ArgumentParser) -> None:
 def _add_eval_flags(p: argparse.ArgumentParser, default_protocol: str) -> None:
     """The evaluation protocol's flags (evaluate, load, compare)."""
     p.add_argument("--nets", type=int, default=None,
-                   help="held-out networks (default 20; protocol dc: 5 — the papers use 20)")
+                   help=f"held-out networks (default {FIELD_DEFAULTS['eval_nets']}; protocol dc: 5 — the papers "
+                        "use 20)")
     p.add_argument("--protocol", choices=("dd", "dc"), default=None,
                    help="dd: train with the set's own steps and step sizes; dc: as DC/DSA/DM/MTT — "
                         "the set's network from scratch, SGD 0.01 (MTT: its learned step size), momentum "
                         "0.9, weight decay 5e-4, lr ×0.1 at half, batch 256, DSA (default: "
                         f"{default_protocol})")
-    p.add_argument("--epochs", type=int, default=300,
-                   help="protocol dc: training epochs per network (default 300 on CPU; the papers: 1000)")
+    p.add_argument("--epochs", type=int, default=FIELD_DEFAULTS["eval_epochs"],
+                   help="protocol dc: training epochs per network (default %(default)s on CPU; the papers: 1000)")
     p.add_argument("--no-dsa", dest="dsa", action="store_false",
                    help="protocol dc: train without DSA augmentation")
     p.add_argument("--data-root", help="data root, if the sets came from a torchvision data set")
@@ -138,7 +167,10 @@ def _add_eval_flags(p: argparse.ArgumentParser, default_protocol: str) -> None:
 
 
 def _eval_nets(args: argparse.Namespace, protocol: str) -> int:
-    nets = args.nets if args.nets is not None else (20 if protocol == "dd" else 5)
+    from ddray.core.protocol import ProtocolDC
+
+    default = FIELD_DEFAULTS["eval_nets"] if protocol == "dd" else ProtocolDC.nets
+    nets = args.nets if args.nets is not None else default
     if nets < 1:
         raise ValueError(f"--nets: invalid value {nets}; expected a positive integer")
     return nets
@@ -148,14 +180,14 @@ def _with_tracking(cfg: Config, args: argparse.Namespace) -> Config:
     """``cfg`` with its tracking settings taken from this command line (defaults where not given)."""
     run = dataclasses.replace(cfg.run, tracking=args.tracking is not False, tracking_uri=args.tracking_uri,
                               tracking_optional=bool(args.tracking_optional),
-                              experiment=args.experiment or "ddray")
+                              experiment=args.experiment or RunConfig.experiment)
     return dataclasses.replace(cfg, run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ddray`` argument parser (also used to validate RayJob entrypoints)."""
     p = argparse.ArgumentParser(prog="ddray", description="Dataset distillation (Wang et al. 2018) on Ray.")
-    from ddray import __version__
+    from ddray._version import __version__
 
     p.add_argument("--version", action="version", version=f"ddray {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -204,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--storage-path", dest="storage_path", help="override the file's storage_path")
     t.add_argument("--data-root", dest="data_root", help="override the file's data_root")
-    from ddray.tune_config import CONFIRM_ABOVE
+    from ddray.tune.spec import CONFIRM_ABOVE
 
     t.add_argument("--yes", action="store_true",
                    help=f"start the search even when it runs more than {CONFIRM_ABOVE} trials")
@@ -212,14 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("baseline", help="real-image baselines at the same budget: random|optimized|kmeans|average")
     b.add_argument("--method", dest="baseline", required=True, help="random, optimized, kmeans or average")
-    b.add_argument("--candidates", type=int, default=50, help="random sets drawn by 'optimized' (default 50)")
+    b.add_argument("--candidates", type=int, default=50, help="random sets drawn by 'optimized' (default %(default)s)")
     _add_overrides(b, [n for n in OVERRIDES if n != "method"])
 
     pt = sub.add_parser("pretrain", help="train a pool of networks for the pretrained init modes")
     _add_overrides(pt, ["dataset", "data_root", "image_size", "model", "init_scheme", "seed", "out", "tracking_uri",
                         "experiment"])
-    pt.add_argument("--nets", type=int, default=10, help="networks in the pool (default 10)")
-    pt.add_argument("--epochs", type=int, default=5, help="training epochs per network (default 5)")
+    pt.add_argument("--nets", type=int, default=10, help="networks in the pool (default %(default)s)")
+    pt.add_argument("--epochs", type=int, default=5, help="training epochs per network (default %(default)s)")
     pt.add_argument("--no-progress", action="store_true")
     _add_pool_flags(pt, "one network per job")
 
@@ -227,12 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "trajectories (for --method mtt)")
     _add_overrides(x, ["dataset", "data_root", "image_size", "model", "width", "dsa_strategy", "seed", "out",
                        "tracking_uri", "experiment"])
-    x.add_argument("--num-experts", type=int, default=5, help="expert networks (default 5; MTT: 100)")
+    x.add_argument("--num-experts", type=int, default=5, help="expert networks (default %(default)s; MTT: 100)")
     x.add_argument("--train-epochs", type=int, default=20,
-                   help="epochs per expert, one snapshot each (default 20; MTT: 50)")
-    x.add_argument("--expert-lr", type=float, default=0.01, help="SGD learning rate of the experts (default 0.01)")
+                   help="epochs per expert, one snapshot each (default %(default)s; MTT: 50)")
+    x.add_argument("--expert-lr", type=float, default=0.01,
+                   help="SGD learning rate of the experts (default %(default)s)")
     x.add_argument("--expert-batch-size", type=int, default=256,
-                   help="real images per step (default 256, as MTT on CIFAR; small data sets want more steps: 32)")
+                   help="real images per step (default %(default)s, as MTT on CIFAR; small data sets want more "
+                        "steps: 32)")
     x.add_argument("--no-dsa", dest="expert_dsa", action="store_false",
                    help="train the experts without DSA augmentation")
     x.add_argument("--no-progress", action="store_true")
@@ -330,8 +364,8 @@ def _add_pool_flags(p: argparse.ArgumentParser, does: str) -> None:
     g = p.add_argument_group(f"on Ray workers ({does}; with --address, $RAY_ADDRESS or --workers; else in this "
                                 f"process)")
     for name in ("address", "workers", "cpus_per_worker", "gpus_per_worker", "placement_timeout"):
-        typ, help_ = OVERRIDES[name]
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=OVERRIDES[name][0], default=None,
+                       help=_help(name))
 
 
 def _fetch(src: str, args: argparse.Namespace, quiet: bool) -> str:
@@ -340,7 +374,7 @@ def _fetch(src: str, args: argparse.Namespace, quiet: bool) -> str:
 
     if not src.startswith(("runs:/", "models:/")):
         return src
-    local = str(download_distilled(src, args.tracking_uri))
+    local = str(download_distilled(src, getattr(args, "tracking_uri", None)))  # `show` has no --tracking-uri
     if not quiet:
         print(f"fetched {src} → {local}")
     return local
@@ -521,14 +555,13 @@ def _log_report(tracker: Any, d: Any, report: dict[str, Any]) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ddray.tune import CONFIRM_ABOVE, load_tune_spec, run_search
+    from ddray.tune.search import run_search
+    from ddray.tune.spec import CONFIRM_ABOVE, load_tune_spec, storage_location
 
     overrides = {k: getattr(args, k, None) for k in ("tracking_uri", "experiment", "tracking", "tracking_optional",
                                                        "address", "data_root")}
     spec = load_tune_spec(args.spec, **overrides)
     if args.storage_path:
-        from ddray.tune_config import storage_location
-
         spec = dataclasses.replace(spec, storage_path=storage_location(args.storage_path))
     n = spec.trial_count()
     if n > CONFIRM_ABOVE and not (args.yes or args.resume):
@@ -560,7 +593,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ddray.artifact import load_distilled
     from ddray.viz import save_grid
 
-    d = load_distilled(args.path)
+    d = load_distilled(_fetch(str(args.path), args, quiet=True))  # stdout: the PNG's path only
     png = Path(args.png) if args.png else (Path(args.path) / "grid.png" if Path(args.path).is_dir()
                                           else Path("grid.png"))
     print(save_grid(d, png).resolve())

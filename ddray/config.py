@@ -18,12 +18,14 @@ option, the value given and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
+
+from ddray.validation import (boolean, each, is_int, is_number, nonneg_int, one_of, positive_int, positive_number,
+                              require)
 
 if TYPE_CHECKING:
     from ddray.methods import Method
@@ -36,51 +38,6 @@ MEMORY_MODES = ("full", "recompute")
 SYNC_MODES = ("sync", "async")
 PLACEMENTS = ("spread", "strict-spread", "pack")
 PROTOCOLS = ("dd", "dc")  # evaluation: DD's (the set's own schedule) or the DC line's (ConvNet, SGD, epochs)
-
-
-def _opt(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def is_int(v: Any) -> bool:
-    """An integer (bools excluded)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v: Any) -> bool:
-    """A finite int or float (bools excluded)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{_opt(name)}: invalid value {value!r}; {allowed}")
-
-
-def _positive_int(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, n, v,
-                 "expected a positive integer")
-
-
-def _nonneg_int(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, n, v,
-                 "expected an integer >= 0")
-
-
-def _positive_float(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        _require(isinstance(v, (int, float)) and not isinstance(v, bool)
-                 and math.isfinite(v) and v > 0, n, v, "expected a positive number")
-
-
-def _choice(obj: Any, name: str, allowed: tuple[str, ...] | list[str]) -> None:
-    v = getattr(obj, name)
-    _require(v in allowed, name, v, f"choose one of {', '.join(allowed)}")
 
 
 def parse_attack(spec: str | None) -> tuple[int, int] | None:
@@ -108,9 +65,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         from ddray.data import DATASETS
 
-        _choice(self, "dataset", sorted(DATASETS))
+        one_of("--dataset", self.dataset, sorted(DATASETS))
         if self.image_size is not None:
-            _positive_int(self, "image_size")
+            each(positive_int, self, "image_size")
 
 
 @dataclass(frozen=True)
@@ -122,9 +79,9 @@ class ModelConfig:
     width: int = 128  # ConvNet's channels per layer (the papers: 128)
 
     def __post_init__(self) -> None:
-        _choice(self, "model", MODELS)
-        _choice(self, "init_scheme", INIT_SCHEMES)
-        _positive_int(self, "width")
+        one_of("--model", self.model, MODELS)
+        one_of("--init-scheme", self.init_scheme, INIT_SCHEMES)
+        each(positive_int, self, "width")
         if self.model != "convnet" and self.width != 128:
             raise ValueError(f"--width {self.width}: not available with --model {self.model} "
                              "(the channels of --model convnet)")
@@ -184,21 +141,20 @@ class DistillConfig:
         from ddray.core.augment import parse_strategy
         from ddray.methods import METHOD_NAMES, check_method_options
 
-        _choice(self, "method", METHOD_NAMES)
-        _choice(self, "init", INIT_MODES)
-        _positive_int(self, "steps", "epochs", "ipc", "iterations", "nets", "batch_size",
-                      "lr_decay_every", "real_per_class", "syn_steps", "expert_epochs", "max_start_epoch")
-        for n in ("outer_loop", "inner_loop"):
-            if getattr(self, n) is not None:
-                _positive_int(self, n)
-        _positive_float(self, "lr_decay", "init_lr", "net_lr", "lr_lr")
+        one_of("--method", self.method, METHOD_NAMES)
+        one_of("--init", self.init, INIT_MODES)
+        each(positive_int, self, "steps", "epochs", "ipc", "iterations", "nets", "batch_size", "lr_decay_every",
+             "real_per_class", "syn_steps", "expert_epochs", "max_start_epoch")
+        each(positive_int, self, *(n for n in ("outer_loop", "inner_loop") if getattr(self, n) is not None))
+        each(positive_number, self, "lr_decay", "init_lr", "net_lr", "lr_lr")
         if self.lr is not None:
-            _positive_float(self, "lr")
+            each(positive_number, self, "lr")
         if self.syn_init is not None:
-            _choice(self, "syn_init", SYN_INITS)
-        _require(self.dsa is None or isinstance(self.dsa, bool), "dsa", self.dsa, "expected true or false")
+            one_of("--syn-init", self.syn_init, SYN_INITS)
+        if self.dsa is not None:
+            each(boolean, self, "dsa")
         parse_strategy(self.dsa_strategy)
-        _choice(self, "memory", MEMORY_MODES)
+        one_of("--memory", self.memory, MEMORY_MODES)
         parse_attack(self.attack)
         if self.init.endswith("pretrained") and not self.pretrained:
             raise ValueError(f"--init {self.init} needs --pretrained DIR (made by `ddray pretrain`)")
@@ -238,7 +194,12 @@ class DistillConfig:
     @property
     def layout(self) -> tuple[int, int]:
         """(S, E) of the learned set: DD's steps and epochs; one batch, one step size otherwise."""
-        return (self.steps, self.epochs) if self.method == "dd" else (1, 1)
+        return (self.steps, self.epochs) if self.spec.steps_and_epochs else (1, 1)
+
+    @property
+    def initial_lr(self) -> float:
+        """η₀, where the learned step size(s) start: DD's ``init_lr``, the other methods' ``net_lr``."""
+        return float(getattr(self, self.spec.step_size_option))
 
     @property
     def total_steps(self) -> int:
@@ -289,17 +250,17 @@ class ClusterConfig:
         lo, hi = parse_workers(self.workers)
         if lo == hi:  # "4" (a CLI string) and 4 are the same request
             object.__setattr__(self, "workers", lo)
-        _positive_int(self, "shards")
-        _nonneg_int(self, "max_staleness")
-        _choice(self, "mode", SYNC_MODES)
-        _choice(self, "placement", PLACEMENTS)
+        each(positive_int, self, "shards")
+        each(nonneg_int, self, "max_staleness")
+        one_of("--mode", self.mode, SYNC_MODES)
+        one_of("--placement", self.placement, PLACEMENTS)
         if self.cpus_per_worker is not None:
-            _positive_float(self, "cpus_per_worker")
+            each(positive_number, self, "cpus_per_worker")
         g = self.gpus_per_worker
         if g is not None:
-            _require(is_number(g) and g >= 0 and (g <= 1 or float(g).is_integer()), "gpus_per_worker", g,
-                     "expected a number >= 0: a fraction up to 1 (workers share a GPU) or a whole number")
-        _positive_float(self, "placement_timeout")
+            require(is_number(g) and g >= 0 and (g <= 1 or float(g).is_integer()), "--gpus-per-worker", g,
+                    "expected a number >= 0: a fraction up to 1 (workers share a GPU) or a whole number")
+        each(positive_number, self, "placement_timeout")
 
     @property
     def min_workers(self) -> int:
@@ -334,17 +295,16 @@ class RunConfig:
     experiment: str = "ddray"
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-                 "seed", self.seed, "expected an integer >= 0")
-        _positive_int(self, "checkpoint_every", "eval_nets", "eval_epochs")
+        each(nonneg_int, self, "seed", "eval_every")
+        each(positive_int, self, "checkpoint_every", "eval_nets", "eval_epochs")
         if self.eval_protocol is not None:
-            _choice(self, "eval_protocol", PROTOCOLS)
-        _nonneg_int(self, "eval_every")
+            one_of("--eval-protocol", self.eval_protocol, PROTOCOLS)
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "distill": DistillConfig,
                              "cluster": ClusterConfig, "run": RunConfig}
 FIELD_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}
+FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for cls in SECTIONS.values() for f in fields(cls)}
 
 
 @dataclass(frozen=True)
@@ -387,7 +347,7 @@ class Config:
     @property
     def protocol(self) -> str:
         """The evaluation protocol: ``eval_protocol``, else ``dd`` for DD and ``dc`` for the other methods."""
-        return self.run.eval_protocol or ("dd" if self.distill.method == "dd" else "dc")
+        return self.run.eval_protocol or self.distill.spec.eval_protocol
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict (YAML/JSON friendly)."""

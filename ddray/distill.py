@@ -21,7 +21,6 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from ddray import __version__
 from ddray.artifact import Distilled, save_distilled
 from ddray.checkpoint import is_uri, list_checkpoints
 from ddray.chunks import net_chunks, step_gradient
@@ -29,9 +28,9 @@ from ddray.config import Config
 from ddray.core.evaluate import EvalResult
 from ddray.core.synthetic import SyntheticSet, class_labels
 from ddray.evaluation import Predictor, evaluate_distilled, run_baselines
-from ddray.problem import Problem, build_problem
+from ddray.problem import Problem, build_problem, to_distilled
 from ddray.state import RunState, load_state, resume_differences, save_state
-from ddray.tracking import NullTracker, Tracker, log_eval_grid
+from ddray.tracking import NullTracker, Tracker
 
 CKPT_DIR = "checkpoints"
 AUTO = "auto"  # --resume auto: continue OUT's run if it has one, else start fresh
@@ -40,21 +39,6 @@ log = logging.getLogger("ddray")
 
 def default_out() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def to_distilled(problem: Problem, syn: SyntheticSet, iterations: int) -> Distilled:
-    """The synthetic set with everything needed to train on it without ddray."""
-    c = problem.config
-    meta: dict[str, Any] = {
-        "dataset": c.data.dataset, "model": c.model.model, "classes": problem.data.num_classes,
-        "mean": list(problem.data.mean), "std": list(problem.data.std),
-        "init": {"mode": c.distill.init, "scheme": c.model.init_scheme},
-        "iterations": iterations, "method": c.distill.method, "attack": c.distill.attack,
-        "dsa_strategy": c.distill.augment, "eval_protocol": c.protocol,
-        "seed": c.run.seed, "ddray_version": __version__, "config": c.to_dict(),
-    }
-    return Distilled(syn.images.detach().clone(), syn.labels.clone(), syn.lrs.detach().clone(), meta,
-                     problem.fixed)
 
 
 def synthetic(problem: Problem, state: RunState) -> SyntheticSet:
@@ -230,6 +214,17 @@ def evaluate_snapshot(problem: Problem, snapshot: Distilled, out: Path, tracker:
     r = evaluate_distilled(problem, snapshot, problem.config.run.eval_nets, predictor=predictor)
     log_eval_grid(tracker, snapshot, out, step)
     return {"eval_acc_mean": r.mean, "eval_acc_std": r.std}
+
+
+def log_eval_grid(tracker: Tracker, distilled: Distilled, out: str | Path, step: int) -> Path:
+    """Write the image grid at meta-step ``step`` to OUT/grids/ and log it under ``grids/``."""
+    from ddray.viz import save_grid
+
+    d = Path(out) / "grids"
+    d.mkdir(parents=True, exist_ok=True)
+    png = save_grid(distilled, d / f"step-{step:08d}.png")
+    tracker.log_artifact(png, "grids")
+    return png
 
 
 def finish(problem: Problem, syn: SyntheticSet, iterations: int, out: Path, tracker: Tracker,

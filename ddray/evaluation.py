@@ -27,6 +27,7 @@ from ddray.chunks import net_chunks
 from ddray.config import Config
 from ddray.core.evaluate import EvalResult, shuffled_order, summarise, train_predict
 from ddray.core.protocol import ProtocolDC, predict_protocol_dc
+from ddray.methods import METHODS
 from ddray.problem import Problem, build_problem
 
 MAX_CHUNK = 20  # held-out networks trained at once (the vmap width of protocol dd)
@@ -67,7 +68,8 @@ def predict_nets(problem: Problem, d: Distilled, job: EvalJob, ids: list[int]) -
     """Predictions (len(ids), M) on the test split of held-out networks ``ids`` trained on ``d``."""
     c, data = problem.config, problem.data
     if isinstance(job.protocol, ProtocolDC):
-        lr = float(d.lrs[0]) if d.meta.get("method") == "mtt" else None  # MTT's learned step size
+        method = METHODS.get(str(d.meta.get("method")))
+        lr = float(d.lrs[0]) if method and method.one_learned_step_size else None  # MTT's learned step size
         return predict_protocol_dc(problem.model, d.images, d.labels, data.x_test, job.protocol, c.run.seed, ids, lr)
     order = shuffled_order(d.steps, d.epochs, c.run.seed) if job.shuffled else None
     return train_predict(problem.model, problem.sampler(for_eval=True), d.images, d.labels, d.lrs, data.x_test,
@@ -122,16 +124,16 @@ def problem_for(d: Distilled, data_root: str | None = None) -> Problem:
 def default_baselines(config: Config) -> tuple[str, ...]:
     """The baselines of a config: all four under protocol dd; random and k-means real images under dc
     (``optimized`` and ``average`` tune for DD's own schedule)."""
-    from ddray.core.baselines import METHODS
+    from ddray.core.baselines import METHODS as BASELINES
 
-    return ("random", "kmeans") if config.protocol == "dc" else METHODS
+    return ("random", "kmeans") if config.protocol == "dc" else BASELINES
 
 
 def baseline_set(config: Config, method: str, candidates: int = 50) -> tuple[Distilled, EvalResult]:
     """One baseline of ``config``'s budget, tuned and evaluated by the config's protocol (a job for any worker)."""
     from ddray.core.baselines import make_baseline
     from ddray.core.synthetic import SyntheticSet, inverse_softplus
-    from ddray.distill import to_distilled
+    from ddray.problem import to_distilled
 
     problem = build_problem(config)
     c, data = config.distill, problem.data

@@ -51,12 +51,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddray import __version__
-from ddray.config import INIT_SCHEMES, DataConfig, is_int, is_number
+from ddray._version import __version__
+from ddray.config import INIT_SCHEMES, DataConfig
 from ddray.core.augment import parse_strategy
 from ddray.core.inits import EXPERT, generator
 from ddray.core.models import MODEL_REGISTRY, Params, build_model, init_params
 from ddray.data import Dataset
+from ddray.validation import (each, is_int, is_number, nonneg_int, nonneg_number, one_of, positive_int, positive_number,
+                              require)
 
 EXPERTS_META = "experts.json"
 PURPOSE_EXPERT = EXPERT  # the seed purpose of expert draws (ddray.core.inits)
@@ -74,10 +76,6 @@ OPTIONS = {
 }
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-def _bad(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{OPTIONS[field]}: invalid value {value!r}; {allowed}")
 
 
 @dataclass(frozen=True)
@@ -110,22 +108,15 @@ class ExpertSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.model not in MODEL_REGISTRY:
-            raise _bad("model", self.model, f"choose one of {', '.join(MODEL_REGISTRY)}")
-        if self.init_scheme not in INIT_SCHEMES:
-            raise _bad("init_scheme", self.init_scheme, f"choose one of {', '.join(INIT_SCHEMES)}")
-        for name in ("width", "epochs", "batch_size"):
-            v = getattr(self, name)
-            if not (is_int(v) and v > 0):
-                raise _bad(name, v, "expected a positive integer")
-        if not (is_int(self.seed) and self.seed >= 0):
-            raise _bad("seed", self.seed, "expected an integer >= 0")
-        if not (is_number(self.lr) and self.lr > 0):
-            raise _bad("lr", self.lr, "expected a positive number")
-        if not (is_number(self.momentum) and 0 <= self.momentum < 1):
-            raise _bad("momentum", self.momentum, "expected a number in [0, 1)")
-        if not (is_number(self.weight_decay) and self.weight_decay >= 0):
-            raise _bad("weight_decay", self.weight_decay, "expected a number >= 0")
+        opt = OPTIONS.__getitem__  # errors name the command-line options
+        one_of(opt("model"), self.model, list(MODEL_REGISTRY))
+        one_of(opt("init_scheme"), self.init_scheme, INIT_SCHEMES)
+        each(positive_int, self, "width", "epochs", "batch_size", label=opt)
+        each(nonneg_int, self, "seed", label=opt)
+        each(positive_number, self, "lr", label=opt)
+        require(is_number(self.momentum) and 0 <= self.momentum < 1, opt("momentum"), self.momentum,
+                "expected a number in [0, 1)")
+        each(nonneg_number, self, "weight_decay", label=opt)
         if self.dsa_strategy is not None:
             parse_strategy(self.dsa_strategy)
 
@@ -296,8 +287,7 @@ def train_experts(data: Dataset, settings: ExpertSettings, experts: int, out: st
         ValueError: bad ``experts`` count; ``augment`` given without ``dsa_strategy`` or the
             reverse; ``out`` made for another data set, model or settings (naming --experts).
     """
-    if not (is_int(experts) and experts > 0):
-        raise ValueError(f"--num-experts: invalid value {experts!r}; expected a positive integer")
+    positive_int("--num-experts", experts)
     if (augment is None) != (settings.dsa_strategy is None):
         raise ValueError(f"--dsa-strategy: {settings.dsa_strategy!r} must be set exactly when an augmentation "
                          f"is applied (augment is {'set' if augment else 'None'}), so the recorded settings "

@@ -38,11 +38,20 @@ class Method:
     dsa: bool  # DSA augmentation by default
     syn_init: str  # "noise" or "real"
     learns_lrs: bool  # whether step sizes are learned
+    steps_and_epochs: bool = False  # learns S batches trained for E epochs (--steps, --epochs); else 1 batch, 1 step
+    step_size_option: str = "net_lr"  # the option the step size starts at: DD's --init-lr, the others' --net-lr
+    eval_protocol: str = "dc"  # the evaluation by default: "dd" (the set's own schedule) or "dc" (the DC papers')
+    needs_experts: bool = False  # matches expert trajectories (--experts, made by `ddray experts`)
+
+    @property
+    def one_learned_step_size(self) -> bool:
+        """Learns one step size for its one batch (MTT): the DC protocol then trains its set with it."""
+        return self.learns_lrs and not self.steps_and_epochs
 
 
 METHODS: dict[str, Method] = {
     "dd": Method("dd", "Wang et al., Dataset Distillation, arXiv:1811.10959", "adam", 0.01, 0.0, False,
-                 "noise", True),
+                 "noise", True, steps_and_epochs=True, step_size_option="init_lr", eval_protocol="dd"),
     "dc": Method("dc", "Zhao, Mopuri, Bilen, Dataset Condensation with Gradient Matching, ICLR 2021",
                  "sgd", 0.1, 0.5, False, "real", False),
     "dsa": Method("dsa", "Zhao & Bilen, Dataset Condensation with Differentiable Siamese Augmentation, "
@@ -50,7 +59,7 @@ METHODS: dict[str, Method] = {
     "dm": Method("dm", "Zhao & Bilen, Dataset Condensation with Distribution Matching, WACV 2023",
                  "sgd", 1.0, 0.5, True, "real", False),
     "mtt": Method("mtt", "Cazenavette et al., Dataset Distillation by Matching Training Trajectories, "
-                  "CVPR 2022", "sgd", 1000.0, 0.5, True, "real", True),
+                  "CVPR 2022", "sgd", 1000.0, 0.5, True, "real", True, needs_experts=True),
 }
 
 # option → the methods that use it (options not listed are shared by all)
@@ -102,8 +111,8 @@ def check_method_options(distill: Any) -> None:
     if m == "dsa" and distill.dsa is False:
         raise ValueError("--no-dsa: not available with --method dsa (DSA is DC with augmentation; "
                          "use --method dc)")
-    if m == "mtt" and not distill.experts:
-        raise ValueError("--method mtt needs --experts DIR (expert trajectories made by `ddray experts`)")
+    if METHODS[m].needs_experts and not distill.experts:
+        raise ValueError(f"--method {m} needs --experts DIR (expert trajectories made by `ddray experts`)")
 
 
 def optimizer_options(distill: Any) -> dict[str, Any]:
@@ -115,6 +124,6 @@ def optimizer_options(distill: Any) -> dict[str, Any]:
     """
     spec = METHODS[distill.method]
     lr_lrs = None
-    if distill.method == "mtt":
+    if distill.method in OWNERS["lr_lr"]:  # the step size has a learning rate of its own
         lr_lrs = distill.lr_lr / (1 - math.exp(-distill.net_lr)) ** 2
     return {"kind": spec.optimizer, "momentum": spec.momentum, "lr_lrs": lr_lrs}

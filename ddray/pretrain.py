@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm import tqdm
 
-from ddray import __version__
+from ddray._version import __version__
 from ddray.artifact import write_json_atomic
 from ddray.core.evaluate import predict
 from ddray.core.inits import PRETRAIN, generator

@@ -1,4 +1,5 @@
-"""Everything a run derives from its config: data, model, θ₀ samplers, the objective.
+"""Everything a run derives from its config: data, model, θ₀ samplers, the objective — and the artifact
+its synthetic set becomes (:func:`to_distilled`).
 
 Built the same way in the driver, in every Ray worker (each loads its own copy of
 the data) and in evaluation, so all of them agree on what a seed means.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn as nn
 
+from ddray._version import __version__
+from ddray.artifact import Distilled
 from ddray.config import Config, parse_attack
 from ddray.core.inits import SYN_INIT, InitSampler, fixed_params, generator, make_sampler
 from ddray.core.models import Params, build_model
@@ -59,9 +62,8 @@ class Problem:
         d, c = self.config.distill, self.config
         real = (self.data.x_train, self.data.y_train) if d.init_images == "real" else None
         steps, epochs = d.layout
-        init_lr = d.init_lr if d.method == "dd" else d.net_lr
         return SyntheticSet.initial(steps, epochs, d.ipc, self.data.num_classes, self.data.shape,
-                                    init_lr, generator(c.run.seed, SYN_INIT), real)
+                                    d.initial_lr, generator(c.run.seed, SYN_INIT), real)
 
     def outer_optimizer(self, syn: SyntheticSet) -> OuterOptimizer:
         """The method's outer optimiser on ``syn`` (:func:`ddray.methods.optimizer_options`)."""
@@ -155,8 +157,24 @@ def build_problem(config: Config, data: Dataset | None = None) -> Problem:
         if c.distill.init == "fixed-pretrained":
             fixed = pool[0]
     experts = None
-    if c.distill.method == "mtt":
+    if c.distill.spec.needs_experts:
         assert c.distill.experts is not None  # checked by DistillConfig
         experts, _ = load_experts(c.distill.experts, c.model.model, data.shape, data.num_classes, c.data.dataset,
                                   c.model.width)
     return Problem(c, data, model, fixed, pool, experts)
+
+
+def to_distilled(problem: Problem, syn: SyntheticSet, iterations: int) -> Distilled:
+    """The synthetic set after ``iterations`` meta-steps as an artifact: with everything needed to train on it
+    without ddray (the data set's normalisation, the method, the whole config; θ₀ for fixed-init modes)."""
+    c = problem.config
+    meta: dict[str, Any] = {
+        "dataset": c.data.dataset, "model": c.model.model, "classes": problem.data.num_classes,
+        "mean": list(problem.data.mean), "std": list(problem.data.std),
+        "init": {"mode": c.distill.init, "scheme": c.model.init_scheme},
+        "iterations": iterations, "method": c.distill.method, "attack": c.distill.attack,
+        "dsa_strategy": c.distill.augment, "eval_protocol": c.protocol,
+        "seed": c.run.seed, "ddray_version": __version__, "config": c.to_dict(),
+    }
+    return Distilled(syn.images.detach().clone(), syn.labels.clone(), syn.lrs.detach().clone(), meta,
+                     problem.fixed)

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 if TYPE_CHECKING:
-    from ddray.artifact import Distilled
     from ddray.config import Config
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
@@ -203,7 +202,7 @@ def ray_address(config: "Config") -> str:
 
 def run_tags(config: "Config", command: str) -> dict[str, str]:
     """Tags every ddray run carries: version, git commit, Ray address, command, mode, data set, model."""
-    from ddray import __version__
+    from ddray._version import __version__
 
     tags = {"ddray.version": __version__, "ddray.command": command, "ddray.mode": config.cluster.mode,
             "ddray.init": config.distill.init, "ddray.dataset": config.data.dataset,
@@ -370,33 +369,52 @@ def make_tracker(config: "Config", kind: str, run_name: str | None = None, paren
     return tracker
 
 
+def exit_status(error: BaseException | None) -> str:
+    """The status a run ends with: FINISHED without an error or on a clean ``sys.exit`` (as when Ray Tune
+    stops a trial early), KILLED on Ctrl-C, FAILED on any other exception."""
+    if error is None or isinstance(error, SystemExit) and error.code in (0, None):
+        return "FINISHED"
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 @contextmanager
-def tracked(config: "Config", kind: str, **kwargs: Any) -> Iterator[Tracker]:
-    """``with tracked(cfg, "distill") as t:`` — the run ends FINISHED, or FAILED/KILLED on an exception."""
-    tracker = make_tracker(config, kind, **kwargs)
+def finishing(tracker: Tracker) -> Iterator[Tracker]:
+    """``with finishing(tracker):`` — the run ends with the :func:`exit_status` of the block.
+
+    The one place a run's final status is decided: :func:`tracked` commands, and the Tune
+    search's parent run and trial runs (:mod:`ddray.tune`).
+    """
     try:
         yield tracker
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
+    except BaseException as e:
+        tracker.finish(exit_status(e))
         raise
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
+    tracker.finish(exit_status(None))
+
+
+@contextmanager
+def tracked(config: "Config", kind: str, **kwargs: Any) -> Iterator[Tracker]:
+    """``with tracked(cfg, "distill") as t:`` — a :func:`make_tracker` run that ends as :func:`finishing` says."""
+    with finishing(make_tracker(config, kind, **kwargs)) as tracker:
+        yield tracker
+
+
+def end_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None) -> bool:
+    """End run ``run_id`` in the store at ``uri`` with ``status`` (setting ``tags`` first) if it is still
+    RUNNING: for a run whose own process could not end it (a Tune trial stopped or failed in its actor).
+    Returns whether it ended the run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)
+    return True
 
 
 # ----------------------------------------------------------------------------- artifacts
-
-
-def log_eval_grid(tracker: Tracker, distilled: "Distilled", out: str | Path, step: int) -> Path:
-    """Write the image grid at meta-step ``step`` to OUT/grids/ and log it under ``grids/``."""
-    from ddray.viz import save_grid
-
-    d = Path(out) / "grids"
-    d.mkdir(parents=True, exist_ok=True)
-    png = save_grid(distilled, d / f"step-{step:08d}.png")
-    tracker.log_artifact(png, "grids")
-    return png
 
 
 def log_final_checkpoint(tracker: Tracker, config: "Config", out: str | Path) -> Path | None:

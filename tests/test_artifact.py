@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +71,15 @@ def test_columns_and_training_without_ddray(tmp_path: Path) -> None:
     ours = unroll(model, {k: v.unsqueeze(0) for k, v in d.init_params.items()}, d.images, d.labels, d.lrs)
     for name, p in net.named_parameters():
         torch.testing.assert_close(ours[name][0], p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_runs_uris_are_resolved_where_they_enter_not_here(tmp_path: Path) -> None:
+    """artifact.py reads directories only; ``ddray.load_distilled`` (and the CLI) download runs:/ URIs first."""
+    with pytest.raises(ValueError, match=r"^runs:/abc: an MLflow URI, not a directory; read it with "
+                                         r"ddray.load_distilled"):
+        load_distilled("runs:/abc")
+    d = Distilled(torch.zeros(1, 2, 1, 2, 2), torch.tensor([0, 1]), torch.tensor([0.1]), {"dataset": "digits"})
+    save_distilled(tmp_path / "set", d)
+    import ddray
+
+    assert torch.equal(ddray.load_distilled(tmp_path / "set").images, d.images)  # a directory passes through

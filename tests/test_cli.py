@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,25 @@ def test_help_lists_subcommands() -> None:
     text = build_parser().format_help()
     for cmd in ("distill", "evaluate", "compare", "baseline", "pretrain", "show", "tune"):
         assert cmd in text
+
+
+def test_help_reads_the_defaults_from_the_config() -> None:
+    """The flags' defaults come from the config dataclasses and ddray.methods, not from text in cli.py."""
+    from ddray.cli import OVERRIDES, _help
+    from ddray.config import FIELD_DEFAULTS, DistillConfig, RunConfig
+    from ddray.methods import METHODS
+
+    restated = [n for n, (_, text) in OVERRIDES.items()
+                if FIELD_DEFAULTS[n] is not None and re.search(r"default:? -?[0-9]", text)]
+    assert restated == []
+    assert _help("steps").endswith(f"(default {DistillConfig.steps})")
+    assert _help("experiment").endswith(f"(default {RunConfig.experiment})")
+    assert _help("placement_timeout").endswith("(default 600)")  # a float default as the user types it
+    assert "(default 128, the papers')" in _help("width") and "(default 300; the papers: 1000)" in _help("eval_epochs")
+    assert f"mtt {METHODS['mtt'].lr:g} (sgd)" in _help("lr") and "dd noise" in _help("syn_init")
+    assert "(default" not in _help("data_root")  # None: no default to show
+    for name in OVERRIDES:
+        default = FIELD_DEFAULTS[name]
+        if default is not None and not isinstance(default, bool):
+            shown = format(default, "g") if isinstance(default, float) else str(default)
+            assert f"default {shown}" in _help(name), name

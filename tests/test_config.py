@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,25 @@ def test_unknown_keys_and_bad_files_are_one_line_errors(tmp_path: Path) -> None:
 
 def test_configs_are_frozen() -> None:
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.distill.steps = 3  # type: ignore[misc]
     assert cfg.distill.total_steps == 30
+
+
+@pytest.mark.parametrize("method, extra, layout, protocol, initial_lr", [
+    ("dd", {"steps": 4, "epochs": 2, "init_lr": 0.05}, (4, 2), "dd", 0.05),
+    ("dc", {"net_lr": 0.03}, (1, 1), "dc", 0.03),
+    ("dm", {}, (1, 1), "dc", 0.01),
+    ("mtt", {"experts": "experts/", "net_lr": 0.02}, (1, 1), "dc", 0.02),
+])
+def test_the_method_decides_layout_protocol_and_first_step_size(method: str, extra: dict, layout: tuple[int, int],
+                                                                protocol: str, initial_lr: float) -> None:
+    cfg = Config.from_dict({"method": method, **extra})
+    assert cfg.distill.layout == layout and cfg.distill.total_steps == layout[0] * layout[1]
+    assert cfg.protocol == protocol and cfg.override(eval_protocol="dd").protocol == "dd"
+    assert cfg.distill.initial_lr == pytest.approx(initial_lr)
+
+
+def test_mtt_needs_its_experts() -> None:
+    with pytest.raises(ValueError, match=r"^--method mtt needs --experts DIR"):
+        Config.from_dict({"method": "mtt"})

@@ -66,7 +66,7 @@ def test_a_large_set_is_sampled_with_a_note(steps: int, ipc: int, classes: int, 
     assert v.steps == shown and v.per_class == per_class and v.note == note
     assert len(v.steps) * v.per_class <= 20 and len(v.classes) <= 20
     one = grid_view(steps, ipc, classes, max_rows=per_class)  # room for one step only: the first
-    assert one.steps == (0,) and (steps == 1 or "step 0 of" in str(one.note))
+    assert one.steps == (0,) and ("step 0 of" in str(one.note)) == (steps > 1)
 
 
 def test_each_step_is_labelled_with_its_step_size_in_every_epoch() -> None:

@@ -26,73 +26,102 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from ddray.distributed.fleet import Fleet
+from ddray.distributed.fleet import Fleet  # one way: the fleet knows the graph only as its holder
 
 log = logging.getLogger("ddray.distributed")
 LOOKAHEAD = 2  # executions in flight: step s+1's version read queues behind step s's apply
 MAX_RECOVERIES = 20
 
 
-def compile_step(fleet: Fleet) -> Any:
-    """The compiled graph of one meta-step over the workers alive now; its input is ``(step, checkpoint after
-    it?)``. The alive workers it was compiled for are kept in ``fleet.graph_members``."""
-    from ray.dag import InputNode
+class CompiledStep:
+    """The fleet's meta-step compiled into one graph, owned here (the fleet knows only how to make it let go:
+    :attr:`Fleet.holder` is :meth:`teardown`).
 
-    from ddray.chunks import assign
+    Attributes:
+        graph: the compiled graph while it is up, else None.
+        members: the alive workers it was compiled for.
+    """
 
-    if len(fleet.servers) != 1:
-        raise ValueError("DDRAY_TRANSPORT=compiled: needs --shards 1")
-    ps = fleet.servers[0]
-    alive = fleet.alive()
-    with InputNode() as job:
-        version = ps.dag_version.bind(job)
-        grads = [fleet.pool.handle(w).dag_compute.bind(job, [(c, fleet.chunks[c]) for c in cs], version)
-                 for w, cs in assign(len(fleet.chunks), alive).items()]
-        dag = ps.dag_apply.bind(job, *grads)
-    fleet.graph_members = tuple(alive)
-    return dag.experimental_compile(_max_inflight_executions=LOOKAHEAD)
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.graph: Any = None
+        self.members: tuple[int, ...] = ()
+        fleet.holder = self.teardown
+
+    def compile(self) -> Any:
+        """The graph of one meta-step over the workers alive now (compiled if it is not up); its input is
+        ``(step, checkpoint after it?)``."""
+        if self.graph is not None:
+            return self.graph
+        from ray.dag import InputNode
+
+        from ddray.chunks import assign
+
+        fleet = self.fleet
+        if len(fleet.servers) != 1:
+            raise ValueError("DDRAY_TRANSPORT=compiled: needs --shards 1")
+        ps = fleet.servers[0]
+        alive = fleet.alive()
+        with InputNode() as job:
+            version = ps.dag_version.bind(job)
+            grads = [fleet.pool.handle(w).dag_compute.bind(job, [(c, fleet.chunks[c]) for c in cs], version)
+                     for w, cs in assign(len(fleet.chunks), alive).items()]
+            dag = ps.dag_apply.bind(job, *grads)
+        self.graph, self.members = dag.experimental_compile(_max_inflight_executions=LOOKAHEAD), tuple(alive)
+        return self.graph
+
+    def teardown(self) -> None:
+        """Shut the graph down (if it is up), so its actors take ordinary tasks again."""
+        graph, self.graph = self.graph, None
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception as e:  # already shut down by the failure that brought us here
+                log.debug("compiled graph teardown: %s", e)
 
 
 def compiled_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bool],
                     report: Callable[..., None], barrier: Callable[[int], bool] = lambda done: False) -> None:
     """Meta-steps ``start`` … ``stop``−1 through the fleet's compiled graph (compiled on first use, and again
     after every repair, join, or evaluation — the graph's actors take no other calls while it is up;
-    :meth:`Fleet.shutdown` tears it down). ``barrier(done)``: feed nothing past ``done`` until it is reported."""
+    :meth:`Fleet.release` and :meth:`Fleet.shutdown` tear it down). ``barrier(done)``: feed nothing past
+    ``done`` until it is reported."""
     step, recoveries = start, 0
+    compiled = CompiledStep(fleet)
     while step < stop:
         pending: deque[Any] = deque()
         nxt = step
         try:
             fleet.pool.poll()
             fleet.pool.ensure()
-            if fleet.graph is not None and tuple(fleet.alive()) != fleet.graph_members:
-                teardown(fleet)  # workers joined: hand them chunks from this step on
-            fleet.graph = fleet.graph or compile_step(fleet)
+            if compiled.graph is not None and tuple(fleet.alive()) != compiled.members:
+                compiled.teardown()  # workers joined: hand them chunks from this step on
+            graph = compiled.compile()
             draining = False  # workers joined: finish what is in flight, then compile again for them
             while pending or (nxt < stop and not draining):
                 while (not draining and nxt < stop and len(pending) < LOOKAHEAD
                        and not (pending and barrier(nxt))):
-                    pending.append(fleet.graph.execute((nxt, due(nxt + 1))))
+                    pending.append(graph.execute((nxt, due(nxt + 1))))
                     nxt += 1
                 stats = pending.popleft().get(timeout=-1)  # a real meta-step may take minutes
                 step, recoveries = step + 1, 0
                 draining = draining or bool(fleet.pool.poll())
                 if not pending and (draining or barrier(step)) and step < stop:
-                    teardown(fleet)  # evaluation runs on the workers, outside the graph
+                    compiled.teardown()  # evaluation runs on the workers, outside the graph
                     report(stats)
                     break
                 report(stats)
         except RayError as e:
             # repair: the graph shut itself down; redo from where the server is
             pending.clear()
-            teardown(fleet)
+            compiled.teardown()
             recoveries += 1
             if recoveries > MAX_RECOVERIES:
                 raise RuntimeError(f"meta-step {step + 1}: gave up after {MAX_RECOVERIES} recoveries") from e
             if fleet.servers_lost():
                 step, _ = fleet.restore()
                 continue
-            gone = [w for w in fleet.graph_members if not _answers(fleet, w)]
+            gone = [w for w in compiled.members if not _answers(fleet, w)]
             for w in gone:
                 fleet.pool.lost(w, e)
             if not gone and not isinstance(e, RayActorError):
@@ -107,13 +136,3 @@ def _answers(fleet: Fleet, slot: int) -> bool:
         return True
     except (RayError, ray.exceptions.GetTimeoutError):
         return False
-
-
-def teardown(fleet: Fleet) -> None:
-    """Shut the fleet's compiled graph down (if any), so its actors take ordinary tasks again."""
-    graph, fleet.graph = fleet.graph, None
-    if graph is not None:
-        try:
-            graph.teardown()
-        except Exception as e:  # already shut down by the failure that brought us here
-            log.debug("compiled graph teardown: %s", e)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ddray.config import Config
 from ddray.distill import (DistillResult, begin, evaluate_snapshot, finish, publish, run_dir, start_state,
-                           storage_location, synthetic, to_distilled)
+                           storage_location, synthetic)
 from ddray.distributed.fleet import Fleet, Round
 from ddray.distributed.messages import Version
 from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes, connect, current_group,
@@ -48,7 +48,7 @@ from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes
 from ddray.distributed.pool import call_mapper, is_loss
 from ddray.distributed.shards import shard_layout
 from ddray.evaluation import run_baselines
-from ddray.problem import Problem, build_problem
+from ddray.problem import Problem, build_problem, to_distilled
 from ddray.state import RunState
 from ddray.tracking import NullTracker, Tracker
 

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -83,8 +83,8 @@ class Fleet:
         self.trial = trial
         self.name = f"ddray-{uuid.uuid4().hex[:8]}"
         self.generation = 0
-        self.graph: Any = None  # the compiled meta-step of DDRAY_TRANSPORT=compiled, while in use
-        self.graph_members: tuple[int, ...] = ()  # the alive workers it was compiled for
+        # lets go of the actors when something holds them exclusively (a compiled graph: distributed/compiled.py)
+        self.holder: Callable[[], None] | None = None
         self.loop_starts: dict[int, int] = {}
         self.chunks = net_chunks(config.distill.nets, c.max_workers)
         self.served: set[int] = set()  # workers that have been handed chunks since they (re)joined
@@ -278,18 +278,17 @@ class Fleet:
         return [torch.from_numpy(np.array(p)) for p in preds]  # writable copies
 
     def state(self) -> RunState:
-        """The servers' current state, merged (tears a compiled graph down first)."""
-        if self.graph is not None:
-            from ddray.distributed.compiled import teardown
-
-            teardown(self)
+        """The servers' current state, merged (a compiled graph holding the actors lets them go first)."""
+        self.release()
         return merge_states(ray.get([s.state.remote() for s in self.servers]), self.config)
 
-    def shutdown(self) -> None:
-        if self.graph is not None:
-            from ddray.distributed.compiled import teardown
+    def release(self) -> None:
+        """Make the actors take ordinary calls again: whoever holds them (:attr:`holder`) lets them go."""
+        if self.holder is not None:
+            self.holder()
 
-            teardown(self)
+    def shutdown(self) -> None:
+        self.release()
         for s in self.servers:
             ray.kill(s)
         self.pool.shutdown()

@@ -178,7 +178,7 @@ class TrialLayout:
 
 
 def trial_layout(bundles: list[dict[str, float]], workers: int, shards: int) -> TrialLayout | None:
-    """The layout of a Tune trial's group (:meth:`ddray.tune_config.TuneSpec.placement`), or None if
+    """The layout of a Tune trial's group (:meth:`ddray.tune.spec.TuneSpec.placement`), or None if
     ``bundles`` does not have that shape."""
     if len(bundles) != 1 + shards + workers:
         return None

@@ -99,7 +99,8 @@ class MetaGradWorker:
         """Held-out networks ``ids`` trained on the set of ``versions`` → test predictions (len(ids), M)."""
         import torch
 
-        from ddray.distill import synthetic, to_distilled
+        from ddray.distill import synthetic
+        from ddray.problem import to_distilled
         from ddray.evaluation import predict_nets
         from ddray.state import RunState
 

@@ -37,9 +37,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from ddray.config import FIELD_SECTION, SECTIONS, Config, is_int, is_number
+from ddray.config import FIELD_SECTION, SECTIONS, Config
 from ddray.storage import check_uri, is_uri, join
 from ddray.tracking import resolve_tracking_uri
+from ddray.validation import (each, error, is_int, is_number, nonneg_number, one_of, positive_int, positive_number,
+                              reported_as, require)
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 METRICS = ("eval_acc_mean", "eval_acc_std", "eval_shuffled_acc_mean", "attack_rate_mean", "outer_loss")
@@ -178,83 +180,77 @@ class TuneSpec:
         return p
 
 
-def _err(source: str, key: str, msg: str) -> ValueError:
-    return ValueError(f"{source}: {key}: {msg}")
-
-
 def _field_type(name: str) -> str:
     [f] = [f for f in fields(SECTIONS[FIELD_SECTION[name]]) if f.name == name]
     return str(f.type)
 
 
-def _check_value(fixed: Config, source: str, key: str, name: str, value: Any) -> None:
+def _check_value(fixed: Config, where: str, name: str, value: Any) -> None:
     """``value`` must be a valid setting of config field ``name`` (checked by the config itself)."""
-    try:
+    with reported_as(where):
         fixed.override(**{name: value})
-    except (ValueError, TypeError) as e:
-        raise _err(source, key, str(e)) from None
 
 
 def _distribution(fixed: Config, source: str, name: str, spec: Any) -> Distribution:
-    key = f"search.{name}"
+    where = f"{source}: search.{name}"
     if name not in FIELD_SECTION:
-        raise _err(source, key, f"unknown config field {name!r}; searchable: "
-                                f"{', '.join(k for k in FIELD_SECTION if k not in NOT_SEARCHABLE)}")
+        raise error(where, f"unknown config field {name!r}; searchable: "
+                           f"{', '.join(k for k in FIELD_SECTION if k not in NOT_SEARCHABLE)}")
     if name in NOT_SEARCHABLE:
-        raise _err(source, key, f"{name} is run bookkeeping and cannot be searched; set it under fixed:")
+        raise error(where, f"{name} is run bookkeeping and cannot be searched; set it under fixed:")
     if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise _err(source, key, f"expected one distribution, e.g. {{choice: [5, 10]}}; "
-                                f"one of {', '.join(DISTRIBUTIONS)}; got {spec!r}")
+        raise error(where, f"expected one distribution, e.g. {{choice: [5, 10]}}; "
+                           f"one of {', '.join(DISTRIBUTIONS)}; got {spec!r}")
     [(kind, args)] = spec.items()
     if kind not in DISTRIBUTIONS:
-        raise _err(source, key, f"unknown distribution {kind!r}; use one of {', '.join(DISTRIBUTIONS)}")
+        raise error(where, f"unknown distribution {kind!r}; use one of {', '.join(DISTRIBUTIONS)}")
     if not isinstance(args, list) or not args:
-        raise _err(source, key, f"{kind} needs a non-empty list, got {args!r}")
+        raise error(where, f"{kind} needs a non-empty list, got {args!r}")
     typ = _field_type(name)
     if kind in ("choice", "grid"):
         for v in args:
-            _check_value(fixed, source, key, name, v)
+            _check_value(fixed, where, name, v)
         return Distribution(kind, tuple(args))
     if len(args) != 2 or not all(is_number(v) for v in args) or not args[0] < args[1]:
-        raise _err(source, key, f"{kind} needs [low, high] with low < high, got {args!r}")
+        raise error(where, f"{kind} needs [low, high] with low < high, got {args!r}")
     lo, hi = args
     if kind == "randint":
         if not (is_int(lo) and is_int(hi)):
-            raise _err(source, key, f"randint needs integer bounds, got {args!r}")
+            raise error(where, f"randint needs integer bounds, got {args!r}")
         check = [lo, hi - 1]
     else:
         if typ.startswith("int"):
-            raise _err(source, key, f"{name} takes integers, {kind} draws floats; use randint, choice or grid")
+            raise error(where, f"{name} takes integers, {kind} draws floats; use randint, choice or grid")
         if kind == "loguniform" and lo <= 0:
-            raise _err(source, key, f"loguniform needs 0 < low, got {args!r}")
+            raise error(where, f"loguniform needs 0 < low, got {args!r}")
         check = [float(lo), float(hi)]
     if not (typ.startswith("int") or typ.startswith("float")):
-        raise _err(source, key, f"{name} is not numeric; use choice or grid")
+        raise error(where, f"{name} is not numeric; use choice or grid")
     for v in check:
-        _check_value(fixed, source, key, name, v)
+        _check_value(fixed, where, name, v)
     return Distribution(kind, (lo, hi))
 
 
 def _dataclass_from(cls: type, source: str, key: str, value: Any) -> Any:
     if not isinstance(value, Mapping):
-        raise _err(source, key, f"expected a mapping, got {value!r}")
+        raise error(f"{source}: {key}", f"expected a mapping, got {value!r}")
     allowed = [f.name for f in fields(cls)]
     for k in value:
         if k not in allowed:
-            raise _err(source, f"{key}.{k}", f"unknown key; allowed: {', '.join(allowed)}")
+            raise error(f"{source}: {key}.{k}", f"unknown key; allowed: {', '.join(allowed)}")
     return cls(**value)
 
 
 def _resources(source: str, value: Any) -> Resources:
     r = _dataclass_from(Resources, source, "resources", value)
-    if r.workers is not None and not (is_int(r.workers) and r.workers > 0):
-        raise _err(source, "resources.workers", f"expected a positive integer, got {r.workers!r}")
-    for name in ("cpus_per_worker", "driver_cpus", "ps_cpus"):
-        v = getattr(r, name)
-        if not (is_number(v) and v > 0):
-            raise _err(source, f"resources.{name}", f"expected a positive number of CPUs, got {v!r}")
-    if not (is_number(r.gpus_per_worker) and r.gpus_per_worker >= 0):
-        raise _err(source, "resources.gpus_per_worker", f"expected a number >= 0, got {r.gpus_per_worker!r}")
+
+    def at(key: str) -> str:
+        return f"{source}: resources.{key}"
+
+    if r.workers is not None:
+        positive_int(at("workers"), r.workers)
+    each(positive_number, r, "cpus_per_worker", "driver_cpus", "ps_cpus", label=at)
+    nonneg_number(at("gpus_per_worker"), r.gpus_per_worker)
     return r
 
 
@@ -262,26 +258,31 @@ def _scheduler(source: str, value: Any) -> Scheduler:
     if isinstance(value, str):
         value = {"type": value}
     s = _dataclass_from(Scheduler, source, "scheduler", value)
+
+    def at(key: str) -> str:
+        return f"{source}: scheduler.{key}"
+
     if s.type not in SCHEDULERS:
-        raise _err(source, "scheduler.type", f"unknown scheduler {s.type!r}; use one of {', '.join(SCHEDULERS)}")
-    if s.grace_period is not None and not (is_int(s.grace_period) and s.grace_period > 0):
-        raise _err(source, "scheduler.grace_period", f"expected a positive integer, got {s.grace_period!r}")
-    if not (is_number(s.reduction_factor) and s.reduction_factor > 1):
-        raise _err(source, "scheduler.reduction_factor", f"expected a number > 1, got {s.reduction_factor!r}")
+        raise error(at("type"), f"unknown scheduler {s.type!r}; use one of {', '.join(SCHEDULERS)}")
+    if s.grace_period is not None:
+        positive_int(at("grace_period"), s.grace_period)
+    require(is_number(s.reduction_factor) and s.reduction_factor > 1, at("reduction_factor"), s.reduction_factor,
+            "expected a number > 1")
     return s
 
 
 def parse_tune_spec(raw: Any, source: str = "<tune spec>", **fixed_overrides: Any) -> TuneSpec:
     """Validate a parsed search file; ``fixed_overrides`` are flat config fields (CLI flags) for ``fixed``."""
+    def at(key: str) -> str:  # errors name the file and the key
+        return f"{source}: {key}"
+
     if not isinstance(raw, Mapping):
         raise ValueError(f"{source}: expected a mapping with keys {', '.join(TOP_KEYS)}")
     for k in raw:
         if k not in TOP_KEYS:
-            raise _err(source, str(k), f"unknown key; allowed: {', '.join(TOP_KEYS)}")
-    try:
+            raise error(at(str(k)), f"unknown key; allowed: {', '.join(TOP_KEYS)}")
+    with reported_as(at("fixed")):
         fixed = Config.from_dict(raw.get("fixed") or {}).override(**fixed_overrides)
-    except (ValueError, TypeError) as e:
-        raise _err(source, "fixed", str(e)) from None
     # paths a trial (running in its own directory, maybe on another node) must find
     d = fixed.to_dict()
     for sec, name in (("data", "data_root"), ("distill", "pretrained")):
@@ -293,54 +294,50 @@ def parse_tune_spec(raw: Any, source: str = "<tune spec>", **fixed_overrides: An
 
     search_raw = raw.get("search")
     if not isinstance(search_raw, Mapping) or not search_raw:
-        raise _err(source, "search", "expected a mapping of config fields to distributions, "
-                                     "e.g. {steps: {choice: [5, 10]}}")
+        raise error(at("search"), "expected a mapping of config fields to distributions, "
+                                  "e.g. {steps: {choice: [5, 10]}}")
     search = {str(k): _distribution(fixed, source, str(k), v) for k, v in search_raw.items()}
 
     reference = raw.get("reference")
     if reference is not None:
         if not isinstance(reference, Mapping):
-            raise _err(source, "reference", f"expected a mapping of config fields to values, got {reference!r}")
+            raise error(at("reference"), f"expected a mapping of config fields to values, got {reference!r}")
         for k, v in reference.items():
             if k not in FIELD_SECTION or k in NOT_SEARCHABLE:
-                raise _err(source, f"reference.{k}", "unknown or unsearchable config field")
-            _check_value(fixed, source, f"reference.{k}", str(k), v)
+                raise error(at(f"reference.{k}"), "unknown or unsearchable config field")
+            _check_value(fixed, at(f"reference.{k}"), str(k), v)
         reference = dict(reference)
 
     metric = raw.get("metric", "eval_acc_mean")
     if metric not in METRICS:
-        raise _err(source, "metric", f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+        raise error(at("metric"), f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     mode = raw.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise _err(source, "mode", f"invalid value {mode!r}; use max or min")
+    one_of(at("mode"), mode, ("max", "min"))
     num_samples = raw.get("num_samples", 1)
-    if not (is_int(num_samples) and num_samples > 0):
-        raise _err(source, "num_samples", f"expected a positive integer, got {num_samples!r}")
+    positive_int(at("num_samples"), num_samples)
     mct = raw.get("max_concurrent_trials")
-    if mct is not None and not (is_int(mct) and mct > 0):
-        raise _err(source, "max_concurrent_trials", f"expected a positive integer, got {mct!r}")
+    if mct is not None:
+        positive_int(at("max_concurrent_trials"), mct)
     scheduler = _scheduler(source, raw.get("scheduler", "asha"))
     resources = _resources(source, raw.get("resources") or {})
     name = raw.get("name") or (Path(source).stem if source != "<tune spec>" else "ddray-tune")
-    if not isinstance(name, str) or "/" in name or name.startswith("."):
-        raise _err(source, "name", f"expected a plain directory name, got {name!r}")
+    require(isinstance(name, str) and "/" not in name and not name.startswith("."), at("name"), name,
+            "expected a plain directory name")
     storage = raw.get("storage_path", "runs/tune")
-    if not isinstance(storage, str):
-        raise _err(source, "storage_path", f"expected a path or a URI, got {storage!r}")
+    require(isinstance(storage, str), at("storage_path"), storage, "expected a path or a URI")
     spec = TuneSpec(name, storage_location(storage), fixed, search, reference, metric, mode,
                     num_samples, scheduler, mct, resources, source)
 
     if scheduler.type == "asha":
         if metric in EVAL_METRICS and not fixed.run.eval_every:
-            raise _err(source, "fixed.run.eval_every", f"ASHA compares trials on {metric}, which is measured "
-                                                       "every eval_every meta-steps; set it > 0")
+            raise error(at("fixed.run.eval_every"), f"ASHA compares trials on {metric}, which is measured "
+                                                    "every eval_every meta-steps; set it > 0")
         grace = scheduler.grace_period or (fixed.run.eval_every or max(1, spec.max_iterations // 8))
         if grace > spec.max_iterations:
-            raise _err(source, "scheduler.grace_period", f"{grace} exceeds the trials' {spec.max_iterations} "
-                                                         "iterations")
-    for k in spec.search:  # a searched worker count must still fit the trial's bundles
-        if k == "workers" and resources.workers is not None:
-            raise _err(source, "resources.workers", "workers is searched; drop it from resources")
+            raise error(at("scheduler.grace_period"), f"{grace} exceeds the trials' {spec.max_iterations} "
+                                                      "iterations")
+    if "workers" in spec.search and resources.workers is not None:  # the trial's bundles follow the search
+        raise error(at("resources.workers"), "workers is searched; drop it from resources")
     return spec
 
 

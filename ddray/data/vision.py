@@ -1,6 +1,6 @@
 """torchvision data sets read from a local root in their standard on-disk format.
 
-Five sets are registered (by :func:`register_all`, called from ``ddray.data``):
+Five sets are registered (by :func:`register_all`, called from :mod:`ddray.data.registry`):
 ``mnist``, ``fashion_mnist``, ``cifar10``, ``svhn`` and ``usps``. Each is read from
 ``root`` (the CLI's ``--data-root``) in exactly the layout torchvision itself
 downloads to, so an existing torchvision root works as is::
@@ -56,12 +56,11 @@ import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # ddray.data imports this module at its end: import it lazily at run time.
-    from ddray.data import Dataset
+from ddray.data.base import DIGIT_NAMES, Dataset, normalise
 
 #: ``(x_train, y_train, x_test, y_test)``: float32 (N, C, H, W) images in [0, 1], int64 labels.
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -74,7 +73,6 @@ _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST = "test_batch"
 _SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 _USPS_FILES = ("usps.bz2", "usps.t.bz2")
-DIGITS = tuple(str(i) for i in range(10))
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -200,7 +198,7 @@ class _Spec:
     #: ``read(paths)``: the resolved path of each entry of ``files`` → :data:`Arrays`.
     read: Callable[[list[Path]], Arrays]
     #: the class names in label order.
-    classes: tuple[str, ...] = DIGITS
+    classes: tuple[str, ...] = DIGIT_NAMES
 
 
 def _find(root: Path, alternatives: Sequence[str]) -> Path | None:
@@ -242,10 +240,8 @@ def _resolve(spec: _Spec, root: Path | None, download: bool) -> list[Path]:
     return [p for p in found if p is not None]
 
 
-def _load(spec: _Spec, root: Path | None, download: bool) -> "Dataset":
+def _load(spec: _Spec, root: Path | None, download: bool) -> Dataset:
     import torch
-
-    from ddray.data import Dataset, normalise
 
     x_train, y_train, x_test, y_test = spec.read(_resolve(spec, root, download))
     return Dataset(spec.name,
@@ -262,7 +258,7 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
 # mnist / fashion_mnist -------------------------------------------------------------------
 
 def _idx_spec(name: str, folder: str, tv_class: str, mean: tuple[float, ...], std: tuple[float, ...],
-              classes: tuple[str, ...] = DIGITS) -> _Spec:
+              classes: tuple[str, ...] = DIGIT_NAMES) -> _Spec:
     files = tuple((f"{folder}/raw/{f}", f"{folder}/raw/{f}.gz") for f in _MNIST_FILES)
 
     def fetch(root: Path, missing: list[int]) -> None:
@@ -349,15 +345,15 @@ def expected_files(name: str, root: str | Path) -> list[Path]:
     return [Path(root) / alts[0] for alts in SPECS[name].files]
 
 
-def make_loader(name: str) -> Callable[[Path | None, bool], "Dataset"]:
+def make_loader(name: str) -> Callable[[Path | None, bool], Dataset]:
     """A ``loader(root, download) -> Dataset`` for the torchvision set ``name`` (a key of SPECS)."""
     spec = SPECS[name]
 
-    def loader(root: Path | None, download: bool) -> "Dataset":
+    def loader(root: Path | None, download: bool) -> Dataset:
         return _load(spec, root, download)
 
     loader.__name__ = f"load_{name}"
-    loader.__doc__ = f"Load {name!r} from a torchvision root (see ddray.vision)."
+    loader.__doc__ = f"Load {name!r} from a torchvision root (see ddray.data.vision)."
     return loader
 
 

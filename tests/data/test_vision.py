@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddray import vision
+from ddray.data import vision
 from ddray.data import DATASETS, load_dataset
 
 N_TRAIN, N_TEST = 20, 10

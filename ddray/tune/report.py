@@ -21,14 +21,12 @@ import csv
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ddray.tune_config import TuneSpec
-
-if TYPE_CHECKING:
-    from ddray.tune import TrialRow
+from ddray.tune.results import TrialRow, std_column
+from ddray.tune.spec import TuneSpec
 
 RESULTS_FILE = "results.csv"
 PLOTS_DIR = "plots"
@@ -36,12 +34,7 @@ MAX_LINES = 8  # more groups than this in a metric-vs-parameter plot: points ins
 MAX_LEGEND = 16  # more trials than this in the learning curves: no legend
 
 
-def std_column(metric: str) -> str | None:
-    """The result key holding the metric's spread (``eval_acc_mean`` → ``eval_acc_std``), if any."""
-    return metric[:-len("_mean")] + "_std" if metric.endswith("_mean") else None
-
-
-def write_results_csv(rows: Sequence["TrialRow"], spec: TuneSpec, path: Path) -> Path:
+def write_results_csv(rows: Sequence[TrialRow], spec: TuneSpec, path: Path) -> Path:
     """One row per trial (see the module docstring); empty cells where a value is missing."""
     keys = list(spec.search)
     std = std_column(spec.metric)
@@ -96,11 +89,11 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _finished(rows: Sequence["TrialRow"]) -> list["TrialRow"]:
+def _finished(rows: Sequence[TrialRow]) -> list[TrialRow]:
     return [r for r in rows if r.status == "done" and r.value is not None]
 
 
-def plot_metric_vs_param(rows: Sequence["TrialRow"], spec: TuneSpec, key: str, path: Path) -> Path:
+def plot_metric_vs_param(rows: Sequence[TrialRow], spec: TuneSpec, key: str, path: Path) -> Path:
     """The finished trials' metric against parameter ``key`` (± std where the metric has one).
 
     With other grid axes of few combinations, one line per combination (sorted by ``key``);
@@ -110,7 +103,7 @@ def plot_metric_vs_param(rows: Sequence["TrialRow"], spec: TuneSpec, key: str, p
     scale, ylabel = _scale(spec.metric)
     done = _finished(rows)
     others = [k for k in _grid_keys(spec) if k != key]
-    groups: dict[tuple[Any, ...], list["TrialRow"]] = defaultdict(list)
+    groups: dict[tuple[Any, ...], list[TrialRow]] = defaultdict(list)
     for r in done:
         groups[tuple(r.params.get(k) for k in others)].append(r)
     values: list[Any] = sorted({r.params.get(key) for r in done}, key=lambda v: (str(type(v)), v))
@@ -147,7 +140,7 @@ def plot_metric_vs_param(rows: Sequence["TrialRow"], spec: TuneSpec, key: str, p
     return path
 
 
-def heatmap_values(rows: Sequence["TrialRow"], spec: TuneSpec) -> tuple[str, str, np.ndarray] | None:
+def heatmap_values(rows: Sequence[TrialRow], spec: TuneSpec) -> tuple[str, str, np.ndarray] | None:
     """(a, b, M): the first two grid axes and M[i, j], the finished trials' mean metric at a = aᵢ, b = bⱼ.
 
     NaN where no trial finished; None when the search has fewer than two grid axes.
@@ -168,7 +161,7 @@ def heatmap_values(rows: Sequence["TrialRow"], spec: TuneSpec) -> tuple[str, str
     return a, b, grid
 
 
-def plot_heatmap(rows: Sequence["TrialRow"], spec: TuneSpec, path: Path) -> Path | None:
+def plot_heatmap(rows: Sequence[TrialRow], spec: TuneSpec, path: Path) -> Path | None:
     """The metric over the first two grid axes (rows: the first, columns: the second); None without two."""
     found = heatmap_values(rows, spec)
     if found is None:
@@ -201,7 +194,7 @@ def plot_heatmap(rows: Sequence["TrialRow"], spec: TuneSpec, path: Path) -> Path
     return path
 
 
-def plot_learning_curves(rows: Sequence["TrialRow"], spec: TuneSpec, path: Path) -> Path:
+def plot_learning_curves(rows: Sequence[TrialRow], spec: TuneSpec, path: Path) -> Path:
     """Each trial's metric against the meta-step (every measurement it reported to Tune)."""
     plt = _plt()
     scale, ylabel = _scale(spec.metric)
@@ -227,7 +220,7 @@ def plot_learning_curves(rows: Sequence["TrialRow"], spec: TuneSpec, path: Path)
     return path
 
 
-def write_report(rows: Sequence["TrialRow"], spec: TuneSpec, exp_dir: Path) -> list[Path]:
+def write_report(rows: Sequence[TrialRow], spec: TuneSpec, exp_dir: Path) -> list[Path]:
     """results.csv and every plot of the search, in ``exp_dir``; returns the files written."""
     exp_dir.mkdir(parents=True, exist_ok=True)
     files = [write_results_csv(rows, spec, exp_dir / RESULTS_FILE)]

@@ -1,0 +1,91 @@
+"""The house rules of docs/architecture.md, checked on the import graph of the source (ast, nothing imported).
+
+No import cycles; every module on its floor (cli > tune > distributed > run > data > core)
+imports only its own floor and those below; ``ddray.core`` and ``ddray.data`` import nothing
+of ddray outside themselves, and ``ddray.core`` neither Ray nor MLflow; only
+``ddray/tracking.py`` imports MLflow. The rules live in docs/import_graph.py, which
+docs/architecture.py also draws.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
+from import_graph import (FLOORS, cycles, floor, import_graph, inside, modules,  # noqa: E402
+                          violations)
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph()
+
+
+def test_the_package_keeps_its_house_rules(graph: dict[str, set[str]]) -> None:
+    assert violations(graph) == []
+
+
+def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
+    assert cycles(graph) == []
+
+
+def test_core_imports_torch_and_itself_only(graph: dict[str, set[str]]) -> None:
+    core = {m: deps for m, deps in graph.items() if inside(m, "ddray.core")}
+    assert len(core) >= 10
+    for mod, deps in core.items():
+        assert not deps & {"ray", "mlflow"}, mod
+        assert all(inside(d, "ddray.core") for d in deps if d.startswith("ddray")), (mod, deps)
+
+
+def test_only_tracking_imports_mlflow(graph: dict[str, set[str]]) -> None:
+    assert {m for m, deps in graph.items() if "mlflow" in deps} == {"ddray.tracking"}
+
+
+def test_every_module_has_a_floor() -> None:
+    unplaced = [m for m in modules() if m != "ddray" and floor(m) is None]
+    assert unplaced == [], f"add them to FLOORS in docs/import_graph.py: {unplaced}"
+    assert set(FLOORS) == {"cli", "tune", "distributed", "run", "data", "core"}
+
+
+def test_the_graph_sees_the_imports_that_break_the_rules(tmp_path: Path) -> None:
+    """The checker itself: a cycle, an upward import, mlflow outside tracking and a lazy import are all caught."""
+    pkg = tmp_path / "ddray"
+    (pkg / "core").mkdir(parents=True)
+    (pkg / "__init__.py").write_text('_LAZY = {"distill": "ddray.distill"}\n')
+    (pkg / "_version.py").write_text('__version__ = "0"\n')
+    (pkg / "core" / "__init__.py").write_text("")
+    (pkg / "core" / "unroll.py").write_text("import mlflow\nfrom ddray.config import Config\n")
+    (pkg / "config.py").write_text("def f():\n    from ddray.distill import run\n")
+    (pkg / "distill.py").write_text("from ddray import config\nfrom ddray.distributed.driver import go\n")
+    (pkg / "distributed").mkdir()
+    (pkg / "distributed" / "__init__.py").write_text("")
+    (pkg / "distributed" / "driver.py").write_text("from ddray._version import __version__\n")
+    g = import_graph(tmp_path)
+    assert g["ddray"] == {"ddray.distill"} and g["ddray.distill"] == {"ddray.config", "ddray.distributed.driver"}
+    found = violations(g)
+    assert "import cycle: ddray.config ↔ ddray.distill" in found
+    assert "ddray.core.unroll imports mlflow (only ddray.tracking may)" in found
+    assert "ddray.core.unroll imports ddray.config, outside ddray.core" in found
+    assert "ddray.core.unroll (core) imports ddray.config (run), a floor above" in found
+    assert "ddray.distill (run) imports ddray.distributed.driver (distributed), a floor above" in found
+    assert not [v for v in found if v.startswith("ddray.distributed.driver")]  # _version is not the package
+
+
+def test_the_committed_picture_shows_every_module() -> None:
+    """docs/architecture.svg is drawn from the source by docs/architecture.py; run it again when this fails."""
+    svg = (Path(__file__).resolve().parents[1] / "docs" / "architecture.svg").read_text()
+    listed = set(re.findall(r"[\w.]+", " ".join(re.findall(r">([^<>]*)</text>", svg))))
+    missing = []
+    for mod in modules():
+        f = floor(mod)
+        folder = f is not None and len(FLOORS[f]) == 1 and f != "cli"
+        if f is None or (folder and mod == FLOORS[f][0]):
+            continue  # the package, and a folder's __init__
+        short = mod.removeprefix(FLOORS[f][0] + ".") if folder else mod.removeprefix("ddray.")
+        if short not in listed:
+            missing.append(mod)
+    assert missing == [], f"docs/architecture.svg misses {missing}: run `python docs/architecture.py`"
