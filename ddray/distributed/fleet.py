@@ -25,6 +25,7 @@ from ddray.distributed.shards import Shard
 from ddray.distributed.placement import Plan, create_group
 from ddray.distributed.worker import WorkerActor, split_nets
 from ddray.methods import optimizer_options
+from ddray.threads import worker_env
 
 log = logging.getLogger("ddray.distributed")
 MAX_RESTARTS = 3  # by Ray, per actor; after that the fleet replaces the actor
@@ -128,6 +129,7 @@ class Fleet:
             num_cpus=self.plan.worker_cpus[i], num_gpus=self.plan.worker_gpus,
             name=f"{self.name}/worker-{i}.{self.generation}",
             scheduling_strategy=self._where(self.plan.worker_bundle(i)),
+            runtime_env={"env_vars": worker_env(self.plan.threads(i))},  # ddray/threads.py: no spinning
         ).remote(self.kind, *args)
 
     def _ping(self, handle: Any, method: str = "ping") -> dict[str, Any] | None:

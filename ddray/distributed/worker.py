@@ -58,8 +58,9 @@ class MetaGradWorker:
 
         from ddray.config import Config
         from ddray.problem import build_problem
+        from ddray.threads import apply_threads
 
-        torch.set_num_threads(max(1, threads))
+        apply_threads(max(1, threads))  # intra-op = the CPUs Ray assigned, one inter-op thread
         self.index, self.layout, self.device = index, layout, torch.device(device)
         self.config = Config.from_dict(config)
         problem = build_problem(self.config)  # loads the real data in this process
