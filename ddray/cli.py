@@ -71,6 +71,8 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "eval_epochs": (int, "protocol dc: training epochs per network (default 300; the papers: 1000)"),
     "tracking_uri": (str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
     "experiment": (str, "MLflow experiment name (default ddray)"),
+    "compile": (bool, "torch.compile the inner step and the real-batch gradient (dd, mtt; same gradients; "
+                      "--no-compile: eager, the default)"),
 }
 assert set(OVERRIDES) <= set(FIELD_SECTION)
 
@@ -80,6 +82,12 @@ def _add_overrides(p: argparse.ArgumentParser, names: Sequence[str] | None = Non
     g = p.add_argument_group("config overrides")
     for name in names or OVERRIDES:
         typ, help_ = OVERRIDES[name]
+        if typ is bool:  # --NAME / --no-NAME
+            g.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True, default=None,
+                           help=help_)
+            g.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
+                           default=None, help=argparse.SUPPRESS)
+            continue
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
     if names is None:
         g.add_argument("--dsa", dest="dsa", action="store_const", const=True, default=None,

@@ -272,7 +272,9 @@ class RunConfig:
     Evaluation trains ``eval_nets`` fresh networks on the learned set: protocol ``dd``
     with the set's own steps and step sizes, ``dc`` as the DC/DSA/DM/MTT papers
     (SGD for ``eval_epochs`` epochs, :mod:`ddray.core.protocol`). ``None``: ``dd``
-    for ``--method dd``, ``dc`` for the others.
+    for ``--method dd``, ``dc`` for the others. ``compile``: ``torch.compile`` the inner
+    step and the real-batch gradient of the DD and MTT unrolls (:mod:`ddray.core.kernels`;
+    same gradients up to float rounding; eager with a warning where unavailable).
     """
 
     seed: int = 0
@@ -287,8 +289,10 @@ class RunConfig:
     tracking_uri: str | None = None
     tracking_optional: bool = False
     experiment: str = "ddray"
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.compile, bool), "compile", self.compile, "expected true or false")
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
                  "seed", self.seed, "expected an integer >= 0")
         _positive_int(self, "checkpoint_every", "eval_nets", "eval_epochs")

@@ -23,6 +23,7 @@ from ddray.config import Config, load_config
     ({"memory": "none"}, "--memory: invalid value 'none'"),
     ({"workers": 0}, "--workers: invalid value 0; expected a positive integer"),
     ({"max_staleness": -1}, "--max-staleness: invalid value -1; expected an integer >= 0"),
+    ({"compile": "yes"}, "--compile: invalid value 'yes'; expected true or false"),
 ])
 def test_invalid_values_name_option_value_and_allowed(override: dict, message: str) -> None:
     with pytest.raises(ValueError) as e:
@@ -61,3 +62,12 @@ def test_configs_are_frozen() -> None:
     with pytest.raises(Exception):
         cfg.distill.steps = 3  # type: ignore[misc]
     assert cfg.distill.total_steps == 30
+
+
+def test_compile_flags_set_the_run_section() -> None:
+    from ddray.cli import _config_from, build_parser
+
+    p = build_parser()
+    assert _config_from(p.parse_args(["distill", "--compile"])).run.compile is True
+    assert _config_from(p.parse_args(["distill", "--no-compile"])).run.compile is False
+    assert _config_from(p.parse_args(["distill"])).run.compile is False
