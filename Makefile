@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast bench clean
+.PHONY: run test test-fast bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_core.py
+
+# GPU readiness (bench/gpu_check.py): CUDA tests, core on the GPU, shared-GPU Ray run, DC/DM/MTT on CUDA
+gpu-check: $(VENV)/.installed
+	PYTHON=$(PY) bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache
