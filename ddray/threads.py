@@ -11,6 +11,8 @@ process needs, and what the kernel does to arbitrate shows up as system time (th
 Two halves, because OpenMP reads its environment once, when the runtime starts
 (that is, when torch is imported):
 
+* :func:`passive_wait` — the passive policy for this process, called by ``import ddray``
+  before torch is loaded (a user's own ``OMP_WAIT_POLICY`` wins);
 * :func:`worker_env` — the environment variables to hand an actor through its Ray
   ``runtime_env`` (``{"env_vars": worker_env(threads)}``), so they hold before it
   imports torch;
@@ -22,12 +24,22 @@ from __future__ import annotations
 
 import os
 
-#: Variables that make OpenMP (GNU libgomp, Intel/LLVM libomp) and MKL sleep instead of spin.
+#: Variables that make OpenMP's idle threads (GNU libgomp, Intel/LLVM libomp; MKL runs on them) sleep
+#: instead of spin.
 PASSIVE_WAIT: dict[str, str] = {
     "OMP_WAIT_POLICY": "PASSIVE",  # libgomp and libomp: idle threads sleep at once
     "KMP_BLOCKTIME": "0",  # Intel/LLVM libomp: milliseconds to spin before sleeping
-    "MKL_DYNAMIC": "FALSE",  # keep MKL at the thread count it is given
 }
+
+
+def passive_wait() -> None:
+    """Set :data:`PASSIVE_WAIT` in this process's environment where the user has not set it.
+
+    Takes effect for OpenMP only if torch is not imported yet (``ddray/__init__.py`` calls it
+    first thing), and for every process started from here (Ray workers, subprocesses).
+    """
+    for k, v in PASSIVE_WAIT.items():
+        os.environ.setdefault(k, v)
 
 
 #: Ray starts worker processes 15 nice levels below the driver, which starves the one process that

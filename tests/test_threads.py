@@ -18,7 +18,7 @@ def test_worker_env_sizes_the_pools_and_makes_idle_threads_sleep(monkeypatch: py
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the driver's own setting must not leak into a worker's size
     env = worker_env(2)
     assert env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE",
-                   "KMP_BLOCKTIME": "0", "MKL_DYNAMIC": "FALSE", "RAY_worker_niceness": "0"}
+                   "KMP_BLOCKTIME": "0", "RAY_worker_niceness": "0"}
 
 
 def test_a_wait_policy_the_user_exported_wins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,8 +45,19 @@ def test_a_process_started_with_the_env_and_applying_it_runs_as_told() -> None:
             "info = torch.__config__.parallel_info()\n"
             "print(json.dumps({'before': before, 'intra': torch.get_num_threads(),\n"
             "                  'inter': torch.get_num_interop_threads(), 'policy': os.environ['OMP_WAIT_POLICY'],\n"
-            "                  'omp_env': 'OMP_NUM_THREADS : 3' in info}))\n")
-    env = {**os.environ, **worker_env(3)}
+            "                  'omp_env': 'OMP_NUM_THREADS : 2' in info}))\n")
+    env = {**os.environ, **worker_env(2)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     got = json.loads(out.stdout.splitlines()[-1])
-    assert got == {"before": 3, "intra": 1, "inter": 1, "policy": env["OMP_WAIT_POLICY"], "omp_env": True}
+    assert got == {"before": 2, "intra": 1, "inter": 1, "policy": env["OMP_WAIT_POLICY"], "omp_env": True}
+
+
+@pytest.mark.parametrize("user", [None, "ACTIVE"])
+def test_importing_ddray_before_torch_sets_the_passive_policy_unless_the_user_chose(user: str | None) -> None:
+    code = ("import os, ddray, torch\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('KMP_BLOCKTIME'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in PASSIVE_WAIT}
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [user or "PASSIVE", "0"]
