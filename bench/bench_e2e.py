@@ -135,7 +135,11 @@ def make_experts(workdir: Path) -> Path:
 
 
 def one_inprocess(kind: str, nets: int, reps: int, threads: int, compile_: bool) -> dict[str, Any]:
-    """Run in a subprocess: median seconds of ``reps`` meta-steps of ``kind`` (core | naive)."""
+    """Run in a subprocess: median seconds of ``reps`` meta-steps of ``kind`` (core | naive).
+
+    ``ddray`` is imported before torch, as in every ddray process (it sets the OpenMP wait policy).
+    """
+    import ddray  # noqa: F401  (first: see the docstring)
     import torch
 
     torch.set_num_threads(threads)
