@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from ddray.core.chunking import chunk_size, chunked_grad
+
 Params = dict[str, torch.Tensor]
 StepFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], Params]
 GradFn = Callable[[Params, torch.Tensor, torch.Tensor], tuple[Params, float]]
@@ -108,8 +110,9 @@ def eager_step(model: nn.Module) -> StepFn:
     return step
 
 
-def eager_real_grad(model: nn.Module) -> GradFn:
-    """Σₖ ∇θ ℓ(x, y; θ⁽ᵏ⁾) per network (first order, one network at a time) and Σₖ ℓ."""
+def eager_real_grad(model: nn.Module, chunk: int | None = None) -> GradFn:
+    """Σₖ ∇θ ℓ(x, y; θ⁽ᵏ⁾) per network (first order, one network at a time, the batch in cache-sized
+    chunks: :mod:`ddray.core.chunking`) and Σₖ ℓ. ``chunk``: images per pass (default: by the cache)."""
 
     def real_grad(params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[Params, float]:
         k = next(iter(params.values())).shape[0]
@@ -118,10 +121,10 @@ def eager_real_grad(model: nn.Module) -> GradFn:
         for i in range(k):
             with torch.enable_grad():
                 p = {n: v[i].detach().requires_grad_() for n, v in params.items()}
-                loss = F.cross_entropy(functional_call(model, p, (x,)), y)
-                for n, g in zip(p, torch.autograd.grad(loss, list(p.values()))):
-                    grads[n].append(g)
-            total += float(loss.detach())
+                g, loss = chunked_grad(model, p, x, y, chunk)
+            for n, gn in zip(p, g):
+                grads[n].append(gn)
+            total += float(loss)
         return {n: torch.stack(g) for n, g in grads.items()}, total
 
     return real_grad
@@ -130,19 +133,27 @@ def eager_real_grad(model: nn.Module) -> GradFn:
 # ----------------------------------------------------------------------------- compiled
 
 
-def compiled_real_grad(model: nn.Module) -> GradFn:
-    """:func:`eager_real_grad` with each network's forward + backward compiled."""
+def compiled_real_grad(model: nn.Module, chunk: int | None = None) -> GradFn:
+    """:func:`eager_real_grad` with each chunk's forward + backward compiled."""
 
-    def one(p: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[Params, torch.Tensor]:
-        return grad_and_value(lambda q: F.cross_entropy(functional_call(model, q, (x,)), y))(p)
+    def one(p: Params, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[Params, torch.Tensor]:
+        return grad_and_value(lambda q: F.cross_entropy(functional_call(model, q, (x,)), y, reduction="sum")
+                              / batch)(p)
 
     fused = torch.compile(one, dynamic=False, fullgraph=True)
 
     def real_grad(params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[Params, float]:
         k = next(iter(params.values())).shape[0]
-        outs = [fused({n: v[i].detach() for n, v in params.items()}, x, y) for i in range(k)]
-        grads = {n: torch.stack([g[n] for g, _ in outs]) for n in params}
-        return grads, float(sum(float(loss) for _, loss in outs))
+        n = chunk or chunk_size(model, x)
+        grads: dict[str, list[torch.Tensor]] = {name: [] for name in params}
+        total = 0.0
+        for i in range(k):
+            p = {name: v[i].detach() for name, v in params.items()}
+            parts = [fused(p, xc, yc, len(x)) for xc, yc in zip(x.split(n), y.split(n))]
+            for name in params:
+                grads[name].append(torch.stack([g[name] for g, _ in parts]).sum(0))
+            total += float(sum(float(loss) for _, loss in parts))
+        return {name: torch.stack(g) for name, g in grads.items()}, total
 
     return real_grad
 
@@ -155,18 +166,21 @@ class Kernels:
         compile: use ``torch.compile`` (see the module docstring); falls back to eager
             with one warning where that is unavailable.
         device: where the kernels will run (decides which compiler is needed).
+        chunk: images per pass of the real-batch gradient (default: cache-sized on CPU, the whole
+            batch on a GPU; :mod:`ddray.core.chunking`).
     """
 
-    def __init__(self, model: nn.Module, compile: bool = False, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: nn.Module, compile: bool = False, device: torch.device | str = "cpu",
+                 chunk: int | None = None) -> None:
         self.model = model
-        self.eager_step, self.eager_real_grad = eager_step(model), eager_real_grad(model)
+        self.eager_step, self.eager_real_grad = eager_step(model), eager_real_grad(model, chunk)
         reason = compile_unavailable(device) if compile else None
         if reason:
             warn_eager(reason)
         self.compiled = compile and reason is None
         if self.compiled:
             self._step: StepFn = torch.compile(functional_step(model), dynamic=False, fullgraph=True)
-            self._real_grad: GradFn = compiled_real_grad(model)
+            self._real_grad: GradFn = compiled_real_grad(model, chunk)
 
     @property
     def step(self) -> StepFn:
