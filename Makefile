@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast test-e2e e2e-deps bench clean
+.PHONY: run test test-fast test-e2e e2e-deps bench gpu-check clean
 
 # tests/e2e run PostgreSQL from Debian's package (the S3 and MLflow servers come
 # with the dev extra): installed once, skipped when already there.
@@ -37,6 +37,10 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_core.py
+
+# GPU readiness (bench/gpu_check.py): CUDA tests, core on the GPU, shared-GPU Ray run, DC/DM/MTT on CUDA
+gpu-check: $(VENV)/.installed
+	PYTHON=$(PY) bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache

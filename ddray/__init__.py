@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from ddray._version import __version__
 
+from ddray.threads import passive_wait as _passive_wait  # noqa: E402
+
+_passive_wait()  # before torch loads OpenMP: idle threads sleep instead of spinning (see ddray/threads.py)
+
 from typing import TYPE_CHECKING, Any
 
 __all__ = [

@@ -93,6 +93,8 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "eval_epochs": (int, "protocol dc: training epochs per network (default {default}; the papers: 1000)"),
     "tracking_uri": (str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
     "experiment": (str, "MLflow experiment name"),
+    "compile": (bool, "torch.compile the inner step and the real-batch gradient (dd, mtt; same gradients; "
+                      "--no-compile: eager, the default)"),
 }
 assert set(OVERRIDES) <= set(FIELD_SECTION)
 
@@ -117,8 +119,13 @@ def _add_overrides(p: argparse.ArgumentParser, names: Sequence[str] | None = Non
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data/model/distill/cluster/run)")
     g = p.add_argument_group("config overrides")
     for name in names or OVERRIDES:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=OVERRIDES[name][0], default=None,
-                       help=_help(name))
+        flag = "--" + name.replace("_", "-")
+        if OVERRIDES[name][0] is bool:  # --NAME / --no-NAME
+            g.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=_help(name))
+            g.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False, default=None,
+                           help=argparse.SUPPRESS)
+            continue
+        g.add_argument(flag, dest=name, type=OVERRIDES[name][0], default=None, help=_help(name))
     if names is None:
         g.add_argument("--dsa", dest="dsa", action="store_const", const=True, default=None,
                        help="differentiable siamese augmentation on (default: on for dsa, dm, mtt)")

@@ -278,7 +278,9 @@ class RunConfig:
     Evaluation trains ``eval_nets`` fresh networks on the learned set: protocol ``dd``
     with the set's own steps and step sizes, ``dc`` as the DC/DSA/DM/MTT papers
     (SGD for ``eval_epochs`` epochs, :mod:`ddray.core.protocol`). ``None``: ``dd``
-    for ``--method dd``, ``dc`` for the others.
+    for ``--method dd``, ``dc`` for the others. ``compile``: ``torch.compile`` the inner
+    step and the real-batch gradient of the DD and MTT unrolls (:mod:`ddray.core.kernels`;
+    same gradients up to float rounding; eager with a warning where unavailable).
     """
 
     seed: int = 0
@@ -293,8 +295,10 @@ class RunConfig:
     tracking_uri: str | None = None
     tracking_optional: bool = False
     experiment: str = "ddray"
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        each(boolean, self, "compile")
         each(nonneg_int, self, "seed", "eval_every")
         each(positive_int, self, "checkpoint_every", "eval_nets", "eval_epochs")
         if self.eval_protocol is not None:

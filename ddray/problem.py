@@ -86,7 +86,8 @@ def _syn_labels(problem: Problem) -> torch.Tensor:
 def _dd(problem: Problem) -> Objective:
     c = problem.config
     return DDObjective(problem.model, problem.sampler(), problem.data.x_train, problem.data.y_train,
-                       _syn_labels(problem), c.distill.batch_size, c.run.seed, problem.attack, c.distill.memory)
+                       _syn_labels(problem), c.distill.batch_size, c.run.seed, problem.attack, c.distill.memory,
+                       c.run.compile)
 
 
 def _class_batches(problem: Problem) -> ClassBatches:
@@ -110,7 +111,7 @@ def _mtt(problem: Problem) -> Objective:
     d, seed = problem.config.distill, problem.config.run.seed
     assert problem.experts is not None  # loaded by build_problem for --method mtt
     return TrajectoryMatching(problem.model, problem.experts, _syn_labels(problem), d.syn_steps, d.expert_epochs,
-                              d.max_start_epoch, seed, d.augment, d.memory)
+                              d.max_start_epoch, seed, d.augment, d.memory, problem.config.run.compile)
 
 
 OBJECTIVES: dict[str, Callable[[Problem], Objective]] = {

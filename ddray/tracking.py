@@ -7,6 +7,11 @@ CLI process, in a Ray Tune trial actor and after a restart). :func:`make_tracker
 builds the right one from a :class:`~ddray.config.RunConfig`, and :func:`tracked`
 wraps a command so its run ends FINISHED, FAILED or KILLED.
 
+Metrics are written in batches off the caller's critical path (:mod:`ddray.batch_writer`):
+:meth:`MlflowTracker.log_metrics` queues them and a background thread writes what has
+gathered every ``flush_s`` seconds; :meth:`MlflowTracker.finish`, pickling the tracker
+and the interpreter's exit write whatever is still queued.
+
 Where runs go: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's
 default, an SQLite store ``mlflow.db`` in the working directory. Relative SQLite
 paths are made absolute, so Ray actors (which run in other directories) write to
@@ -26,10 +31,14 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+from ddray.batch_writer import BatchWriter
 
 if TYPE_CHECKING:
     from ddray.config import Config
@@ -40,6 +49,8 @@ SECRET_ENV = "DDRAY_MLFLOW_LOGIN_FROM"  # the Kubernetes Secret the login comes 
 DISTILLED_ARTIFACT = "distilled"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
+METRIC_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+FLUSH_S = 2.0  # seconds between background metric writes
 
 
 class Tracker(Protocol):
@@ -238,13 +249,14 @@ class MlflowTracker:
         parent_run_id: makes the new run a nested child of this run (Tune trials).
         run_id: reopen this existing run instead of creating one (resumed trials).
         optional: on a logging error, warn once and stop logging instead of raising.
+        flush_s: seconds between background writes of the queued metrics.
     """
 
     def __init__(self, uri: str, experiment: str = "ddray", run_name: str | None = None,
                  tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                 run_id: str | None = None, optional: bool = False) -> None:
+                 run_id: str | None = None, optional: bool = False, flush_s: float = FLUSH_S) -> None:
         check_reachable(uri)
-        self.uri, self.optional = uri, optional
+        self.uri, self.optional, self.flush_s = uri, optional, flush_s
         self._disabled = self._finished = False
         client = self.client
         try:
@@ -273,8 +285,20 @@ class MlflowTracker:
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
-    def __getstate__(self) -> dict[str, Any]:  # picklable for Ray: the client is rebuilt on arrival
-        return {k: v for k, v in self.__dict__.items() if k != "_client"}
+    @property
+    def metrics(self) -> BatchWriter[Any]:
+        """The queue of metrics not yet written (created on first use, also after unpickling)."""
+        if getattr(self, "_metrics", None) is None:
+            self._metrics: BatchWriter[Any] | None = BatchWriter(self._write_metrics, self.flush_s, METRIC_BATCH)
+            self._lock = threading.Lock()  # one client call at a time: the writer thread and the caller's
+        assert self._metrics is not None
+        return self._metrics
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for Ray: queued metrics are written first; client, queue and lock are rebuilt on arrival."""
+        if getattr(self, "_metrics", None) is not None:
+            self.flush()
+        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_metrics", "_lock")}
 
     def _experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -294,8 +318,10 @@ class MlflowTracker:
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         if self._disabled:
             return
+        _ = self.metrics  # the lock exists
         try:
-            fn(*args, **kwargs)
+            with self._lock:
+                fn(*args, **kwargs)
         except Exception as e:
             if not self.optional:
                 raise
@@ -318,15 +344,21 @@ class MlflowTracker:
                    tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
+        """Queue the finite numbers of ``metrics`` at ``step`` (timestamped now); written in the background."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-        if items:
-            self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+        if items and not self._disabled:
+            self.metrics.add(items)
+
+    def _write_metrics(self, items: list[Any]) -> None:
+        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+
+    def flush(self) -> None:
+        """Write the queued metrics now."""
+        self.metrics.flush()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         p = Path(path)
@@ -338,8 +370,11 @@ class MlflowTracker:
         if self._finished:
             return
         self._finished = True
-        self._disabled = False  # the final status is worth one more try
-        self._call("finish", self.client.set_terminated, self.run_id, status)
+        try:
+            self.metrics.close()  # everything queued is written before the run ends
+        finally:
+            self._disabled = False  # the final status is worth one more try
+            self._call("finish", self.client.set_terminated, self.run_id, status)
 
 
 def make_tracker(config: "Config", kind: str, run_name: str | None = None, parent_run_id: str | None = None,

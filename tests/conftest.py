@@ -16,3 +16,16 @@ def pytest_sessionstart(session: object) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_experiments()
+
+
+def pytest_collection_modifyitems(config: object, items: list) -> None:
+    """Tests marked ``cuda`` need a CUDA GPU; without one they are skipped (``make gpu-check`` runs them)."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by `make gpu-check`)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

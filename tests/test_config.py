@@ -24,6 +24,7 @@ from ddray.config import Config, load_config
     ({"memory": "none"}, "--memory: invalid value 'none'"),
     ({"workers": 0}, "--workers: invalid value 0; expected a positive integer"),
     ({"max_staleness": -1}, "--max-staleness: invalid value -1; expected an integer >= 0"),
+    ({"compile": "yes"}, "--compile: invalid value 'yes'; expected true or false"),
 ])
 def test_invalid_values_name_option_value_and_allowed(override: dict, message: str) -> None:
     with pytest.raises(ValueError) as e:
@@ -81,3 +82,12 @@ def test_the_method_decides_layout_protocol_and_first_step_size(method: str, ext
 def test_mtt_needs_its_experts() -> None:
     with pytest.raises(ValueError, match=r"^--method mtt needs --experts DIR"):
         Config.from_dict({"method": "mtt"})
+
+
+def test_compile_flags_set_the_run_section() -> None:
+    from ddray.cli import _config_from, build_parser
+
+    p = build_parser()
+    assert _config_from(p.parse_args(["distill", "--compile"])).run.compile is True
+    assert _config_from(p.parse_args(["distill", "--no-compile"])).run.compile is False
+    assert _config_from(p.parse_args(["distill"])).run.compile is False

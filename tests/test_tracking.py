@@ -202,6 +202,46 @@ def test_tracker_interface_against_sqlite(tmp_path: Path) -> None:
     assert s.client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == t.run_id
 
 
+def test_metrics_are_written_in_batches_off_the_step(tmp_path: Path) -> None:
+    """log_metrics only queues; a flush writes all queued steps in one log_batch; finish writes the rest."""
+    s = _store(tmp_path)
+    t = MlflowTracker(s.uri, "ddray", run_name="batched", flush_s=3600)
+    batches: list[int] = []
+    real = t.client.log_batch
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        batches.append(len(kwargs.get("metrics") or []))
+        return real(*args, **kwargs)
+
+    t.client.log_batch = counting
+    for step in range(1, 51):
+        t.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
+    assert _history(s.client, t.run_id, "loss") == [] and batches == []  # nothing written inside the steps
+    t.flush()
+    assert _history(s.client, t.run_id, "loss") == list(range(1, 51)) and batches == [100]
+    t.log_metrics({"loss": 0.0}, step=51)
+    t.finish("FINISHED")
+    run = s.client.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and _history(s.client, t.run_id, "loss") == list(range(1, 52))
+    assert run.data.metrics["loss"] == 0.0
+
+
+@pytest.mark.parametrize("ending", ["return", "crash"])
+def test_queued_metrics_survive_a_process_that_never_finishes_its_run(tmp_path: Path, ending: str) -> None:
+    """A process that exits (or dies of an exception) without finish() still writes every queued step."""
+    s = _store(tmp_path)
+    code = (f"from ddray.tracking import MlflowTracker\n"
+            f"t = MlflowTracker({s.uri!r}, 'ddray', run_name='no-finish', flush_s=3600)\n"
+            f"for step in range(1, 31):\n"
+            f"    t.log_metrics({{'loss': float(step)}}, step=step)\n"
+            f"print(t.run_id, flush=True)\n"
+            + ("raise RuntimeError('crash')\n" if ending == "crash" else ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (r.returncode != 0) == (ending == "crash"), r.stderr
+    run_id = r.stdout.split()[0]
+    assert _history(s.client, run_id, "loss") == list(range(1, 31))
+
+
 def test_tracked_ends_runs_failed_or_killed(tmp_path: Path) -> None:
     s = _store(tmp_path)
     cfg = load_config(None, tracking_uri=s.uri)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ddray.core.augment import apply_aug, sample_aug
+from ddray.core.chunking import chunked_embed, chunked_grad
 from ddray.core.inits import AUGMENT, DISTILL, NET_TRAIN, REAL_BATCH, InitSampler, generator
 from ddray.core.models import Params
 from ddray.core.unroll import MetaGrad
@@ -176,8 +177,7 @@ class GradientMatching(_PerClass):
             xr, xs = self.pair(x_c, x[c * self.ipc:(c + 1) * self.ipc], step, net, c)
             yr = torch.full((len(xr),), c, device=x.device)
             ys = torch.full((len(xs),), c, device=x.device)
-            g_real = torch.autograd.grad(F.cross_entropy(functional_call(self.model, p, (xr,)), yr),
-                                         list(p.values()))
+            g_real, _ = chunked_grad(self.model, p, xr, yr)  # cache-sized chunks on CPU
             g_syn = torch.autograd.grad(F.cross_entropy(functional_call(self.model, p, (xs,)), ys),
                                         list(p.values()), create_graph=True)
             total = total + sum(layer_distance(a.detach(), b) for a, b in zip(g_real, g_syn))
@@ -186,7 +186,14 @@ class GradientMatching(_PerClass):
 
 
 class DistributionMatching(_PerClass):
-    """DM meta-gradient ∂L_DM/∂x̃ for a share of a meta-step's networks (see the module docstring)."""
+    """DM meta-gradient ∂L_DM/∂x̃ for a share of a meta-step's networks (see the module docstring).
+
+    DM's classes are independent, so each network embeds all classes' (augmented) real
+    images together, in cache-sized chunks on CPU (:mod:`ddray.core.chunking`; ``chunk``
+    images per forward if set), and all synthetic images in one forward.
+    """
+
+    chunk: int | None = None  # real images per forward (no graph is kept for them); None: by the cache
 
     def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int]) -> MetaGrad:
         x_syn = images[0].detach()
@@ -195,14 +202,24 @@ class DistributionMatching(_PerClass):
         for k in nets:
             theta = self.fresh(step, k, x_syn.device)
             x = x_syn.detach().requires_grad_()
-            total = x.new_zeros(())
-            for c, x_c in enumerate(real):
-                xr, xs = self.pair(x_c, x[c * self.ipc:(c + 1) * self.ipc], step, k, c)
-                with torch.no_grad():
-                    mean_real = functional_call(self.model, theta, (xr,), {"embed": True}).mean(0)
-                mean_syn = functional_call(self.model, theta, (xs,), {"embed": True}).mean(0)
-                total = total + ((mean_real - mean_syn) ** 2).sum()
+            pairs = [self.pair(x_c, x[c * self.ipc:(c + 1) * self.ipc], step, k, c) for c, x_c in enumerate(real)]
+            with torch.no_grad():
+                emb = chunked_embed(self.model, theta, torch.cat([r for r, _ in pairs]), self.chunk)
+                mean_real = class_means(emb, [len(r) for r, _ in pairs])
+            mean_syn = class_means(self.embed(theta, torch.cat([s for _, s in pairs])), [len(s) for _, s in pairs])
+            total = ((mean_real - mean_syn) ** 2).sum()
             (gx,) = torch.autograd.grad(total, [x])
             g[0] += gx
             loss += float(total.detach())
         return MetaGrad(g, torch.zeros_like(raw_lrs), loss, len(nets))
+
+    def embed(self, theta: Params, x: torch.Tensor) -> torch.Tensor:
+        """ψθ(x): the network without its last layer, (B, D)."""
+        return functional_call(self.model, theta, (x,), {"embed": True})
+
+
+def class_means(emb: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Means of consecutive row blocks of ``emb`` (B, D) with the given ``sizes`` → (classes, D)."""
+    if len(set(sizes)) == 1:
+        return emb.view(len(sizes), sizes[0], -1).mean(1)
+    return torch.stack([part.mean(0) for part in emb.split(sizes)])

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ddray.core.inits import DISTILL, REAL_BATCH, DeviceSampler, InitSampler, generator
+from ddray.core.kernels import Kernels
 from ddray.core.unroll import MetaGrad, meta_gradient
 
 
@@ -35,15 +36,17 @@ class DDObjective:
         seed: run seed.
         attack: (a, b) for the malicious-data objective, else None.
         memory: ``full`` or ``recompute``.
+        compile: compile the inner step and the real-batch gradient (:mod:`ddray.core.kernels`).
     """
 
     def __init__(self, model: nn.Module, sampler: InitSampler, x_train: torch.Tensor,
                  y_train: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 attack: tuple[int, int] | None = None, memory: str = "full") -> None:
+                 attack: tuple[int, int] | None = None, memory: str = "full", compile: bool = False) -> None:
         self.model, self.sampler = model, sampler
         self.x_train, self.y_train = x_train, y_train
         self.labels, self.seed, self.attack, self.memory = labels, seed, attack, memory
         self.batch_size = min(batch_size, len(x_train))
+        self.kernels = Kernels(model, compile)
 
     def real_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The real batch of meta-step ``step`` (same on every worker), targets relabelled for attacks."""
@@ -56,10 +59,11 @@ class DDObjective:
         """Σ over ``nets`` (indices within the meta-step) of ∂ℓ(x_real; θ_T)/∂(x̃, ρ)."""
         params0 = self.sampler.sample([(DISTILL, step, k) for k in nets])
         x, y = self.real_batch(step)
-        return meta_gradient(self.model, params0, images, self.labels, raw_lrs, x, y, self.memory)
+        return meta_gradient(self.model, params0, images, self.labels, raw_lrs, x, y, self.memory, self.kernels)
 
     def to(self, device: torch.device) -> "DDObjective":
         """Keep the real data on ``device`` and hand θ₀ draws over there."""
         self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
         self.labels, self.sampler = self.labels.to(device), DeviceSampler(self.sampler, device)
+        self.kernels = Kernels(self.model, self.kernels.compiled, device)
         return self

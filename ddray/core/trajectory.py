@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ddray.core.augment import apply_aug, sample_aug
 from ddray.core.inits import AUGMENT, TRAJECTORY, generator
+from ddray.core.kernels import Kernels
 from ddray.core.models import Params, stack_params
 from ddray.core.unroll import MetaGrad, Transform, unroll_vjp
 
@@ -48,11 +49,12 @@ class TrajectoryMatching:
         labels: ỹ, (N,).
         syn_steps, expert_epochs, max_start_epoch: see the module docstring.
         seed: run seed; strategy: DSA strategy or None; memory: ``full`` or ``recompute``.
+        compile: compile the student's step (:mod:`ddray.core.kernels`).
     """
 
     def __init__(self, model: nn.Module, experts: Sequence[Expert], labels: torch.Tensor, syn_steps: int,
                  expert_epochs: int, max_start_epoch: int, seed: int, strategy: str | None,
-                 memory: str = "full") -> None:
+                 memory: str = "full", compile: bool = False) -> None:
         need = max_start_epoch - 1 + expert_epochs
         short = [i for i, e in enumerate(experts) if e.epochs < need]
         if short:
@@ -61,6 +63,7 @@ class TrajectoryMatching:
         self.model, self.experts, self.labels = model, experts, labels
         self.syn_steps, self.expert_epochs, self.max_start = syn_steps, expert_epochs, max_start_epoch
         self.seed, self.strategy, self.memory = seed, strategy, memory
+        self.kernels = Kernels(model, compile)
 
     def segment(self, step: int, net: int) -> tuple[Params, Params]:
         """(θ*_t, θ*_{t+M}) of the (expert, t) drawn for ``net`` at meta-step ``step``."""
@@ -83,7 +86,7 @@ class TrajectoryMatching:
             return grads, float(loss.sum())
 
         g = unroll_vjp(self.model, theta0, images, self.labels.to(images.device),
-                       raw_lrs.repeat(self.syn_steps), outer, self.memory, self.transform(step))
+                       raw_lrs.repeat(self.syn_steps), outer, self.memory, self.transform(step), self.kernels)
         return MetaGrad(g.images, g.raw_lrs.sum().reshape(1), g.loss, len(nets))
 
     def transform(self, step: int) -> Transform | None:
@@ -98,5 +101,7 @@ class TrajectoryMatching:
         return aug
 
     def to(self, device: torch.device) -> "TrajectoryMatching":
-        """Nothing to move: the experts stay on the CPU and each call moves its two snapshots per student."""
+        """The experts stay on the CPU and each call moves its two snapshots per student; the kernels
+        are rebuilt for ``device``."""
+        self.kernels = Kernels(self.model, self.kernels.compiled, device)
         return self

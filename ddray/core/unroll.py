@@ -33,7 +33,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
+
+from ddray.core.kernels import Kernels, StepFn, eager_real_grad, eager_step
 
 Params = dict[str, torch.Tensor]
 
@@ -49,30 +51,9 @@ def sgd_step(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
     return {k: v - lr * g[k] for k, v in params.items()}
 
 
-def _single_net_step(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
-                     lr: torch.Tensor) -> Params:
-    """``sgd_step`` for K = 1 with plain autograd: vmap's per-call overhead is not worth it for one net."""
-    graph = torch.is_grad_enabled() and (x.requires_grad or lr.requires_grad
-                                         or any(v.requires_grad for v in params.values()))
-    with torch.enable_grad():
-        # θ₀ (no grad) becomes a fresh leaf; a θₜ inside the graph is used as it is.
-        p = {k: v[0] if v.requires_grad else v[0].detach().requires_grad_() for k, v in params.items()}
-        loss = F.cross_entropy(functional_call(model, p, (x,)), y)
-        g = torch.autograd.grad(loss, list(p.values()), create_graph=graph)
-    out = {k: (v - lr * gk).unsqueeze(0) for (k, v), gk in zip(p.items(), g)}
-    return out if graph else {k: v.detach() for k, v in out.items()}
-
-
-def batched_step(model: nn.Module) -> Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], Params]:
-    """``sgd_step`` for K networks at once: params (K, ...), shared x, y and lr."""
-    vmapped = vmap(lambda p, x, y, lr: sgd_step(model, p, x, y, lr), in_dims=(0, None, None, None))
-
-    def step(params: Params, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor) -> Params:
-        if next(iter(params.values())).shape[0] == 1:
-            return _single_net_step(model, params, x, y, lr)
-        return vmapped(params, x, y, lr)
-
-    return step
+def batched_step(model: nn.Module) -> StepFn:
+    """``sgd_step`` for K networks at once: params (K, ...), shared x, y and lr (eager)."""
+    return eager_step(model)
 
 
 def step_schedule(steps: int, epochs: int) -> list[int]:
@@ -84,14 +65,16 @@ Transform = Callable[[int, torch.Tensor], torch.Tensor]  # (t, x̃_b) → the ba
 
 
 def unroll(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
-           lrs: torch.Tensor, order: list[int] | None = None, transform: Transform | None = None) -> Params:
+           lrs: torch.Tensor, order: list[int] | None = None, transform: Transform | None = None,
+           step: StepFn | None = None) -> Params:
     """θ_T from θ₀ (K-batched) by T = len(lrs) SGD steps on the synthetic batches.
 
     Differentiable in ``images`` and ``lrs`` whenever they require grad.
     ``order[t]`` picks the batch of step t (default t mod S); ``transform(t, x)``
-    (e.g. a seeded differentiable augmentation) is applied to step t's batch.
+    (e.g. a seeded differentiable augmentation) is applied to step t's batch;
+    ``step``: the step function (default :func:`batched_step`; e.g. a compiled one).
     """
-    step = batched_step(model)
+    step = step or batched_step(model)
     order = order if order is not None else step_schedule(images.shape[0], len(lrs) // images.shape[0])
     p = params0
     for t, b in enumerate(order):
@@ -113,16 +96,7 @@ class MetaGrad:
 def real_batch_grad(model: nn.Module, params: Params, x: torch.Tensor,
                     y: torch.Tensor) -> tuple[Params, float]:
     """Σₖ ∇θ ℓ(x, y; θ⁽ᵏ⁾) per network (first order, one net at a time), and Σₖ ℓ."""
-    k = next(iter(params.values())).shape[0]
-    grads: dict[str, list[torch.Tensor]] = {n: [] for n in params}
-    total = 0.0
-    for i in range(k):
-        p = {n: v[i].detach().requires_grad_() for n, v in params.items()}
-        loss = F.cross_entropy(functional_call(model, p, (x,)), y)
-        for n, g in zip(p, torch.autograd.grad(loss, list(p.values()))):
-            grads[n].append(g)
-        total += float(loss.detach())
-    return {n: torch.stack(g) for n, g in grads.items()}, total
+    return eager_real_grad(model)(params, x, y)
 
 
 Outer = Callable[[Params], tuple[Params, float]]  # θ_T (K, ...) → (∂L/∂θ_T per network, Σₖ Lₖ)
@@ -130,7 +104,7 @@ Outer = Callable[[Params], tuple[Params, float]]  # θ_T (K, ...) → (∂L/∂�
 
 def meta_gradient(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
                   raw_lrs: torch.Tensor, x_real: torch.Tensor, y_real: torch.Tensor,
-                  memory: str = "full") -> MetaGrad:
+                  memory: str = "full", kernels: Kernels | None = None) -> MetaGrad:
     """∂/∂(x̃, ρ) of Σₖ ℓ(x_real, y_real; θ_T⁽ᵏ⁾), back-propagated through all T steps.
 
     Args:
@@ -142,40 +116,51 @@ def meta_gradient(model: nn.Module, params0: Params, images: torch.Tensor, label
         x_real, y_real: the real batch (B, C, H, W), (B,). For an attack pass the
             relabelled targets.
         memory: ``"full"`` or ``"recompute"`` (see the module docstring).
+        kernels: the step and real-batch gradient (:class:`~ddray.core.kernels.Kernels`;
+            compiled ones with ``Kernels(model, compile=True)``); default eager.
     """
-    return unroll_vjp(model, params0, images, labels, raw_lrs,
-                      lambda p: real_batch_grad(model, p, x_real, y_real), memory)
+    k = kernels or Kernels(model)
+    return unroll_vjp(model, params0, images, labels, raw_lrs, lambda p: k.real_grad(p, x_real, y_real), memory,
+                      kernels=k)
 
 
 def unroll_vjp(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
                raw_lrs: torch.Tensor, outer: Outer, memory: str = "full",
-               transform: Transform | None = None) -> MetaGrad:
+               transform: Transform | None = None, kernels: Kernels | None = None) -> MetaGrad:
     """∂/∂(x̃, ρ) of an outer loss of θ_T, the unroll's vector-Jacobian product with ``outer(θ_T)``.
 
     ``outer`` returns the first-order ∂L/∂θ_T of every network and Σₖ Lₖ: the real-batch
     loss for DD (:func:`meta_gradient`), the normalised distance to an expert's
     parameters for MTT. ``transform``: see :func:`unroll` (it must be deterministic
-    in t: ``recompute`` calls it again on the way back).
+    in t: ``recompute`` calls it again on the way back). ``kernels``: see :func:`meta_gradient`;
+    if compiled ones fail, the meta-gradient is computed again eagerly (one warning).
     """
+    if memory not in ("full", "recompute"):
+        raise ValueError(f"--memory: unknown mode {memory!r}; choose full or recompute")
+    kern = kernels or Kernels(model)
+    return kern.run(lambda k: _unroll_vjp(model, params0, images, labels, raw_lrs, outer, memory, transform, k.step))
+
+
+def _unroll_vjp(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
+                raw_lrs: torch.Tensor, outer: Outer, memory: str, transform: Transform | None,
+                step: StepFn) -> MetaGrad:
     images = images.detach().requires_grad_()
     raw_lrs = raw_lrs.detach().requires_grad_()
     params0 = {k: v.detach() for k, v in params0.items()}
     k = next(iter(params0.values())).shape[0]
     if memory == "full":
         with torch.enable_grad():
-            p_t = unroll(model, params0, images, labels, F.softplus(raw_lrs), transform=transform)
+            p_t = unroll(model, params0, images, labels, F.softplus(raw_lrs), transform=transform, step=step)
             g_t, loss = outer(p_t)
             g_img, g_raw = torch.autograd.grad(list(p_t.values()), [images, raw_lrs],
                                                grad_outputs=list(g_t.values()))
         return MetaGrad(g_img, g_raw, loss, k)
-    if memory == "recompute":
-        return _unroll_vjp_recompute(model, params0, images, labels, raw_lrs, outer, transform)
-    raise ValueError(f"--memory: unknown mode {memory!r}; choose full or recompute")
+    return _unroll_vjp_recompute(model, params0, images, labels, raw_lrs, outer, transform, step)
 
 
 def _unroll_vjp_recompute(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
-                          raw_lrs: torch.Tensor, outer: Outer, transform: Transform | None) -> MetaGrad:
-    step = batched_step(model)
+                          raw_lrs: torch.Tensor, outer: Outer, transform: Transform | None,
+                          step: StepFn) -> MetaGrad:
     order = step_schedule(images.shape[0], raw_lrs.shape[0] // images.shape[0])
 
     def batch(t: int, x: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,11 @@ from ddray.config import Config
 from ddray.distributed.messages import Version, merge_states
 from ddray.distributed.param_server import ParamServerActor
 from ddray.distributed.placement import TrialLayout, WorkerResources
-from ddray.distributed.pool import Job, RemoteWorker, WorkerPool, cause, is_loss
+from ddray.distributed.pool import Job, RemoteWorker, WorkerPool, actor_options, cause, is_loss
 from ddray.distributed.shards import Shard
 from ddray.distributed.slots import Slots
 from ddray.state import RunState
+from ddray.threads import worker_env
 
 log = logging.getLogger("ddray")
 RECOVERY_TIMEOUT_S = 300.0  # a worker's share of a failed round has this long to finish
@@ -126,10 +127,8 @@ class Fleet:
         self.generation += 1
         args = ((self.config, slot, self.resources.threads, self.layout, self.resources.device)
                 if self.kind == "meta" else ())
-        return RemoteWorker.options(
-            num_cpus=self.resources.cpus, num_gpus=self.resources.gpus,
-            name=f"{self.name}/worker-{slot}.{self.generation}", scheduling_strategy=strategy,
-        ).remote(self.kind, *args)
+        return RemoteWorker.options(**actor_options(self.resources), name=f"{self.name}/worker-{slot}.{self.generation}",
+                                    scheduling_strategy=strategy).remote(self.kind, *args)
 
     def _server(self, j: int, restore: bool = False) -> Any:
         """Shard ``j`` in a Tune trial's own bundle, else riding (0 CPUs) in an alive worker's slot."""
@@ -149,6 +148,7 @@ class Fleet:
         else:
             self.server_hosts.append(host)
         return RemoteParamServer.options(num_cpus=cpus, name=f"{self.name}/ps-{j}.{self.generation}",
+                                         runtime_env={"env_vars": worker_env(1)},  # one thread, asleep when idle
                                          scheduling_strategy=where).remote(
             self.layout[j], self.storage, self.config, self.start, restore)
 

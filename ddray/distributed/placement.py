@@ -78,7 +78,8 @@ def connect(address: str | None) -> bool:
     if addr:
         check_reachable(addr)
     try:  # "local": never attach to another cluster this machine happens to run
-        ray.init(address=addr or "local", logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=addr or "local", logging_level=logging.WARNING, log_to_driver=True,
+                 include_dashboard=None if addr else False)  # a private local Ray needs no dashboard
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         where = f"--address {addr}" if addr else "local Ray"
         raise ValueError(f"{where}: could not connect ({str(e).splitlines()[0]})") from None

@@ -21,9 +21,11 @@ import ray
 from ray.exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, RayActorError, RayTaskError,
                             WorkerCrashedError)
 
-from ddray.distributed.placement import CapacityError, alive_nodes, cluster_summary, connect, worker_resources
+from ddray.distributed.placement import (CapacityError, WorkerResources, alive_nodes, cluster_summary, connect,
+                                        worker_resources)
 from ddray.distributed.slots import NOTICE_AFTER_S, Slots
 from ddray.distributed.worker import WorkerActor
+from ddray.threads import worker_env
 
 if TYPE_CHECKING:
     from ddray.config import ClusterConfig
@@ -33,6 +35,13 @@ LOSSES = (RayActorError, ObjectLostError, NodeDiedError, WorkerCrashedError)
 PROBE_EVERY_S = 1.0  # how often an absent worker is asked whether it is back
 
 RemoteWorker = ray.remote(max_restarts=-1, max_task_retries=0)(WorkerActor)
+
+
+def actor_options(resources: WorkerResources) -> dict[str, Any]:
+    """A worker actor's resources, and its threads set before it imports torch (:func:`ddray.threads.worker_env`:
+    OpenMP pools sized to its CPUs, idle threads asleep, the driver's CPU priority)."""
+    return {"num_cpus": resources.cpus, "num_gpus": resources.gpus,
+            "runtime_env": {"env_vars": worker_env(resources.threads)}}
 
 
 def is_loss(error: BaseException) -> bool:
@@ -237,8 +246,8 @@ def standalone_pool(cluster: "ClusterConfig", what: str = "worker") -> Iterator[
         resources = worker_resources(cluster, alive_nodes())
 
         def make(slot: int, where: Any) -> Any:
-            return RemoteWorker.options(num_cpus=resources.cpus, num_gpus=resources.gpus,
-                                        scheduling_strategy=where).remote("plain", resources.threads)
+            return RemoteWorker.options(**actor_options(resources), scheduling_strategy=where).remote(
+                "plain", resources.threads)
 
         pool = WorkerPool(Slots(resources, cluster.max_workers, cluster.placement), make, cluster.min_workers,
                           cluster.placement_timeout, what)

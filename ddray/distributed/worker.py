@@ -60,8 +60,9 @@ class MetaGradWorker:
         import torch
 
         from ddray.problem import build_problem
+        from ddray.threads import apply_threads
 
-        torch.set_num_threads(max(1, threads))
+        apply_threads(max(1, threads))  # intra-op = the CPUs Ray assigned, one inter-op thread
         self.index, self.layout, self.device = index, layout, torch.device(device)
         self.config = config
         self.problem = build_problem(config)  # loads the real data in this process
@@ -138,9 +139,9 @@ class PlainWorker:
     """A worker with no run of its own: it runs :meth:`WorkerActor.call` jobs with ``threads`` torch threads."""
 
     def __init__(self, threads: int) -> None:
-        import torch
+        from ddray.threads import apply_threads
 
-        torch.set_num_threads(max(1, threads))
+        apply_threads(max(1, threads))
 
 
 WORKER_KINDS: dict[str, Callable[..., Any]] = {"meta": MetaGradWorker, "simulated": SimulatedWorker,

@@ -90,6 +90,46 @@ def test_distribution_matching_gradient_equals_finite_differences_and_formula() 
         assert float(g.images.view(-1)[i]) == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
 
+def _dm_class_by_class(obj: DistributionMatching, images: torch.Tensor, step: int,
+                      nets: list[int]) -> tuple[torch.Tensor, float]:
+    """DM as the paper's code runs it: two forwards per class (the reference for the batched one)."""
+    x_syn, real = images[0].detach(), obj.real.draw(step)
+    g, loss = torch.zeros_like(images), 0.0
+    for k in nets:
+        theta = obj.fresh(step, k, x_syn.device)
+        x = x_syn.clone().requires_grad_()
+        total = x.new_zeros(())
+        for c, x_c in enumerate(real):
+            xr, xs = obj.pair(x_c, x[c * obj.ipc:(c + 1) * obj.ipc], step, k, c)
+            with torch.no_grad():
+                mean_real = functional_call(obj.model, theta, (xr,), {"embed": True}).mean(0)
+            mean_syn = functional_call(obj.model, theta, (xs,), {"embed": True}).mean(0)
+            total = total + ((mean_real - mean_syn) ** 2).sum()
+        g[0] += torch.autograd.grad(total, [x])[0]
+        loss += float(total.detach())
+    return g, loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_dm_one_forward_for_all_classes_equals_class_by_class(dtype: torch.dtype, chunk: int) -> None:
+    model, sampler, _, images, raw = _setup()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(31, 1, SIDE, SIDE, generator=g, dtype=torch.float64)
+    y = torch.tensor([0] * 12 + [1] * 4 + [2] * 15)  # class 1 has fewer images than real_per_class
+    real = ClassBatches(x.to(dtype), y, C, 6, 0)
+    model, images = model.to(dtype), images.to(dtype)
+    smp = _double(sampler) if dtype == torch.float64 else sampler
+    obj = DistributionMatching(model, smp, real, IPC, 0, "color_crop_cutout_flip_scale_rotate")
+    obj.chunk = chunk  # None: one chunk here (small images); 7: several forwards per network
+    for step in (0, 1, 2):  # different DSA ops per class
+        got = obj(images, raw.to(dtype), step, [0, 2])
+        want, want_loss = _dm_class_by_class(obj, images, step, [0, 2])
+        tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+        torch.testing.assert_close(got.images, want, **tol)
+        assert got.loss == pytest.approx(want_loss, rel=tol["rtol"])
+
+
 @pytest.mark.parametrize("kind", ["dc", "dm"])
 def test_shares_of_a_meta_step_add_up_to_the_whole(kind: str) -> None:
     model, sampler, real, images, raw = _setup()

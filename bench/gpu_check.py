@@ -1,0 +1,213 @@
+"""GPU readiness in one command: CUDA tests, the core on the GPU, a shared-GPU Ray run, DC/DM/MTT on CUDA.
+
+    make gpu-check            # or: bench/gpu_check.sh [--out DIR] [--quick]
+
+Steps (each is run, timed and recorded even if an earlier one failed):
+
+1. ``cuda-tests`` — the tests marked ``cuda`` (``pytest -m cuda``);
+2. ``core`` — one DD meta-step (default MNIST-5k config) on the GPU at K = 1, 8, 32,
+   eager and ``--compile``: median seconds of 5 meta-steps after 2 warm-up ones
+   (CUDA-synchronised), and the compiled/eager ratio;
+3. ``shared-gpu`` — ``ddray distill --workers 2 --gpus-per-worker 0.5`` (two workers on one GPU);
+4. ``dc``, ``dm``, ``mtt`` — short runs of each method on the GPU workers (ConvNet width 32;
+   MTT on tiny experts made first).
+
+Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (default ``runs/gpu-check``), both
+naming the card, the driver and torch's CUDA version; exits 1 if a step failed. Without a
+CUDA GPU it refuses at once with a one-line message (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONVNET = ["--model", "convnet", "--width", "32"]
+METHOD_EVAL = ["--eval-epochs", "2"]  # the final evaluation is not what is checked
+
+
+@dataclass
+class Step:
+    """One check: the command, whether it passed, how long it took, what it printed last."""
+
+    name: str
+    command: list[str]
+    ok: bool | None = None
+    seconds: float = 0.0
+    tail: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def no_gpu_reason() -> str | None:
+    """Why this machine cannot run the check (None if it has a CUDA GPU torch can use)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        return (f"gpu-check: {why} (torch {torch.__version__}, torch.cuda.is_available() is False); "
+                "run it on a machine with an NVIDIA GPU")
+    return None
+
+
+def card() -> dict[str, Any]:
+    """The GPU and software this check ran on."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True) if _has("nvidia-smi") else None
+    return {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
+            "memory_gib": round(props.total_memory / 2 ** 30, 1), "capability": f"{props.major}.{props.minor}",
+            "driver": smi.stdout.strip().splitlines()[0] if smi and smi.returncode == 0 and smi.stdout.strip()
+            else "unknown", "cuda": torch.version.cuda, "torch": torch.__version__,
+            "python": platform.python_version(), "host_cpus": os.cpu_count()}
+
+
+def _has(exe: str) -> bool:
+    from shutil import which
+
+    return which(exe) is not None
+
+
+def ddray(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from ddray.cli import main; raise SystemExit(main())", *args]
+
+
+def plan(work: Path, quick: bool) -> list[Step]:
+    """The steps, in order (``quick``: fewer meta-steps and K up to 8)."""
+    iters = "4" if quick else "20"
+    run = ["--no-tracking", "--no-progress", "--eval-nets", "2"]
+    method_iters = "2" if quick else "5"
+    experts = work / "experts"
+    steps = [
+        Step("cuda-tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                            str(ROOT / "tests")]),
+        Step("core", [sys.executable, str(Path(__file__).resolve()), "--core",
+                      json.dumps([1, 8] if quick else [1, 8, 32])]),
+        Step("shared-gpu", ddray("distill", "--workers", "2", "--gpus-per-worker", "0.5", "--nets", "4",
+                                 "--iterations", iters, "--out", str(work / "shared"), *run)),
+        Step("dc", ddray("distill", "--method", "dc", *CONVNET, "--iterations", method_iters,
+                         "--out", str(work / "dc"), *run, *METHOD_EVAL)),
+        Step("dm", ddray("distill", "--method", "dm", *CONVNET, "--iterations", method_iters,
+                         "--out", str(work / "dm"), *run, *METHOD_EVAL)),
+        Step("mtt-experts", ddray("experts", *CONVNET, "--num-experts", "1", "--train-epochs", "3",
+                                  "--out", str(experts), "--no-tracking", "--no-progress")),
+        Step("mtt", ddray("distill", "--method", "mtt", *CONVNET, "--experts", str(experts), "--max-start-epoch",
+                          "2", "--iterations", method_iters, "--out", str(work / "mtt"), *run, *METHOD_EVAL)),
+    ]
+    return steps
+
+
+def run_step(step: Step, timeout: float) -> Step:
+    """Run ``step`` from the repository root; record pass/fail, wall time and the output's last lines."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}"
+           f"{os.environ.get('PYTHONPATH', '')}"}
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(step.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        step.ok, out = r.returncode == 0, r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        step.ok, out = False, f"timed out after {timeout:.0f} s\n{e.stdout or ''}"
+    step.seconds = time.perf_counter() - t0
+    step.tail = "\n".join(str(out).strip().splitlines()[-15:])
+    for line in str(out).splitlines():
+        if line.startswith("CORE "):
+            step.figures = json.loads(line[len("CORE "):])
+    return step
+
+
+def core_figures(nets: list[int], reps: int = 5) -> dict[str, Any]:
+    """Seconds per DD meta-step on cuda:0, eager and compiled, per K (run inside the ``core`` step)."""
+    import torch
+
+    from ddray.config import Config
+    from ddray.problem import build_problem
+
+    out: dict[str, Any] = {}
+    dev = torch.device("cuda")
+    for k in nets:
+        for compiled in (False, True):
+            problem = build_problem(Config().override(nets=k, tracking=False, compile=compiled))
+            objective = problem.objective().to(dev)
+            syn = problem.initial_synthetic()
+            images, raw = syn.images.to(dev), syn.raw_lrs.to(dev)
+            times = []
+            for step in range(reps + 2):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                objective(images, raw, step, list(range(k)))
+                torch.cuda.synchronize()
+                if step >= 2:
+                    times.append(time.perf_counter() - t0)
+            out[f"K={k} {'compiled' if compiled else 'eager'}"] = statistics.median(times)
+        out[f"K={k} compiled/eager"] = out[f"K={k} compiled"] / out[f"K={k} eager"]
+    return out
+
+
+def write_results(out: Path, info: dict[str, Any], steps: list[Step]) -> tuple[Path, Path]:
+    """``gpu_check.json`` (everything) and ``gpu_check.md`` (a table naming the card) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
+    js = out / "gpu_check.json"
+    js.write_text(json.dumps({"when": stamp, "card": info, "steps": [asdict(s) for s in steps]}, indent=1))
+    lines = [f"# ddray gpu-check — {info.get('gpu', 'unknown GPU')}", "",
+             f"{stamp}; {info.get('gpus', '?')} × {info.get('gpu', '?')} ({info.get('memory_gib', '?')} GiB, "
+             f"compute capability {info.get('capability', '?')}), driver {info.get('driver', '?')}, CUDA "
+             f"{info.get('cuda', '?')}, torch {info.get('torch', '?')}, Python {info.get('python', '?')}.", "",
+             "| step | result | seconds |", "| --- | --- | ---: |"]
+    for s in steps:
+        result = "pass" if s.ok else ("not run" if s.ok is None else "FAIL")
+        lines.append(f"| {s.name} | {result} | {s.seconds:.1f} |")
+    figs = {k: v for s in steps for k, v in s.figures.items()}
+    if figs:
+        lines += ["", "| core (DD meta-step, default config) | value |", "| --- | ---: |"]
+        lines += [f"| {k} | {v:.2f}× |" if k.endswith("/eager") else f"| {k} | {1000 * v:.1f} ms |"
+                  for k, v in figs.items()]
+    failed = [s for s in steps if s.ok is False]
+    for s in failed:
+        lines += ["", f"## {s.name} failed", "", "```", s.tail, "```"]
+    md = out / "gpu_check.md"
+    md.write_text("\n".join(lines) + "\n")
+    return js, md
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-check", help="where the results files go")
+    ap.add_argument("--quick", action="store_true", help="fewer meta-steps, K up to 8")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per step")
+    ap.add_argument("--core", help=argparse.SUPPRESS)  # inside the core step: JSON list of K
+    args = ap.parse_args(argv)
+    reason = no_gpu_reason()
+    if reason:
+        print(reason, file=sys.stderr)
+        return 2
+    if args.core:
+        print("CORE " + json.dumps(core_figures(json.loads(args.core))), flush=True)
+        return 0
+    info = card()
+    print(f"gpu-check on {info['gpus']} × {info['gpu']} (driver {info['driver']}, CUDA {info['cuda']})", flush=True)
+    steps = []
+    with tempfile.TemporaryDirectory(prefix="ddray-gpu-check-") as tmp:
+        for step in plan(Path(tmp), args.quick):
+            steps.append(run_step(step, args.timeout))
+            print(f"  {step.name:12s} {'pass' if step.ok else 'FAIL'}  {step.seconds:6.1f} s", flush=True)
+    js, md = write_results(args.out, info, steps)
+    print(f"results: {md} and {js}")
+    return 0 if all(s.ok for s in steps) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""CUDA-only checks (marked ``cuda``; skipped without a GPU, run by ``make gpu-check``):
+the same meta-gradients on the GPU as on the CPU, compiled or not, for DD, DM and MTT."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddray.config import Config
+from ddray.core.kernels import Kernels, compile_unavailable
+from ddray.core.unroll import meta_gradient
+from ddray.problem import build_problem
+
+sys.path.insert(0, str(Path(__file__).parent / "core"))
+from test_unroll import _problem  # noqa: E402
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda")
+
+
+def _to(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(CUDA) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("memory", ["full", "recompute"])
+def test_meta_gradient_on_the_gpu_equals_the_cpu_in_float64(memory: str) -> None:
+    model, params0, images, labels, raw, x, y = _problem(k=3)
+    want = meta_gradient(model, params0, images, labels, raw, x, y, memory)
+    model = model.to(CUDA)
+    got = meta_gradient(model, _to(params0), images.to(CUDA), labels.to(CUDA), raw.to(CUDA), x.to(CUDA),
+                        y.to(CUDA), memory)
+    torch.testing.assert_close(got.images.cpu(), want.images, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.raw_lrs.cpu(), want.raw_lrs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(compile_unavailable("cuda") is not None, reason="torch.compile unavailable on CUDA")
+def test_compiled_kernels_on_the_gpu_equal_eager_in_float64() -> None:
+    model, params0, images, labels, raw, x, y = _problem(k=2)
+    model = model.to(CUDA)
+    args = (_to(params0), images.to(CUDA), labels.to(CUDA), raw.to(CUDA), x.to(CUDA), y.to(CUDA))
+    kern = Kernels(model, compile=True, device="cuda")
+    got = meta_gradient(model, *args, "full", kern)
+    assert kern.compiled
+    want = meta_gradient(model, *args, "full")
+    torch.testing.assert_close(got.images, want.images, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.raw_lrs, want.raw_lrs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dd", "dm", "dc"])
+def test_objectives_on_the_gpu_match_the_cpu(method: str) -> None:
+    """The objective a GPU worker runs (``.to(cuda)``) gives the CPU's meta-gradient to float32 tolerance."""
+    over = {"nets": 2, "tracking": False, "method": method, "steps": 2, "epochs": 1, "batch_size": 128}
+    if method != "dd":
+        over = {"nets": 2, "tracking": False, "method": method, "model": "convnet", "width": 8,
+                "real_per_class": 16, "dsa": False}
+    problem = build_problem(Config().override(**over))
+    syn = problem.initial_synthetic()
+    want = problem.objective()(syn.images, syn.raw_lrs, 0, [0, 1])
+    got = problem.objective().to(CUDA)(syn.images.to(CUDA), syn.raw_lrs.to(CUDA), 0, [0, 1])
+    torch.testing.assert_close(got.images.cpu(), want.images, rtol=1e-3, atol=1e-5)
+    assert got.loss == pytest.approx(want.loss, rel=1e-3)

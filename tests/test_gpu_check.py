@@ -1,0 +1,71 @@
+"""bench/gpu_check.py without a GPU: it refuses in one line, plans the right commands, writes its results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_refuses_at_once_without_a_gpu(tmp_path: Path) -> None:
+    for cmd in ([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path)],
+                ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--out", str(tmp_path)]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={"PYTHON": sys.executable,
+                                                                                 "PATH": "/usr/bin:/bin"})
+        assert r.returncode == 2, r.stderr
+        err = r.stderr.strip()
+        assert err.count("\n") == 0 and err.startswith("gpu-check: ") and "torch.cuda.is_available() is False" in err
+        assert not any(tmp_path.iterdir())  # nothing written, nothing run
+
+
+def test_plan_covers_the_checks_in_order(tmp_path: Path) -> None:
+    steps = gpu_check.plan(tmp_path, quick=False)
+    assert [s.name for s in steps] == ["cuda-tests", "core", "shared-gpu", "dc", "dm", "mtt-experts", "mtt"]
+    cmd = {s.name: s.command for s in steps}
+    tests = cmd["cuda-tests"]
+    assert tests[1:3] == ["-m", "pytest"] and tests[tests.index("cuda") - 1] == "-m"
+    assert json.loads(cmd["core"][-1]) == [1, 8, 32] and json.loads(gpu_check.plan(tmp_path, True)[1].command[-1]) == [1, 8]
+    shared = cmd["shared-gpu"]
+    assert shared[shared.index("--workers") + 1] == "2" and shared[shared.index("--gpus-per-worker") + 1] == "0.5"
+    for m in ("dc", "dm", "mtt"):
+        assert cmd[m][cmd[m].index("--method") + 1] == m and "--no-tracking" in cmd[m]
+    assert cmd["mtt"][cmd["mtt"].index("--experts") + 1] == cmd["mtt-experts"][cmd["mtt-experts"].index("--out") + 1]
+    # every ddray command is one the CLI accepts (the flag the elastic fleet adds aside)
+    from ddray.cli import build_parser
+
+    for name in ("dc", "dm", "mtt", "mtt-experts"):
+        build_parser().parse_args(cmd[name][3:])
+
+
+def test_a_step_records_pass_fail_time_and_figures() -> None:
+    ok = gpu_check.run_step(gpu_check.Step("echo", [sys.executable, "-c", "print('CORE {\"K=1 eager\": 0.5}')"]), 60)
+    assert ok.ok and ok.figures == {"K=1 eager": 0.5} and ok.seconds > 0
+    bad = gpu_check.run_step(gpu_check.Step("bad", [sys.executable, "-c", "import sys; sys.exit('boom')"]), 60)
+    assert bad.ok is False and "boom" in bad.tail
+    slow = gpu_check.run_step(gpu_check.Step("slow", [sys.executable, "-c", "import time; time.sleep(30)"]), 1)
+    assert slow.ok is False and "timed out" in slow.tail
+
+
+def test_results_files_name_the_card(tmp_path: Path) -> None:
+    info = {"gpu": "NVIDIA H100 80GB HBM3", "gpus": 1, "memory_gib": 79.1, "capability": "9.0", "driver": "550.54",
+            "cuda": "12.4", "torch": "2.14.1", "python": "3.11.7"}
+    steps = [gpu_check.Step("cuda-tests", ["x"], True, 12.0),
+             gpu_check.Step("core", ["y"], True, 30.0, figures={"K=1 eager": 0.012, "K=1 compiled/eager": 0.5}),
+             gpu_check.Step("mtt", ["z"], False, 3.0, tail="RuntimeError: CUDA error")]
+    js, md = gpu_check.write_results(tmp_path / "out", info, steps)
+    text = md.read_text()
+    assert text.startswith("# ddray gpu-check — NVIDIA H100 80GB HBM3") and "driver 550.54" in text
+    assert "| core | pass | 30.0 |" in text and "| mtt | FAIL | 3.0 |" in text
+    assert "| K=1 eager | 12.0 ms |" in text and "| K=1 compiled/eager | 0.50× |" in text
+    assert "## mtt failed" in text and "RuntimeError: CUDA error" in text
+    data = json.loads(js.read_text())
+    assert data["card"]["gpu"] == "NVIDIA H100 80GB HBM3" and [s["ok"] for s in data["steps"]] == [True, True, False]
