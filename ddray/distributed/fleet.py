@@ -130,7 +130,7 @@ class Fleet:
         return RemoteWorker.options(**actor_options(self.resources), name=f"{self.name}/worker-{slot}.{self.generation}",
                                     scheduling_strategy=strategy).remote(self.kind, *args)
 
-    def _server(self, j: int, restore: bool = False) -> Any:
+    def _server(self, j: int, restore: bool = False, avoid: set[int] | None = None) -> Any:
         """Shard ``j`` in a Tune trial's own bundle, else riding (0 CPUs) in an alive worker's slot."""
         self.generation += 1
         if self.trial is not None:
@@ -140,7 +140,7 @@ class Fleet:
             host, cpus = -1, layout.ps_cpus
             where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=layout.ps_bundle(j))
         else:
-            alive = self.alive()
+            alive = [w for w in self.alive() if w not in (avoid or set())] or self.alive()
             host, cpus = alive[j % len(alive)], 0.0
             where = self.pool.slots.strategy(host)
         if j < len(self.server_hosts):
@@ -161,18 +161,38 @@ class Fleet:
         lost = False
         for j, s in enumerate(self.servers):
             info = self._server_info(j)
+            replaced = info is None
             if info is None:
-                self.pool.ensure()
-                ray.kill(s, no_restart=True)
-                self.servers[j] = s = self._server(j, restore=True)
-                log.warning("parameter-server shard %d lost (its node is gone, or it did not answer for %g s); "
-                            "replaced in worker %d's slot", j, SERVER_GRACE_S, self.server_hosts[j])
-                info = ray.get(s.info.remote())
+                info = self._replace_server(j)
             if info["pid"] != self.server_pids[j]:
                 self.server_pids[j], lost = info["pid"], True
                 self.server_restarts += 1
-                log.warning("parameter-server shard %d died; back (pid %s) from the last checkpoint", j, info["pid"])
+                if not replaced:
+                    log.warning("parameter-server shard %d died; back (pid %s) from the last checkpoint", j,
+                                info["pid"])
         return lost
+
+    def _replace_server(self, j: int) -> dict[str, Any]:
+        """Rebuild shard ``j`` (from the last checkpoint) in an alive worker's slot → its info once it answers.
+
+        Ray may not yet know that a node is gone, so a slot that looks alive can be on it: a
+        replacement that does not answer within :data:`SERVER_GRACE_S` is moved to the next worker.
+        """
+        tried: set[int] = set()
+        for _ in range(2 * len(self.pool.members) + 1):
+            self.pool.drop_dead_nodes()
+            self.pool.ensure()
+            ray.kill(self.servers[j], no_restart=True)
+            if set(self.alive()) <= tried:
+                tried.clear()  # every alive slot was tried once: they may have settled since
+            self.servers[j] = self._server(j, restore=True, avoid=tried)
+            log.warning("parameter-server shard %d lost (its node is gone, or it did not answer for %g s); "
+                        "rebuilt in worker %d's slot", j, SERVER_GRACE_S, self.server_hosts[j])
+            info = self._server_info(j)
+            if info is not None:
+                return info
+            tried.add(self.server_hosts[j])
+        raise RuntimeError(f"parameter-server shard {j} could not be rebuilt in any worker's slot")
 
     def _server_info(self, j: int) -> dict[str, Any] | None:
         """Shard ``j``'s info once it answers; None if it is gone (dead, its node gone, or silent too long)."""

@@ -151,6 +151,13 @@ class WorkerPool:
         log.warning("%s %d lost (%s); %d alive, its work moves to the others", self.what, slot, why,
                     len(self.alive()))
 
+    def drop_dead_nodes(self) -> None:
+        """Mark lost the actors whose node Ray reports dead (before their next call fails)."""
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        for m in self.members:
+            if m.alive and m.node is not None and m.node not in alive:
+                self.lost(m.slot, "its node is gone")
+
     def ensure(self) -> None:
         """Return once ≥ MIN actors answer; print once what is missing; CapacityError after ``timeout``."""
         self.poll()

@@ -125,7 +125,9 @@ def test_checkpoints_on_s3_and_resume_reads_them_back(platform: Platform, tmp_pa
     proc = ddray([*DISTILL, "--workers", "1", "--iterations", "2", "--out", str(out), "--storage", storage], env,
                  tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert platform.s3.objects("ddray", "e2e/resume") == ["e2e/resume/step-00000002.pt",
+    finished = [f"e2e/resume/run/{f}" for f in ("config.yaml", "data.parquet", "eval.json", "grid.png", "lrs.png",
+                                                 "meta.json")]  # a URI --storage also holds the finished run
+    assert platform.s3.objects("ddray", "e2e/resume") == [*finished, "e2e/resume/step-00000002.pt",
                                                           "e2e/resume/step-00000002.pt.sha256"]
     proc = ddray(["distill", "--resume", str(out), "--iterations", "4", "--no-progress"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
