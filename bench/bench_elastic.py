@@ -90,29 +90,31 @@ def in_background(run: Any) -> threading.Thread:
     return thread
 
 
-def wait_step(times: dict[int, tuple[float, float]], step: int, thread: threading.Thread) -> None:
+def run_until(cfg: Any, step: int) -> tuple[threading.Thread, dict[int, tuple[float, float]]]:
+    """Start the distillation in the background; return once it reached meta-step ``step`` →
+    (its thread, step → (time, workers alive) as the steps come)."""
+    from ddray.distributed.driver import distill_ray
+
+    times: dict[int, tuple[float, float]] = {}
+
+    def on_step(s: int, metrics: dict[str, float]) -> None:
+        times.setdefault(s, (time.time(), metrics["workers_alive"]))
+
+    thread = in_background(lambda: distill_ray(cfg, progress=False, on_step=on_step))
     while step not in times:
         if not thread.is_alive():
             raise RuntimeError(f"the run ended before meta-step {step}: {thread.errors}")  # type: ignore[attr-defined]
         time.sleep(0.05)
+    return thread, times
 
 
 def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
     import ray
     from ray.util import list_named_actors
 
-    from ddray.distributed.driver import distill_ray
-
     cluster = start_cluster(2)
-    times: dict[int, tuple[float, float]] = {}  # step → (time, workers alive)
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        times.setdefault(step, (time.time(), metrics["workers_alive"]))
-
     try:
-        thread = in_background(lambda: distill_ray(config(tmp / "loss", iterations), progress=False,
-                                                   on_step=on_step))
-        wait_step(times, kill_at, thread)
+        thread, times = run_until(config(tmp / "loss", iterations), kill_at)
         ps = next(n for n in list_named_actors() if "/ps-0." in n)
         node = ray.get(ray.get_actor(ps).info.remote())["node"]
         victim = next(n for n in cluster.worker_nodes if n.node_id == node)
@@ -139,18 +141,9 @@ def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[st
 def join(iterations: int, join_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
     import ray
 
-    from ddray.distributed.driver import distill_ray
-
     cluster = start_cluster(1)
-    times: dict[int, tuple[float, float]] = {}
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        times.setdefault(step, (time.time(), metrics["workers_alive"]))
-
     try:
-        thread = in_background(lambda: distill_ray(config(tmp / "join", iterations), progress=False,
-                                                   on_step=on_step))
-        wait_step(times, join_at, thread)
+        thread, _ = run_until(config(tmp / "join", iterations), join_at)
         t0 = time.time()
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         added = time.time()  # the node is registered with the cluster

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import yaml
 
 from ddray.validation import (boolean, each, is_int, is_number, nonneg_int, one_of, positive_int, positive_number,
-                              require)
+                              read_yaml, require)
 
 if TYPE_CHECKING:
     from ddray.methods import Method
@@ -382,12 +382,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> Config:
     base: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"--config: file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        loaded = read_yaml(p, "--config")
         if loaded is not None and not isinstance(loaded, Mapping):
             raise ValueError(f"--config: {p} must hold a mapping of sections, got {type(loaded).__name__}")
         base = dict(loaded or {})

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
+
+import yaml
 
 
 def flag(name: str) -> str:
@@ -40,6 +43,17 @@ def error(option: str, message: str) -> ValueError:
 def invalid(option: str, value: Any, allowed: str) -> ValueError:
     """``<option>: invalid value <value>; <allowed>`` as a ValueError."""
     return error(option, f"invalid value {value!r}; {allowed}")
+
+
+def read_yaml(path: str | Path, option: str) -> Any:
+    """The YAML document in file ``path``; a missing file or invalid YAML is an :func:`error` of ``option``."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(option, f"file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise error(option, f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 def require(ok: bool, option: str, value: Any, allowed: str) -> None:

@@ -35,13 +35,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from ddray.config import FIELD_SECTION, SECTIONS, Config
 from ddray.storage import check_uri, is_uri, join
 from ddray.tracking import resolve_tracking_uri
 from ddray.validation import (each, error, is_int, is_number, nonneg_number, one_of, positive_int, positive_number,
-                              reported_as, require)
+                              read_yaml, reported_as, require)
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 METRICS = ("eval_acc_mean", "eval_acc_std", "eval_shuffled_acc_mean", "attack_rate_mean", "outer_loss")
@@ -351,11 +349,4 @@ def storage_location(value: str) -> Path | str:
 
 def load_tune_spec(path: str | Path, **fixed_overrides: Any) -> TuneSpec:
     """Read and validate a ``tune_configs/*.yaml`` file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{p}: file not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_tune_spec(raw, str(p), **fixed_overrides)
+    return parse_tune_spec(read_yaml(path, "ddray tune"), str(path), **fixed_overrides)
