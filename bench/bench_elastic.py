@@ -28,8 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -90,9 +91,13 @@ def in_background(run: Any) -> threading.Thread:
     return thread
 
 
-def run_until(cfg: Any, step: int) -> tuple[threading.Thread, dict[int, tuple[float, float]]]:
-    """Start the distillation in the background; return once it reached meta-step ``step`` →
-    (its thread, step → (time, workers alive) as the steps come)."""
+@contextmanager
+def running(nodes: int, cfg: Any, step: int) -> Iterator[tuple[Any, dict[int, tuple[float, float]]]]:
+    """A cluster with ``nodes`` 1-CPU worker nodes, running ``cfg`` in the background, at meta-step ``step`` →
+    (the cluster, step → (time, workers alive) as the steps come). On exit: the run is waited for (its
+    error raised) and everything shut down."""
+    import ray
+
     from ddray.distributed.driver import distill_ray
 
     times: dict[int, tuple[float, float]] = {}
@@ -100,33 +105,34 @@ def run_until(cfg: Any, step: int) -> tuple[threading.Thread, dict[int, tuple[fl
     def on_step(s: int, metrics: dict[str, float]) -> None:
         times.setdefault(s, (time.time(), metrics["workers_alive"]))
 
-    thread = in_background(lambda: distill_ray(cfg, progress=False, on_step=on_step))
-    while step not in times:
-        if not thread.is_alive():
-            raise RuntimeError(f"the run ended before meta-step {step}: {thread.errors}")  # type: ignore[attr-defined]
-        time.sleep(0.05)
-    return thread, times
-
-
-def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
-    import ray
-    from ray.util import list_named_actors
-
-    cluster = start_cluster(2)
+    cluster = start_cluster(nodes)
     try:
-        thread, times = run_until(config(tmp / "loss", iterations), kill_at)
-        ps = next(n for n in list_named_actors() if "/ps-0." in n)
-        node = ray.get(ray.get_actor(ps).info.remote())["node"]
-        victim = next(n for n in cluster.worker_nodes if n.node_id == node)
-        t = time.time()
-        cluster.remove_node(victim, allow_graceful=False)
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        thread = in_background(lambda: distill_ray(cfg, progress=False, on_step=on_step))
+        while step not in times:
+            if not thread.is_alive():
+                raise RuntimeError(f"the run ended before meta-step {step}: {thread.errors}")  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        yield cluster, times
         thread.join()
         if thread.errors:  # type: ignore[attr-defined]
             raise thread.errors[0]  # type: ignore[attr-defined]
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
+    import ray
+    from ray.util import list_named_actors
+
+    with running(2, config(tmp / "loss", iterations), kill_at) as (cluster, times):
+        ps = next(n for n in list_named_actors() if "/ps-0." in n)
+        info: dict[str, Any] = ray.get(ray.get_actor(ps).info.remote())
+        node = info["node"]
+        victim = next(n for n in cluster.worker_nodes if n.node_id == node)
+        t = time.time()
+        cluster.remove_node(victim, allow_graceful=False)
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     rollback = lines.first("rolled back to the checkpoint of meta-step", t)
     found = re.search(r"meta-step (\d+)", rollback.getMessage()) if rollback else None
     rolled_to = int(found.group(1)) if found else kill_at
@@ -139,20 +145,10 @@ def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[st
 
 
 def join(iterations: int, join_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
-    import ray
-
-    cluster = start_cluster(1)
-    try:
-        thread, _ = run_until(config(tmp / "join", iterations), join_at)
+    with running(1, config(tmp / "join", iterations), join_at) as (cluster, _):
         t0 = time.time()
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         added = time.time()  # the node is registered with the cluster
-        thread.join()
-        if thread.errors:  # type: ignore[attr-defined]
-            raise thread.errors[0]  # type: ignore[attr-defined]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     joined = lines.first("worker 1 joined", t0)
     first = lines.first("worker 1: first chunks", t0)
     return {"node_start_s": added - t0, "to_joined_s": joined.created - added if joined else float("nan"),
