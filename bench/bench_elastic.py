@@ -127,7 +127,7 @@ def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[st
 
     with running(2, config(tmp / "loss", iterations), kill_at) as (cluster, times):
         ps = next(n for n in list_named_actors() if "/ps-0." in n)
-        info = ray.get(ray.get_actor(ps).info.remote())  # type: ignore[call-overload]
+        info: Any = ray.get(ray.get_actor(ps).info.remote())
         node = info["node"]
         victim = next(n for n in cluster.worker_nodes if n.node_id == node)
         t = time.time()
