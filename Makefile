@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# --compile: 500 meta-steps repay its minute of compiling (README, "The command line")
 run: $(VENV)/.installed
-	$(VENV)/bin/ddray distill --baselines
+	$(VENV)/bin/ddray distill --baselines --compile
 
 test: $(VENV)/.installed e2e-deps
 	$(PY) -m pytest -q

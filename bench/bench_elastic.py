@@ -92,27 +92,27 @@ def in_background(run: Any) -> threading.Thread:
 
 
 @contextmanager
-def running(nodes: int, cfg: Any, step: int) -> Iterator[tuple[Any, dict[int, tuple[float, float]]]]:
+def running(nodes: int, cfg: Any, step: int) -> Iterator[tuple[Any, list[tuple[int, float, float]]]]:
     """A cluster with ``nodes`` 1-CPU worker nodes, running ``cfg`` in the background, at meta-step ``step`` →
-    (the cluster, step → (time, workers alive) as the steps come). On exit: the run is waited for (its
-    error raised) and everything shut down."""
+    (the cluster, every applied meta-step as (step, time, workers alive), redone ones included, as they
+    come). On exit: the run is waited for (its error raised) and everything shut down."""
     import ray
 
     from ddray.distributed.driver import distill_ray
 
-    times: dict[int, tuple[float, float]] = {}
+    steps: list[tuple[int, float, float]] = []
 
     def on_step(s: int, metrics: dict[str, float]) -> None:
-        times.setdefault(s, (time.time(), metrics["workers_alive"]))
+        steps.append((s, time.time(), metrics["workers_alive"]))
 
     cluster = start_cluster(nodes)
     try:
         thread = in_background(lambda: distill_ray(cfg, progress=False, on_step=on_step))
-        while step not in times:
+        while not any(s == step for s, _, _ in steps):
             if not thread.is_alive():
                 raise RuntimeError(f"the run ended before meta-step {step}: {thread.errors}")  # type: ignore[attr-defined]
             time.sleep(0.05)
-        yield cluster, times
+        yield cluster, steps
         thread.join()
         if thread.errors:  # type: ignore[attr-defined]
             raise thread.errors[0]  # type: ignore[attr-defined]
@@ -125,7 +125,7 @@ def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[st
     import ray
     from ray.util import list_named_actors
 
-    with running(2, config(tmp / "loss", iterations), kill_at) as (cluster, times):
+    with running(2, config(tmp / "loss", iterations), kill_at) as (cluster, steps):
         ps = next(n for n in list_named_actors() if "/ps-0." in n)
         info: Any = ray.get(ray.get_actor(ps).info.remote())
         node = info["node"]
@@ -136,10 +136,11 @@ def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[st
     rollback = lines.first("rolled back to the checkpoint of meta-step", t)
     found = re.search(r"meta-step (\d+)", rollback.getMessage()) if rollback else None
     rolled_to = int(found.group(1)) if found else kill_at
-    reached = max(s for s, (when, _) in times.items() if when <= t)
-    before = [times[s][0] - times[s - 1][0] for s in range(max(2, kill_at - 10), kill_at + 1) if s - 1 in times]
-    after = min(when for when, _ in times.values() if when > t)
-    full = min((when for s, (when, alive) in times.items() if when > t and alive >= 2), default=float("nan"))
+    back = rollback.created if rollback else t  # steps applied after this are the recovered run's
+    reached = max(s for s, when, _ in steps if when <= back)  # including one in flight at the kill
+    before = [b[1] - a[1] for a, b in zip(steps, steps[1:]) if b[1] <= t][-10:]
+    after = min(when for _, when, _ in steps if when > back)
+    full = min((when for _, when, alive in steps if when > back and alive >= 2), default=float("nan"))
     return {"redone": float(reached - rolled_to), "to_next_step_s": after - t, "to_full_speed_s": full - t,
             "s_per_step": statistics.median(before)}
 
