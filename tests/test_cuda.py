@@ -50,8 +50,14 @@ def test_compiled_kernels_on_the_gpu_equal_eager_in_float64() -> None:
 
 
 @pytest.mark.parametrize("method", ["dd", "dm", "dc"])
-def test_objectives_on_the_gpu_match_the_cpu(method: str) -> None:
-    """The objective a GPU worker runs (``.to(cuda)``) gives the CPU's meta-gradient to float32 tolerance."""
+def test_objectives_on_the_gpu_match_the_cpu(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The objective a GPU worker runs (``.to(cuda)``) gives the CPU's meta-gradient to float32 tolerance.
+
+    With TF32 off: cuDNN convolutions use TF32 by default on Ampere and later (10-bit mantissa), which
+    moves DC's and DM's matching gradients by up to ~1e-3 (seen on an H100); the math is what is compared.
+    """
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     over = {"nets": 2, "tracking": False, "method": method, "steps": 2, "epochs": 1, "batch_size": 128}
     if method != "dd":
         over = {"nets": 2, "tracking": False, "method": method, "model": "convnet", "width": 8,
