@@ -26,7 +26,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ddray.chunks import assign, net_chunks
 from ddray.config import Config
-from ddray.distributed.messages import Version, merge_states
+from ddray.distributed.messages import merge_states
 from ddray.distributed.param_server import ParamServerActor
 from ddray.distributed.placement import TrialLayout, WorkerResources
 from ddray.distributed.pool import Job, RemoteWorker, WorkerPool, actor_options, cause, is_loss
