@@ -17,6 +17,25 @@ DIGIT_NAMES = tuple(str(i) for i in range(10))  # the class names of the digit s
 
 
 @dataclass(frozen=True)
+class RawSplits:
+    """A data set as decoded from its files, before normalisation: what file loaders return.
+
+    Attributes:
+        x_train: (N, C, H, W) uint8 images.
+        y_train: (N,) int64 class indices 0‥C−1.
+        x_test: (M, C, H, W) uint8.
+        y_test: (M,) int64.
+        classes: the C class names in label order.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Dataset:
     """A normalised image-classification data set held in memory.
 
