@@ -35,9 +35,20 @@ def _dc_loops(which: int) -> str:
 # _help appends the config dataclass's default (or puts it where the text says {default}).
 OVERRIDES: dict[str, tuple[Any, str]] = {
     "dataset": (str, "data set: mnist5k, digits (embedded), mnist, fashion_mnist, cifar10, svhn, usps "
-                     "(from --data-root)"),
-    "data_root": (str, "directory of a torchvision data set's files"),
-    "image_size": (int, "resize images to this square size (e.g. 28 to adapt USPS/digits to MNIST)"),
+                     "(torchvision files under --data-root), imagefolder, parquet (your own files at --data-root)"),
+    "data_root": (str, "a torchvision data set's directory; imagefolder: a folder of train/<class>/*, "
+                       "test/<class>/* (or of class folders), or a .tar/.tar.gz/.zip of one; parquet: a file or a "
+                       "directory of them, local or s3://bucket/prefix"),
+    "image_size": (int, "resize images to this square size (e.g. 28 to adapt USPS/digits to MNIST; "
+                        "imagefolder/parquet: also admits mixed sizes)"),
+    "test_fraction": (float, "imagefolder/parquet without a test split: share of each class held out (seeded)"),
+    "cache_dir": (str, "where imagefolder/parquet files are decoded to once (default $DDRAY_CACHE_DIR, else "
+                       "~/.cache/ddray)"),
+    "zca": (bool, "ZCA-whiten the images with a transform fitted on the training split (MTT/DATM on CIFAR); "
+                  "--no-zca: off, the default"),
+    "zca_eps": (float, "ZCA regularisation"),
+    "data_cache_mb": (int, "keep at most this many MB of decoded images per process and read the rest from a "
+                           "class-partitioned Parquet copy (default: the whole set in memory)"),
     "model": (str, f"network: {', '.join(MODELS)}"),
     "init_scheme": (str, f"θ₀ distribution: {', '.join(INIT_SCHEMES)}"),
     "init": (str, f"init mode: {', '.join(INIT_MODES)}"),
@@ -97,6 +108,8 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
                       "--no-compile: eager, the default)"),
 }
 assert set(OVERRIDES) <= set(FIELD_SECTION)
+#: the data flags every command that reads real data takes
+DATA_FLAGS = ("dataset", "data_root", "image_size", "test_fraction", "cache_dir", "zca", "zca_eps")
 
 
 def _fmt(value: Any) -> str:
@@ -255,8 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(b, [n for n in OVERRIDES if n != "method"])
 
     pt = sub.add_parser("pretrain", help="train a pool of networks for the pretrained init modes")
-    _add_overrides(pt, ["dataset", "data_root", "image_size", "model", "init_scheme", "seed", "out", "tracking_uri",
-                        "experiment"])
+    _add_overrides(pt, [*DATA_FLAGS, "model", "init_scheme", "seed", "out", "tracking_uri", "experiment"])
     pt.add_argument("--nets", type=int, default=10, help="networks in the pool (default %(default)s)")
     pt.add_argument("--epochs", type=int, default=5, help="training epochs per network (default %(default)s)")
     pt.add_argument("--no-progress", action="store_true")
@@ -264,8 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("experts", help="train expert networks on real data and store their parameter "
                                        "trajectories (for --method mtt)")
-    _add_overrides(x, ["dataset", "data_root", "image_size", "model", "width", "dsa_strategy", "seed", "out",
-                       "tracking_uri", "experiment"])
+    _add_overrides(x, [*DATA_FLAGS, "model", "width", "dsa_strategy", "seed", "out", "tracking_uri", "experiment"])
     x.add_argument("--num-experts", type=int, default=5, help="expert networks (default %(default)s; MTT: 100)")
     x.add_argument("--train-epochs", type=int, default=20,
                    help="epochs per expert, one snapshot each (default %(default)s; MTT: 50)")
@@ -476,7 +487,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ddray.data import load_dataset
+    from ddray.sources import load_data
     from ddray.distill import default_out
     from ddray.pretrain import pretrain
 
@@ -486,7 +497,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from ddray.tracking import tracked
 
     cfg = _config_from(args)
-    data = load_dataset(cfg.data.dataset, cfg.data.data_root, cfg.data.download, cfg.data.image_size)
+    data = load_data(cfg.data)
     with tracked(cfg, "pretrain") as tracker, _jobs_on(args, _cluster_from(args), "pretrain worker") as mapper:
         tracker.log_params({"pretrain.nets": args.nets, "pretrain.epochs": args.epochs})
         out = pretrain(data, cfg.model.model, cfg.model.init_scheme, args.nets, args.epochs,
@@ -507,7 +518,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_experts(args: argparse.Namespace) -> int:
     from ddray.core.augment import augment
-    from ddray.data import load_dataset
+    from ddray.sources import load_data
     from ddray.distill import default_out
     from ddray.experts import EXPERTS_META, ExpertSettings, train_experts
     from ddray.tracking import tracked
@@ -519,7 +530,7 @@ def cmd_experts(args: argparse.Namespace) -> int:
     settings = ExpertSettings(model=cfg.model.model, width=cfg.model.width, epochs=args.train_epochs,
                               lr=args.expert_lr, batch_size=args.expert_batch_size, dsa_strategy=strategy,
                               seed=cfg.run.seed)
-    data = load_dataset(cfg.data.dataset, cfg.data.data_root, cfg.data.download, cfg.data.image_size)
+    data = load_data(cfg.data)
     out = Path(cfg.run.out or default_out())
     with tracked(cfg, "experts") as tracker, _jobs_on(args, _cluster_from(args), "expert worker") as mapper:
         tracker.log_params({f"experts.{k}": v for k, v in dataclasses.asdict(settings).items()}

@@ -55,19 +55,38 @@ def parse_attack(spec: str | None) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which real data set to distil, and where its files are."""
+    """Which real data set to distil, where its files are, and how they are held.
+
+    ``imagefolder`` and ``parquet`` read the user's files from ``data_root`` (a path, an
+    archive, or ``s3://bucket/prefix`` for Parquet), decoded once into ``cache_dir``; a set
+    without a test split holds out ``test_fraction`` of each class. ``zca`` whitens the
+    images (regularised by ``zca_eps``) with a transform fitted on the training split.
+    ``data_cache_mb`` bounds the decoded images a process keeps; the rest are read from a
+    class-partitioned Parquet copy (the same bits as holding the whole set).
+    """
 
     dataset: str = "mnist5k"
     data_root: str | None = None
     download: bool = False
     image_size: int | None = None
+    test_fraction: float = 0.2
+    cache_dir: str | None = None
+    zca: bool = False
+    zca_eps: float = 0.1
+    data_cache_mb: int | None = None
 
     def __post_init__(self) -> None:
-        from ddray.data import DATASETS
+        from ddray.data import dataset_names
 
-        one_of("--dataset", self.dataset, sorted(DATASETS))
+        one_of("--dataset", self.dataset, dataset_names())
         if self.image_size is not None:
             each(positive_int, self, "image_size")
+        require(is_number(self.test_fraction) and 0 < self.test_fraction < 1, "--test-fraction",
+                self.test_fraction, "expected a number between 0 and 1 (exclusive)")
+        each(boolean, self, "zca")
+        each(positive_number, self, "zca_eps")
+        if self.data_cache_mb is not None:
+            each(positive_int, self, "data_cache_mb")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from ddray._version import __version__
 from ddray.config import INIT_SCHEMES, DataConfig
+from ddray.core.images import ImageSource
 from ddray.core.augment import parse_strategy
 from ddray.core.inits import EXPERT, generator
 from ddray.core.models import MODEL_REGISTRY, Params, build_model, init_params
@@ -190,7 +191,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> float:
+def _accuracy(model: nn.Module, x: ImageSource, y: torch.Tensor, chunk: int = 2048) -> float:
     """Top-1 accuracy of ``model`` on x (M, C, H, W), y (M,)."""
     if len(x) == 0:
         return float("nan")
@@ -356,9 +357,9 @@ def expert_job(source: DataConfig, settings: ExpertSettings, index: int) -> tupl
     """Expert ``index`` trained where this runs (a Ray worker): loads the data set, augments as
     ``settings.dsa_strategy`` says → (trajectory, test accuracy)."""
     from ddray.core.augment import augment
-    from ddray.data import load_dataset
+    from ddray.sources import load_data
 
-    data = load_dataset(source.dataset, source.data_root, source.download, source.image_size)
+    data = load_data(source)
     strategy = settings.dsa_strategy
     return train_expert(data, settings, index, None if strategy is None else lambda x, g: augment(x, strategy, g))
 

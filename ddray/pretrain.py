@@ -90,9 +90,9 @@ def pretrain(data: Dataset, model_name: str, scheme: str, nets: int, epochs: int
 def pretrain_job(source: DataConfig, model_name: str, scheme: str, seed: int, index: int, epochs: int, lr: float,
                  batch_size: int) -> Params:
     """Network ``index`` of a pool trained where this runs (a Ray worker, which loads the data set)."""
-    from ddray.data import load_dataset
+    from ddray.sources import load_data
 
-    data = load_dataset(source.dataset, source.data_root, source.download, source.image_size)
+    data = load_data(source)
     return pool_network(data, model_name, scheme, seed, index, epochs, lr, batch_size)
 
 

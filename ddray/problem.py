@@ -25,9 +25,10 @@ from ddray.core.objective import DDObjective
 from ddray.core.synthetic import OuterOptimizer, SyntheticSet, class_labels
 from ddray.core.trajectory import TrajectoryMatching
 from ddray.core.unroll import MetaGrad
-from ddray.data import Dataset, load_dataset
+from ddray.data import Dataset
 from ddray.experts import Trajectory, load_experts
 from ddray.methods import optimizer_options
+from ddray.sources import load_data
 
 POOL_META = "pool.json"
 
@@ -139,7 +140,7 @@ def build_problem(config: Config, data: Dataset | None = None) -> Problem:
     shape, classes) or an attack names a class the data set does not have.
     """
     c = config
-    data = data or load_dataset(c.data.dataset, c.data.data_root, c.data.download, c.data.image_size)
+    data = data or load_data(c.data)
     model = build_model(c.model.model, data.shape, data.num_classes, c.model.width)
     attack = parse_attack(c.distill.attack)
     if attack and max(attack) >= data.num_classes:

@@ -115,9 +115,9 @@ def test_expert_learns(digits: Dataset, tmp_path: Path) -> None:
     (traj,), meta = load_experts(out, "convnet", digits.shape, 10)
     model = build_model("convnet", digits.shape, 10)
     with torch.no_grad():
-        losses = [float(F.cross_entropy(functional_call(model, traj.at(e), (digits.x_train,)), digits.y_train))
+        losses = [float(F.cross_entropy(functional_call(model, traj.at(e), (digits.x_train.all(),)), digits.y_train))
                   for e in range(traj.epochs + 1)]
-        acc = float((functional_call(model, traj.at(4), (digits.x_test,)).argmax(1) == digits.y_test).float().mean())
+        acc = float((functional_call(model, traj.at(4), (digits.x_test.all(),)).argmax(1) == digits.y_test).float().mean())
     assert losses[-1] < losses[0] - 0.1, losses
     assert acc > 0.5
     assert meta["test_acc"] == [pytest.approx(acc)]  # the recorded accuracy is the final snapshot's

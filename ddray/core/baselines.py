@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ddray.core.images import ImageSource
 from ddray.core.evaluate import EvalResult, evaluate_set, predict
 from ddray.core.inits import BASELINE, InitSampler, generator
 from ddray.core.synthetic import class_labels
@@ -44,7 +45,7 @@ def _arrange(per_class: list[torch.Tensor], steps: int, ipc: int) -> torch.Tenso
     return torch.stack([torch.cat([pc[s * ipc:(s + 1) * ipc] for pc in per_class]) for s in range(steps)])
 
 
-def random_real(x: torch.Tensor, y: torch.Tensor, steps: int, ipc: int, num_classes: int,
+def random_real(x: ImageSource, y: torch.Tensor, steps: int, ipc: int, num_classes: int,
                 g: torch.Generator) -> torch.Tensor:
     """Random real images of each class, without replacement where possible."""
     per_class = []
@@ -57,7 +58,7 @@ def random_real(x: torch.Tensor, y: torch.Tensor, steps: int, ipc: int, num_clas
     return _arrange(per_class, steps, ipc)
 
 
-def kmeans_centroids(x: torch.Tensor, y: torch.Tensor, steps: int, ipc: int, num_classes: int,
+def kmeans_centroids(x: ImageSource, y: torch.Tensor, steps: int, ipc: int, num_classes: int,
                      seed: int) -> torch.Tensor:
     """S·M k-means centroids per class (scikit-learn, k-means++, fixed seed)."""
     from sklearn.cluster import KMeans
@@ -70,7 +71,7 @@ def kmeans_centroids(x: torch.Tensor, y: torch.Tensor, steps: int, ipc: int, num
     return _arrange(per_class, steps, ipc)
 
 
-def class_averages(x: torch.Tensor, y: torch.Tensor, steps: int, ipc: int,
+def class_averages(x: ImageSource, y: torch.Tensor, steps: int, ipc: int,
                    num_classes: int) -> torch.Tensor:
     """The mean image of each class, repeated in all S·M slots."""
     per_class = [x[y == c].mean(0, keepdim=True).expand(steps * ipc, *x.shape[1:]) for c in range(num_classes)]
@@ -96,7 +97,7 @@ def tune_lr(model: nn.Module, sampler: InitSampler, images: torch.Tensor, labels
 
 
 def make_baseline(method: str, model: nn.Module, sampler: InitSampler, eval_sampler: InitSampler,
-                  x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                  x_train: ImageSource, y_train: torch.Tensor, x_test: ImageSource, y_test: torch.Tensor,
                   steps: int, epochs: int, ipc: int, num_classes: int, seed: int, nets: int = 20,
                   candidates: int = 50, attack: tuple[int, int] | None = None) -> Baseline:
     """Build, tune and evaluate one baseline.
@@ -127,8 +128,8 @@ def make_baseline(method: str, model: nn.Module, sampler: InitSampler, eval_samp
     return Baseline(method, images, labels, lr, result)
 
 
-def _optimized(model: nn.Module, sampler: InitSampler, eval_sampler: InitSampler, x_train: torch.Tensor,
-               y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, xs: torch.Tensor,
+def _optimized(model: nn.Module, sampler: InitSampler, eval_sampler: InitSampler, x_train: ImageSource,
+               y_train: torch.Tensor, x_test: ImageSource, y_test: torch.Tensor, xs: torch.Tensor,
                ys: torch.Tensor, steps: int, epochs: int, ipc: int, num_classes: int, g: torch.Generator,
                nets: int, candidates: int, attack: tuple[int, int] | None) -> Baseline:
     labels = class_labels(num_classes, ipc)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from ddray.core.images import ImageSource
 from ddray.core.inits import EVAL, InitSampler, generator
 from ddray.core.models import Params
 from ddray.core.unroll import step_schedule, unroll
@@ -47,7 +48,7 @@ def shuffled_order(steps: int, epochs: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, params: Params, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def predict(model: nn.Module, params: Params, x: ImageSource, chunk: int = 2048) -> torch.Tensor:
     """Class predictions (K, M) of K networks on images x (M, C, H, W)."""
     k = next(iter(params.values())).shape[0]
     out = []
@@ -73,7 +74,7 @@ def summarise(pred: torch.Tensor, y_test: torch.Tensor,
 
 
 def train_predict(model: nn.Module, sampler: InitSampler, images: torch.Tensor, labels: torch.Tensor,
-                  lrs: torch.Tensor, x_test: torch.Tensor, ids: list[int],
+                  lrs: torch.Tensor, x_test: ImageSource, ids: list[int],
                   order: list[int] | None = None) -> torch.Tensor:
     """Held-out networks ``ids`` (keys (EVAL, 0, i)) trained at once (vmapped) on the set → predictions (len(ids), M).
 
@@ -87,7 +88,7 @@ def train_predict(model: nn.Module, sampler: InitSampler, images: torch.Tensor, 
 
 
 def evaluate_set(model: nn.Module, sampler: InitSampler, images: torch.Tensor, labels: torch.Tensor,
-                 lrs: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, nets: int = 20,
+                 lrs: torch.Tensor, x_test: ImageSource, y_test: torch.Tensor, nets: int = 20,
                  attack: tuple[int, int] | None = None, order: list[int] | None = None,
                  batch: int = 20) -> EvalResult:
     """Train ``nets`` held-out networks for T = len(lrs) steps on (images, labels) and test them.

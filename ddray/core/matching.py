@@ -42,6 +42,7 @@ from torch.func import functional_call
 
 from ddray.core.augment import apply_aug, sample_aug
 from ddray.core.chunking import chunked_embed, chunked_grad
+from ddray.core.images import ImageSource, subset
 from ddray.core.inits import AUGMENT, DISTILL, NET_TRAIN, REAL_BATCH, InitSampler, generator
 from ddray.core.models import Params
 from ddray.core.unroll import MetaGrad
@@ -59,8 +60,8 @@ def layer_distance(g_real: torch.Tensor, g_syn: torch.Tensor) -> torch.Tensor:
 class ClassBatches:
     """Draws ``per_class`` real images of every class for a meta-step (the same on every worker)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int, seed: int) -> None:
-        self.pools = [x[y == c] for c in range(num_classes)]
+    def __init__(self, x: ImageSource, y: torch.Tensor, num_classes: int, per_class: int, seed: int) -> None:
+        self.pools = [subset(x, y == c) for c in range(num_classes)]  # raw (uint8) where x is Images
         for c, pool in enumerate(self.pools):
             if len(pool) == 0:
                 raise ValueError(f"--real-per-class: class {c} has no training images")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ddray.core.images import ImageSource
 from ddray.core.inits import DISTILL, REAL_BATCH, DeviceSampler, InitSampler, generator
 from ddray.core.kernels import Kernels
 from ddray.core.unroll import MetaGrad, meta_gradient
@@ -39,7 +40,7 @@ class DDObjective:
         compile: compile the inner step and the real-batch gradient (:mod:`ddray.core.kernels`).
     """
 
-    def __init__(self, model: nn.Module, sampler: InitSampler, x_train: torch.Tensor,
+    def __init__(self, model: nn.Module, sampler: InitSampler, x_train: ImageSource,
                  y_train: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
                  attack: tuple[int, int] | None = None, memory: str = "full", compile: bool = False) -> None:
         self.model, self.sampler = model, sampler

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ddray.core.images import ImageSource
 from ddray.core.augment import DEFAULT_STRATEGY, augment, parse_strategy
 from ddray.core.evaluate import EvalResult, summarise
 from ddray.core.inits import EVAL, generator
@@ -135,13 +136,13 @@ def train_one(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prot
 
 
 @torch.no_grad()
-def _predict(net: nn.Module, x_test: torch.Tensor, device: torch.device, chunk: int = 1024) -> torch.Tensor:
+def _predict(net: nn.Module, x_test: ImageSource, device: torch.device, chunk: int = 1024) -> torch.Tensor:
     """Class predictions (M,) of one trained module on x_test (M, C, H, W)."""
     net.eval()
     return torch.cat([net(x_test[j:j + chunk].to(device)).argmax(1).cpu() for j in range(0, len(x_test), chunk)])
 
 
-def predict_protocol_dc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, x_test: torch.Tensor,
+def predict_protocol_dc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, x_test: ImageSource,
                         protocol: ProtocolDC, seed: int, ids: list[int], lr: float | None = None) -> torch.Tensor:
     """Networks ``ids`` of the protocol trained on the set → their predictions on x_test, (len(ids), M).
 
@@ -159,7 +160,7 @@ def predict_protocol_dc(model: nn.Module, images: torch.Tensor, labels: torch.Te
 
 
 def evaluate_protocol_dc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                         x_test: torch.Tensor, y_test: torch.Tensor, protocol: ProtocolDC,
+                         x_test: ImageSource, y_test: torch.Tensor, protocol: ProtocolDC,
                          seed: int, lr: float | None = None, progress: bool = False) -> EvalResult:
     """Train ``protocol.nets`` fresh networks on a set and test them on real data.
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ddray.core.images import ImageSource
+
 
 def inverse_softplus(y: float) -> float:
     """ρ such that softplus(ρ) = y (y > 0)."""
@@ -46,7 +48,7 @@ class SyntheticSet:
     @classmethod
     def initial(cls, steps: int, epochs: int, ipc: int, num_classes: int,
                 shape: tuple[int, int, int], init_lr: float, generator: torch.Generator,
-                real: tuple[torch.Tensor, torch.Tensor] | None = None) -> "SyntheticSet":
+                real: tuple[ImageSource, torch.Tensor] | None = None) -> "SyntheticSet":
         """Noise images (N(0, 1) in normalised space, as the original) or, given
         ``real`` = (x_train, y_train), randomly drawn real images of each class."""
         labels = class_labels(num_classes, ipc)

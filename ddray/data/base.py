@@ -1,17 +1,21 @@
-"""What every data set is: a :class:`Dataset` of normalised tensors, and how images get normalised.
+"""What every data set is: a :class:`Dataset` of raw images normalised per batch, and how it is built.
 
-Loaders (:mod:`ddray.data.embedded`, :mod:`ddray.data.vision`, or your own through
-:func:`ddray.data.register_dataset`) build one from numpy arrays with :func:`normalise`
-and, for sets that ship without a test split, :func:`per_class_split`.
+Loaders (:mod:`ddray.data.embedded`, :mod:`ddray.data.vision`, the file loaders
+:mod:`ddray.data.folder` and :mod:`ddray.data.parquet`, or your own through
+:func:`ddray.data.register_dataset`) decode to uint8 (:class:`RawSplits`) and build one with
+:meth:`Dataset.from_raw`, or wrap raw tensors in :class:`~ddray.core.images.Images`; sets that
+ship without a test split use :func:`per_class_split`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ddray.core.images import Images, Zca
 
 DIGIT_NAMES = tuple(str(i) for i in range(10))  # the class names of the digit sets (MNIST, USPS, …)
 
@@ -37,26 +41,47 @@ class RawSplits:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A normalised image-classification data set held in memory.
+    """An image-classification data set held in memory, raw, normalised per batch.
 
     Attributes:
         name: registry name.
-        x_train: (N, C, H, W) float32, normalised.
+        x_train: (N, C, H, W) :class:`~ddray.core.images.Images` — uint8 (or float32 in [0, 1]) held
+            raw; ``x_train[idx]`` is the normalised float32 batch. A normalised float tensor given
+            here is wrapped as is.
         y_train: (N,) int64 class indices.
-        x_test: (M, C, H, W) float32, normalised.
+        x_test: (M, C, H, W) Images, as ``x_train``.
         y_test: (M,) int64.
         num_classes: C.
         mean, std: per-channel statistics used for normalisation.
+        classes: the class names in label order (None: the registry's, or the indices).
     """
 
     name: str
-    x_train: torch.Tensor
+    x_train: Images
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Images
     y_test: torch.Tensor
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for split in ("x_train", "x_test"):
+            x = getattr(self, split)
+            if isinstance(x, torch.Tensor):
+                object.__setattr__(self, split, Images(x))
+
+    @classmethod
+    def from_raw(cls, name: str, raw: RawSplits, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> "Dataset":
+        """A set decoded to uint8: normalised with ``mean``/``std`` (default: the train split's, per channel)."""
+        if mean is None or std is None:
+            mean, std = channel_stats(raw.x_train)
+        x_train, x_test = as_tensor(raw.x_train), as_tensor(raw.x_test)
+        return cls(name, Images(x_train, mean, std), torch.as_tensor(raw.y_train, dtype=torch.int64),
+                   Images(x_test, mean, std), torch.as_tensor(raw.y_test, dtype=torch.int64),
+                   len(raw.classes), tuple(mean), tuple(std), tuple(raw.classes))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -64,16 +89,54 @@ class Dataset:
         c, h, w = self.x_train.shape[1:]
         return int(c), int(h), int(w)
 
+    @property
+    def zca(self) -> Zca | None:
+        """The whitening applied after normalisation, or None."""
+        return self.x_train.zca
+
+    def with_zca(self, zca: Zca | None) -> "Dataset":
+        """The same data whitened by ``zca`` (None: not whitened)."""
+        return replace(self, x_train=self.x_train.with_zca(zca), x_test=self.x_test.with_zca(zca))
+
     def resized(self, size: int) -> "Dataset":
-        """The same data bilinearly resized to ``size``×``size`` (for adaptation)."""
+        """The same data bilinearly resized to ``size``×``size`` (for adaptation), held as float32 in [0, 1]."""
         if self.shape[1:] == (size, size):
             return self
 
-        def rs(x: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        def rs(x: Images) -> Images:
+            raw = x.take_raw(slice(None))
+            unit = raw.to(torch.float32) / 255.0 if raw.dtype == torch.uint8 else raw.to(torch.float32)
+            out = F.interpolate(unit, size=(size, size), mode="bilinear", align_corners=False)
+            return Images(out, x.mean, x.std, None)
 
-        return Dataset(self.name, rs(self.x_train), self.y_train, rs(self.x_test), self.y_test,
-                       self.num_classes, self.mean, self.std)
+        return replace(self, x_train=rs(self.x_train), x_test=rs(self.x_test))
+
+
+def channel_stats(x: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) on the [0, 1] scale (float64 sums, in chunks)."""
+    c = x.shape[1]
+    total, squares, count = np.zeros(c), np.zeros(c), 0
+    for lo in range(0, len(x), chunk):
+        part = x[lo:lo + chunk].astype(np.float64) / 255.0
+        total += part.sum(axis=(0, 2, 3))
+        squares += (part ** 2).sum(axis=(0, 2, 3))
+        count += part.shape[0] * part.shape[2] * part.shape[3]
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean ** 2, 0.0))
+    std = np.where(std > 0, std, 1.0)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def as_tensor(x: np.ndarray) -> torch.Tensor:
+    """``x`` as a tensor without a copy; a read-only array (the object store's, a memory map) is wrapped all the
+    same — torch only warns about those, and ddray never writes into real images."""
+    if x.flags.writeable:
+        return torch.from_numpy(np.ascontiguousarray(x))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(x)
 
 
 def normalise(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

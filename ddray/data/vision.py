@@ -25,9 +25,9 @@ fixture files the tests use (and any re-packed copy). torchvision is only used t
 code below. CIFAR batches are Python pickles, read with ``pickle`` exactly as
 torchvision does — only point ``root`` at files you trust.
 
-Pixels are scaled to [0, 1] (uint8 / 255; USPS's [-1, 1] floats via (v + 1) / 2,
-kept as floats rather than quantised to uint8 as torchvision does) and normalised
-with fixed per-channel constants:
+Pixels are held as read (uint8; USPS's [-1, 1] floats mapped to [0, 1] by (v + 1) / 2 and
+kept as float32 rather than quantised to uint8 as torchvision does) and normalised per
+batch (:class:`~ddray.core.images.Images`) with fixed per-channel constants:
 
 ===============  ==========================  ==========================
 set              mean                        std
@@ -60,9 +60,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ddray.data.base import DIGIT_NAMES, Dataset, normalise
+from ddray.core.images import Images
+from ddray.data.base import DIGIT_NAMES, Dataset, as_tensor
 
-#: ``(x_train, y_train, x_test, y_test)``: float32 (N, C, H, W) images in [0, 1], int64 labels.
+#: ``(x_train, y_train, x_test, y_test)``: uint8 (N, C, H, W) images (USPS: float32 in [0, 1]), int64 labels.
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -245,14 +246,14 @@ def _load(spec: _Spec, root: Path | None, download: bool) -> Dataset:
 
     x_train, y_train, x_test, y_test = spec.read(_resolve(spec, root, download))
     return Dataset(spec.name,
-                   normalise(x_train, spec.mean, spec.std), torch.as_tensor(y_train, dtype=torch.int64),
-                   normalise(x_test, spec.mean, spec.std), torch.as_tensor(y_test, dtype=torch.int64),
-                   10, spec.mean, spec.std)
+                   Images(as_tensor(x_train), spec.mean, spec.std), torch.as_tensor(y_train, dtype=torch.int64),
+                   Images(as_tensor(x_test), spec.mean, spec.std), torch.as_tensor(y_test, dtype=torch.int64),
+                   10, spec.mean, spec.std, spec.classes)
 
 
-def _to_unit(x: np.ndarray) -> np.ndarray:
-    """uint8 (N, C, H, W) → float32 in [0, 1]."""
-    return x.astype(np.float32) / np.float32(255.0)
+def _as_bytes(x: np.ndarray) -> np.ndarray:
+    """uint8 (N, C, H, W), held as it is (normalised per batch: :class:`~ddray.core.images.Images`)."""
+    return np.ascontiguousarray(x, dtype=np.uint8)
 
 
 # mnist / fashion_mnist -------------------------------------------------------------------
@@ -273,7 +274,7 @@ def _idx_spec(name: str, folder: str, tv_class: str, mean: tuple[float, ...], st
             if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
                 raise ValueError(f"{img_path}: expected (N, H, W) images and (N,) labels, "
                                  f"got {x.shape} and {y.shape}")
-            xs.append(_to_unit(np.asarray(x, dtype=np.uint8)[:, None]))
+            xs.append(_as_bytes(np.asarray(x, dtype=np.uint8)[:, None]))
             ys.append(y.astype(np.int64))
         return xs[0], ys[0], xs[1], ys[1]
 
@@ -293,7 +294,7 @@ def _cifar_read(paths: list[Path]) -> Arrays:
     x_train = np.concatenate([b[0] for b in batches[:-1]])
     y_train = np.concatenate([b[1] for b in batches[:-1]])
     x_test, y_test = batches[-1]
-    return _to_unit(x_train), y_train, _to_unit(x_test), y_test
+    return _as_bytes(x_train), y_train, _as_bytes(x_test), y_test
 
 
 # svhn ------------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ def _svhn_fetch(root: Path, missing: list[int]) -> None:
 def _svhn_read(paths: list[Path]) -> Arrays:
     x_train, y_train = read_svhn_mat(paths[0])
     x_test, y_test = read_svhn_mat(paths[1])
-    return _to_unit(x_train), y_train, _to_unit(x_test), y_test
+    return _as_bytes(x_train), y_train, _as_bytes(x_test), y_test
 
 
 # usps ------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_idx_sets(tmp_path: Path, name: str, folder: str, gz: bool) -> None:
     _assert_pixel(ds, "train", (3, 0, 5, 7), xtr[3, 5, 7] / 255.0)
     _assert_pixel(ds, "test", (9, 0, 27, 0), xte[9, 27, 0] / 255.0)
     expected = np.asarray(xtr, np.float32)[:, None] / np.float32(255.0)
-    restored = ds.x_train.numpy() * ds.std[0] + ds.mean[0]
+    restored = ds.x_train.all().numpy() * ds.std[0] + ds.mean[0]
     assert np.abs(restored - expected).max() < 1e-6
     assert ds.mean == ((0.1307,) if name == "mnist" else (0.2860,))
 
@@ -165,7 +165,7 @@ def test_usps(tmp_path: Path) -> None:
     assert ds.mean == (0.2469,) and ds.std == (0.2989,)
     _assert_pixel(ds, "train", (1, 0, 2, 13), float(xtr[1, 0, 2, 13]))
     _assert_pixel(ds, "test", (9, 0, 15, 15), float(xte[9, 0, 15, 15]))
-    restored = ds.x_test.numpy() * ds.std[0] + ds.mean[0]
+    restored = ds.x_test.all().numpy() * ds.std[0] + ds.mean[0]
     assert np.abs(restored - xte).max() < 1e-6
 
 

@@ -1,0 +1,77 @@
+"""Where a run's real data comes from: the config's ``data`` section → a :class:`~ddray.data.Dataset`.
+
+Every process that needs the real data — the local loop, the Ray driver and workers,
+``evaluate``, ``pretrain``, ``experts`` — loads it through :func:`load_data`, so all of them
+see the same images:
+
+* Parquet under ``s3://bucket/prefix`` is read through :func:`ddray.storage.filesystem`
+  (the credentials and endpoint of ``--storage``);
+* the user's files are decoded once into the uint8 cache (``--cache-dir``);
+* ``--zca`` fits the whitening on the training split once and keeps it in the cache,
+  keyed by the training images' bytes and ``--zca-eps`` (a second run reads it back);
+* ``--data-cache-mb`` swaps the training images for a class-partitioned Parquet copy read
+  through a bounded cache (:mod:`ddray.data.rows`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from ddray.config import DataConfig
+from ddray.data import Dataset, Zca, load_dataset
+
+
+def load_data(data: DataConfig) -> Dataset:
+    """The real data set of ``data`` (see the module docstring); one-line ValueErrors for bad input."""
+    from ddray.storage import filesystem, is_uri
+
+    root, fs = data.data_root, None
+    if root is not None and is_uri(root):
+        if data.dataset != "parquet":
+            raise ValueError(f"--data-root {root}: a URI is read by --dataset parquet only; "
+                             f"--dataset {data.dataset} needs a local path")
+        fs, root = filesystem(root, "--data-root")
+    ds = load_dataset(data.dataset, root, data.download, data.image_size, test_fraction=data.test_fraction,
+                      cache_dir=data.cache_dir, filesystem=fs)
+    if data.zca:
+        ds = ds.with_zca(fitted_zca(ds, data.zca_eps, data.cache_dir))
+    if data.data_cache_mb is not None:
+        from ddray.data.rows import bounded
+
+        ds = bounded(ds, data.data_cache_mb, _cache_root(data.cache_dir))
+    return ds
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    from ddray.data.cache import default_cache_dir
+
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def fitted_zca(ds: Dataset, eps: float, cache_dir: str | None = None) -> Zca:
+    """The ZCA transform of ``ds``'s training split (``--zca-eps`` ``eps``), read from the cache when fitted before."""
+    from safetensors.torch import load_file, save_file
+
+    h = hashlib.sha256(f"zca-v1 eps={eps!r} mean={ds.mean} std={ds.std}".encode())
+    raw = ds.x_train.take_raw(slice(None))
+    h.update(str(tuple(raw.shape)).encode() + str(raw.dtype).encode())
+    h.update(raw.contiguous().numpy().tobytes())
+    path = _cache_root(cache_dir) / "zca" / f"{h.hexdigest()[:32]}.safetensors"
+    if path.is_file():
+        return Zca.from_tensors(load_file(str(path)))
+    zca = Zca.fit(ds.x_train.with_zca(None), eps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in zca.tensors().items()}, tmp)
+    os.replace(tmp, path)
+    return zca
+
+
+def zca_matches(zca: Zca | None, want: bool, eps: float) -> bool:
+    """Whether a transform (or its absence) is the one ``--zca``/``--zca-eps`` ask for."""
+    return (zca is None) == (not want) and (zca is None or abs(zca.eps - eps) <= 1e-12 * max(1.0, eps))
+
