@@ -39,6 +39,10 @@ class RowSource(Protocol):
         """Rows ``indices`` (any shape of int64) → raw images of shape (*indices.shape, C, H, W), CPU."""
         ...
 
+    def select(self, rows: torch.Tensor) -> "RowSource":
+        """Rows ``rows`` (1-D) as a source of their own, nothing read."""
+        ...
+
 
 class Zca:
     """ZCA whitening of normalised images, fitted on a training split (as MTT and DATM use on CIFAR).
@@ -111,8 +115,10 @@ class Images:
     """
 
     def __init__(self, raw: Union[torch.Tensor, RowSource], mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, zca: Zca | None = None) -> None:
+                 std: Sequence[float] | None = None, zca: Zca | None = None,
+                 device: torch.device | None = None) -> None:
         self.raw, self.zca = raw, zca
+        self._device = device  # where batches of a row source go (a tensor's own device otherwise)
         self.mean = None if mean is None else tuple(float(m) for m in mean)
         self.std = None if std is None else tuple(float(s) for s in std)
         self._bytes = raw.dtype == torch.uint8
@@ -124,7 +130,9 @@ class Images:
 
     @property
     def device(self) -> torch.device:
-        return self.raw.device if isinstance(self.raw, torch.Tensor) else torch.device("cpu")
+        if isinstance(self.raw, torch.Tensor):
+            return self.raw.device
+        return self._device or torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,9 +151,11 @@ class Images:
         return self.normalise(self.take_raw(index))
 
     def to(self, device: torch.device | str) -> "Images":
-        """The same images with their raw data on ``device`` (uint8 stays uint8)."""
-        if not isinstance(self.raw, torch.Tensor) or self.raw.device == torch.device(device):
+        """The same images with their raw data on ``device`` (uint8 stays uint8; a row source's batches go there)."""
+        if self.device == torch.device(device):
             return self
+        if not isinstance(self.raw, torch.Tensor):
+            return Images(self.raw, self.mean, self.std, self.zca, torch.device(device))
         return Images(self.raw.to(device), self.mean, self.std, self.zca)
 
     def all(self) -> torch.Tensor:
@@ -157,12 +167,14 @@ class Images:
         """The raw images at ``index``, untouched."""
         if isinstance(self.raw, torch.Tensor):
             return self.raw[index]
-        rows = torch.arange(len(self))[index]
+        rows = torch.arange(len(self))[index.cpu() if isinstance(index, torch.Tensor) else index]
         return self.raw.take(rows).to(self.device)
 
     def subset(self, index: Any) -> "Images":
-        """The images at ``index`` as another :class:`Images` (raw, not normalised; a row source is read)."""
-        return Images(self.take_raw(index), self.mean, self.std, self.zca)
+        """The images at ``index`` as another :class:`Images` (raw, not normalised; a row source is not read)."""
+        if isinstance(self.raw, torch.Tensor):
+            return Images(self.raw[index], self.mean, self.std, self.zca)
+        return Images(self.raw.select(torch.arange(len(self))[index]), self.mean, self.std, self.zca, self._device)
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw images (..., C, H, W) → the network's input, float32 on their device."""
@@ -175,7 +187,7 @@ class Images:
         return self.zca(x) if self.zca is not None else x
 
     def with_zca(self, zca: Zca | None) -> "Images":
-        return Images(self.raw, self.mean, self.std, zca)
+        return Images(self.raw, self.mean, self.std, zca, self._device)
 
 
 #: What the core's functions take as real images: a normalised tensor, or :class:`Images`.

@@ -10,6 +10,7 @@ ship without a test split use :func:`per_class_split`.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +83,27 @@ class Dataset:
         return cls(name, Images(x_train, mean, std), torch.as_tensor(raw.y_train, dtype=torch.int64),
                    Images(x_test, mean, std), torch.as_tensor(raw.y_test, dtype=torch.int64),
                    len(raw.classes), tuple(mean), tuple(std), tuple(raw.classes))
+
+    def to_shared(self) -> dict[str, Any]:
+        """The set as numpy arrays and plain values, for ``ray.put``: the object store then holds one read-only
+        copy per node, which every process there maps without copying (:meth:`from_shared`)."""
+        out: dict[str, Any] = {"name": self.name, "num_classes": self.num_classes, "mean": self.mean,
+                               "std": self.std, "classes": self.classes}
+        for split, x in (("train", self.x_train), ("test", self.x_test)):
+            out[f"x_{split}"] = x.take_raw(slice(None)).cpu().numpy()
+            out[f"norm_{split}"] = (x.mean, x.std)
+        out["y_train"], out["y_test"] = self.y_train.numpy(), self.y_test.numpy()
+        zca = self.zca
+        out["zca"] = None if zca is None else {k: v.numpy() for k, v in zca.tensors().items()}
+        return out
+
+    @classmethod
+    def from_shared(cls, d: dict[str, Any]) -> "Dataset":
+        """The set of :meth:`to_shared`'s arrays, wrapped without a copy (read-only where they are)."""
+        zca = None if d["zca"] is None else Zca.from_tensors({k: as_tensor(v) for k, v in d["zca"].items()})
+        splits = {s: Images(as_tensor(d[f"x_{s}"]), d[f"norm_{s}"][0], d[f"norm_{s}"][1], zca) for s in ("train", "test")}
+        return cls(d["name"], splits["train"], as_tensor(d["y_train"]), splits["test"], as_tensor(d["y_test"]),
+                   d["num_classes"], tuple(d["mean"]), tuple(d["std"]), d["classes"])
 
     @property
     def shape(self) -> tuple[int, int, int]:

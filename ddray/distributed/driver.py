@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from tqdm import tqdm
 
 from ddray.config import Config
+from ddray.data import Dataset
 from ddray.distill import (DistillResult, begin, evaluate_snapshot, finish, publish, run_dir, start_state,
                            storage_location, synthetic)
 from ddray.distributed.fleet import Fleet, Round
@@ -272,6 +274,16 @@ def stop_below_minimum(fleet: Fleet, error: CapacityError, out: Path, storage: s
                          f"`ddray distill --resume auto --out {out}` (with the same flags)")
 
 
+def share_data(problem: Problem) -> tuple[Any, Problem]:
+    """Put the real data into the object store once: (its reference for the workers, the driver's problem reading
+    the same copy). A set read through a bounded cache (``--data-cache-mb``) is not put: each worker reads its own
+    rows from the Parquet copy, and None goes to the workers."""
+    if problem.config.data.data_cache_mb is not None:
+        return None, problem
+    ref = ray.put(problem.data.to_shared())
+    return ref, replace(problem, data=Dataset.from_shared(ray.get(ref)))  # the driver's own copy can go
+
+
 def distill_ray(config: Config, tracker: Tracker | None = None, progress: bool = True,
                 resume: str | Path | None = None,
                 on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -297,7 +309,8 @@ def distill_ray(config: Config, tracker: Tracker | None = None, progress: bool =
     try:
         trial = trial_group(config)
         resources = trial[1].resources if trial else worker_resources(config.cluster, alive_nodes())
-        fleet = Fleet(config, layout, state, storage, resources, trial)
+        data, problem = share_data(problem)
+        fleet = Fleet(config, layout, state, storage, resources, trial, data=data)
         try:
             begin(config, out, tracker)
             reporter = Reporter(fleet, problem, state.step, tracker, on_step, progress, out)

@@ -75,12 +75,16 @@ class Fleet:
         resources: one worker's reservation.
         trial: a Ray Tune trial's (group, layout): the workers and servers use its bundles.
         kind: ``"meta"`` (real meta-gradients) or ``"simulated"`` (benchmarks).
+        data: the real data set in the object store (``ray.put`` of :meth:`ddray.data.Dataset.to_shared`): every
+            worker maps its node's one copy instead of loading its own; None: each worker loads the data itself.
     """
 
     def __init__(self, config: Config, layout: list[Shard], state: RunState, storage: str,
-                 resources: WorkerResources, trial: tuple[Any, TrialLayout] | None = None, kind: str = "meta") -> None:
+                 resources: WorkerResources, trial: tuple[Any, TrialLayout] | None = None, kind: str = "meta",
+                 data: Any = None) -> None:
         c = config.cluster
         self.config, self.layout, self.storage, self.resources, self.kind = config, layout, storage, resources, kind
+        self.data = data
         self.trial = trial
         self.name = f"ddray-{uuid.uuid4().hex[:8]}"
         self.generation = 0
@@ -125,7 +129,7 @@ class Fleet:
 
     def _worker(self, slot: int, strategy: Any) -> Any:
         self.generation += 1
-        args = ((self.config, slot, self.resources.threads, self.layout, self.resources.device)
+        args = ((self.config, slot, self.resources.threads, self.layout, self.resources.device, self.data)
                 if self.kind == "meta" else ())
         return RemoteWorker.options(**actor_options(self.resources), name=f"{self.name}/worker-{slot}.{self.generation}",
                                     scheduling_strategy=strategy).remote(self.kind, *args)

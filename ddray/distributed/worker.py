@@ -1,8 +1,9 @@
 """Meta-gradient workers: each computes the chunks of a meta-step it is given, and evaluation chunks.
 
-:class:`MetaGradWorker` loads its own copy of the real data through the data
-registry (``build_problem`` inside the worker process — nothing is pickled from the
-driver) and calls the core objective once per chunk (:mod:`ddray.chunks`): all
+:class:`MetaGradWorker` maps the real data from the object store — the driver puts it
+there once, and every worker of a node reads that node's one read-only copy without
+copying it (uint8, normalised per batch) — or, without it (``--data-cache-mb``), loads
+the data itself; it calls the core objective once per chunk (:mod:`ddray.chunks`): all
 randomness of a chunk is derived from (run seed, step, net index, chunk), so a chunk
 gives the same gradient on any worker and a recomputed chunk equals the lost one.
 It also trains held-out networks on a version of the synthetic set
@@ -54,18 +55,22 @@ class MetaGradWorker:
         threads: torch intra-op threads — ``round`` of the CPUs Ray assigned this worker.
         layout: the parameter-server shards (where to send which slice).
         device: ``"cpu"`` or ``"cuda"``.
+        data: :meth:`ddray.data.Dataset.to_shared`'s arrays (from the object store: zero-copy views), or None to
+            load the data here.
     """
 
-    def __init__(self, config: "Config", index: int, threads: int, layout: list[Shard], device: str = "cpu") -> None:
+    def __init__(self, config: "Config", index: int, threads: int, layout: list[Shard], device: str = "cpu",
+                 data: dict[str, Any] | None = None) -> None:
         import torch
 
+        from ddray.data import Dataset
         from ddray.problem import build_problem
         from ddray.threads import apply_threads
 
         apply_threads(max(1, threads))  # intra-op = the CPUs Ray assigned, one inter-op thread
         self.index, self.layout, self.device = index, layout, torch.device(device)
         self.config = config
-        self.problem = build_problem(config)  # loads the real data in this process
+        self.problem = build_problem(config, None if data is None else Dataset.from_shared(data))
         self._objective: Any = None
 
     @property
