@@ -11,6 +11,10 @@ A distilled set is a directory:
   (meta-steps completed), ``method``, ``ddray_version``, ``config`` (the full run config).
 * ``init_params.safetensors`` — for fixed-init modes only: θ₀ keyed by the model's
   parameter names (``conv1.weight``, …).
+* ``zca.safetensors`` — for ``--zca`` sets only: the whitening the images live in
+  (``zca.mean`` μ (D,), ``zca.matrix`` W, ``zca.inverse`` W⁻¹ (D, D), ``zca.eps``); real
+  images x (normalised, flattened) enter as (x − μ)·W, and the set is drawn as x̃·W⁻¹ + μ.
+  ``meta.json`` then has ``zca`` {``eps``}; ``class_names`` lists the classes in label order.
 
 Training on it without ddray: for t in 0‥T−1, take the rows with ``step == t % S``,
 reshape ``image`` to ``shape``, and do one SGD step with step size ``lrs[t]``.
@@ -31,8 +35,9 @@ import pyarrow.parquet as pq
 import torch
 
 from ddray._version import __version__
+from ddray.core.images import Zca
 
-DATA_FILE, META_FILE, INIT_FILE = "data.parquet", "meta.json", "init_params.safetensors"
+DATA_FILE, META_FILE, INIT_FILE, ZCA_FILE = "data.parquet", "meta.json", "init_params.safetensors", "zca.safetensors"
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Distilled:
         lrs: (T,) step sizes in order of application.
         meta: the rest of ``meta.json``.
         init_params: θ₀ for fixed-init modes, else None.
+        zca: the whitening the images live in (``--zca``), else None.
     """
 
     images: torch.Tensor
@@ -52,6 +58,7 @@ class Distilled:
     lrs: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
     init_params: dict[str, torch.Tensor] | None = None
+    zca: Zca | None = None
 
     @property
     def steps(self) -> int:
@@ -96,6 +103,10 @@ def save_distilled(path: str | Path, d: Distilled) -> Path:
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous() for k, v in d.init_params.items()}, str(out / INIT_FILE))
+    if d.zca is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in d.zca.tensors().items()}, str(out / ZCA_FILE))
     write_json_atomic(out / META_FILE, meta)
     return out
 
@@ -129,4 +140,11 @@ def load_distilled(path: str | Path) -> Distilled:
         from safetensors.torch import load_file
 
         init = load_file(str(p / INIT_FILE))
-    return Distilled(images, labels, torch.tensor(meta["lrs"], dtype=torch.float32), meta, init)
+    zca = None
+    if (p / ZCA_FILE).is_file():
+        from safetensors.torch import load_file
+
+        zca = Zca.from_tensors(load_file(str(p / ZCA_FILE)))
+    elif meta.get("zca"):
+        raise ValueError(f"{p}: a --zca set without its {ZCA_FILE} (the whitening its images live in)")
+    return Distilled(images, labels, torch.tensor(meta["lrs"], dtype=torch.float32), meta, init, zca)

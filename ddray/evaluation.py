@@ -115,6 +115,8 @@ def problem_for(d: Distilled, data_root: str | None = None) -> Problem:
     problem = build_problem(Config.from_dict(d.meta.get("config", {})).override(data_root=data_root))
     if d.init_params is not None:
         problem.fixed = d.init_params
+    if d.zca is not None:  # the set's own whitening, whatever the data would fit today
+        problem.data = problem.data.with_zca(d.zca)
     return problem
 
 

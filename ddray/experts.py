@@ -243,7 +243,8 @@ def train_expert(data: Dataset, settings: ExpertSettings, index: int, augment: A
 def _meta_key(data: Dataset, settings: ExpertSettings) -> dict[str, Any]:
     """The part of EXPERTS_META that must agree for trajectories to be mixed in one directory."""
     return {"dataset": data.name, "model": settings.model, "shape": list(data.shape),
-            "classes": data.num_classes, "settings": asdict(settings)}
+            "classes": data.num_classes, "zca": None if data.zca is None else data.zca.eps,
+            "settings": asdict(settings)}
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -373,8 +374,25 @@ def _stored_accuracy(path: Path, data: Dataset, settings: ExpertSettings) -> flo
     return _accuracy(model, data.x_test, data.y_test)
 
 
+def _zca_words(eps: float | None) -> str:
+    return "without ZCA whitening" if eps is None else f"with ZCA whitening (--zca-eps {eps:g})"
+
+
+def check_zca(path: Path, trained: float | None, run: float | None | bool) -> None:
+    """One line when experts trained with one whitening (or none) meet a run with another (DATM's users' trap)."""
+    if trained is None and run is None:
+        return
+    if trained is not None and run is not None and abs(float(trained) - float(run)) <= 1e-12 * max(1.0, float(run)):
+        return
+    flags = "--no-zca" if run is None else f"--zca --zca-eps {float(run):g}"
+    raise ValueError(f"--experts {path}: trained {_zca_words(trained)}, but this run is "
+                     f"{_zca_words(None if run is None else float(run))}: experts and the student must see the same "
+                     f"images; train them with `ddray experts {flags}`, or match the run to them")
+
+
 def load_experts(path: str | Path, model: str, shape: tuple[int, int, int], classes: int,
-                 dataset: str | None = None, width: int = 128) -> tuple[list[Trajectory], dict[str, Any]]:
+                 dataset: str | None = None, width: int = 128,
+                 zca: float | None | bool = False) -> tuple[list[Trajectory], dict[str, Any]]:
     """All complete experts in ``path`` (by index) and its ``EXPERTS_META`` dict.
 
     Args:
@@ -383,6 +401,8 @@ def load_experts(path: str | Path, model: str, shape: tuple[int, int, int], clas
             image shape (C, H, W) and class count.
         dataset: if given, the data set the experts must have been trained on.
         width: ConvNet's channels (the run's ``--width``).
+        zca: the run's ``--zca-eps`` when it whitens its images, None when it does not; the experts must
+            have been trained the same way (False: not checked).
 
     Raises:
         ValueError (naming --experts): no ``EXPERTS_META``, no complete expert, or made for
@@ -399,6 +419,8 @@ def load_experts(path: str | Path, model: str, shape: tuple[int, int, int], clas
     got = {k: meta.get(k, meta.get("settings", {}).get(k)) for k in want}
     if got != want:
         raise ValueError(f"--experts {p}: made for {got}, but this run needs {want}; {hint}")
+    if zca is not False:
+        check_zca(p, meta.get("zca"), zca)
     epochs = int(meta["settings"]["epochs"])
     from safetensors.torch import load_file
 

@@ -162,7 +162,7 @@ def build_problem(config: Config, data: Dataset | None = None) -> Problem:
     if c.distill.spec.needs_experts:
         assert c.distill.experts is not None  # checked by DistillConfig
         experts, _ = load_experts(c.distill.experts, c.model.model, data.shape, data.num_classes, c.data.dataset,
-                                  c.model.width)
+                                  c.model.width, None if data.zca is None else data.zca.eps)
     return Problem(c, data, model, fixed, pool, experts)
 
 
@@ -172,6 +172,8 @@ def to_distilled(problem: Problem, syn: SyntheticSet, iterations: int) -> Distil
     c = problem.config
     meta: dict[str, Any] = {
         "dataset": c.data.dataset, "model": c.model.model, "classes": problem.data.num_classes,
+        "class_names": list(class_names(problem.data)),
+        "zca": None if problem.data.zca is None else {"eps": problem.data.zca.eps},
         "mean": list(problem.data.mean), "std": list(problem.data.std),
         "init": {"mode": c.distill.init, "scheme": c.model.init_scheme},
         "iterations": iterations, "method": c.distill.method, "attack": c.distill.attack,
@@ -179,4 +181,11 @@ def to_distilled(problem: Problem, syn: SyntheticSet, iterations: int) -> Distil
         "seed": c.run.seed, "ddray_version": __version__, "config": c.to_dict(),
     }
     return Distilled(syn.images.detach().clone(), syn.labels.clone(), syn.lrs.detach().clone(), meta,
-                     problem.fixed)
+                     problem.fixed, problem.data.zca)
+
+
+def class_names(data: Dataset) -> tuple[str, ...]:
+    """The names of ``data``'s classes in label order: its own (the user's folders), the registry's, or indices."""
+    from ddray.data import class_names as registered
+
+    return data.classes or tuple(registered(data.name, data.num_classes))

@@ -65,10 +65,13 @@ def grid_view(steps: int, ipc: int, num_classes: int, max_rows: int = MAX_ROWS,
 
 
 def _pixels(d: Distilled) -> torch.Tensor:
-    """(S, N, C, H, W) images in [0, 1] (un-normalised with the set's mean/std)."""
+    """(S, N, C, H, W) images in [0, 1] (un-whitened with the set's ZCA, if any; un-normalised with its mean/std)."""
     mean = torch.tensor(d.meta.get("mean", [0.0]), dtype=torch.float32).view(1, 1, -1, 1, 1)
     std = torch.tensor(d.meta.get("std", [1.0]), dtype=torch.float32).view(1, 1, -1, 1, 1)
-    return (d.images.detach().float() * std + mean).clamp(0, 1)
+    x = d.images.detach().float()
+    if d.zca is not None:
+        x = d.zca.invert(x)
+    return (x * std + mean).clamp(0, 1)
 
 
 def images_per_class(d: Distilled) -> int:
@@ -175,7 +178,7 @@ def grid_figure(d: Distilled, view: GridView | None = None, dpi: int = 100) -> A
     ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
     ax.imshow(arr[..., 0] if arr.shape[2] == 1 else arr, cmap="gray", vmin=0.0, vmax=1.0,
               interpolation="nearest")
-    names = class_names(str(d.meta.get("dataset", "")), num_classes)
+    names = [str(n) for n in d.meta.get("class_names") or class_names(str(d.meta.get("dataset", "")), num_classes)]
     labels, size = _column_labels([names[c] for c in view.classes], (w + pad) * scale * 72 / dpi)
     ax.set_xticks([pad + j * (w + pad) + (w - 1) / 2 for j in range(len(view.classes))], labels, fontsize=size)
     ax.xaxis.tick_top()
