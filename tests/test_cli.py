@@ -110,6 +110,12 @@ def test_attack_reports_the_rate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["distill", "--attack", "0:12"], "--attack: 0:12 names a class outside 0..9"),
     (["evaluate", "/nonexistent"], "not a distilled-data directory"),
     (["baseline", "--method", "best"], "--method: invalid value 'best'"),
+    (["distill", "--dataset", "imagefolder", "--data-root", "/nonexistent"], "--data-root: /nonexistent does not exist"),
+    (["distill", "--dataset", "imagefolder"], "--data-root: missing; --dataset imagefolder reads a folder"),
+    (["distill", "--data-cache-mb", "0"], "--data-cache-mb: invalid value 0; expected a positive integer"),
+    (["distill", "--test-fraction", "1"], "--test-fraction: invalid value 1.0; expected a number between 0 and 1"),
+    (["distill", "--zca-eps", "-1"], "--zca-eps: invalid value -1.0; expected a positive number"),
+    (["distill", "--data-root", "s3://bucket/x"], "--data-root s3://bucket/x: a URI is read by --dataset parquet only"),
 ])
 def test_bad_input_is_one_line_error(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     extra = ["--local"] if argv[0] == "distill" else []
@@ -144,3 +150,40 @@ def test_help_reads_the_defaults_from_the_config() -> None:
         if default is not None and not isinstance(default, bool):
             shown = format(default, "g") if isinstance(default, float) else str(default)
             assert f"default {shown}" in _help(name), name
+
+
+def test_distill_an_image_folder_archive_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user's 3-class tree, packed as .tar.gz: distilled, evaluated and drawn with its class names; nothing
+    but the run directory and the decode cache is written."""
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    tree = tmp_path / "shapes"
+    for split, n in (("train", 10), ("test", 4)):
+        for c, name in enumerate(("circle", "square", "triangle")):
+            (tree / split / name).mkdir(parents=True)
+            for i in range(n):
+                px = np.clip(rng.normal(50 + 80 * c, 25, (12, 12)), 0, 255).astype(np.uint8)  # greyscale
+                Image.fromarray(px).save(tree / split / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    archive = tmp_path / "shapes.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="shapes")
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["distill", "--local", "--no-progress", "--dataset", "imagefolder", "--data-root", str(archive),
+            "--cache-dir", str(cache), "--model", "convnet", "--width", "8", "--out", str(out), *TINY,
+            "--batch-size", "16"]
+    rc, stdout, err = run(capsys, *argv)
+    assert rc == 0, err
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["dataset"] == "imagefolder" and meta["classes"] == 3
+    assert meta["class_names"] == ["circle", "square", "triangle"] and meta["shape"] == [1, 12, 12]
+    d = load_distilled(out)
+    assert d.images.shape == (2, 3, 1, 12, 12)
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) != []  # decoded once, cached
+    rc, stdout, _ = run(capsys, "evaluate", str(out), "--json", "--nets", "2")
+    assert rc == 0 and json.loads(stdout)["n"] == 2
+    rc, stdout, _ = run(capsys, "show", str(out), "--png", str(tmp_path / "g.png"))
+    assert rc == 0 and (tmp_path / "g.png").is_file()

@@ -32,6 +32,7 @@ from ddray.distributed.placement import TrialLayout, WorkerResources
 from ddray.distributed.pool import Job, RemoteWorker, WorkerPool, actor_options, cause, is_loss
 from ddray.distributed.shards import Shard
 from ddray.distributed.slots import Slots
+from ddray.distributed.worker import InStore
 from ddray.state import RunState
 from ddray.threads import worker_env
 
@@ -129,7 +130,8 @@ class Fleet:
 
     def _worker(self, slot: int, strategy: Any) -> Any:
         self.generation += 1
-        args = ((self.config, slot, self.resources.threads, self.layout, self.resources.device, self.data)
+        data = None if self.data is None else InStore(self.data)
+        args = ((self.config, slot, self.resources.threads, self.layout, self.resources.device, data)
                 if self.kind == "meta" else ())
         return RemoteWorker.options(**actor_options(self.resources), name=f"{self.name}/worker-{slot}.{self.generation}",
                                     scheduling_strategy=strategy).remote(self.kind, *args)

@@ -20,6 +20,7 @@ dozens of them fit on a small machine.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -44,6 +45,21 @@ def slice_grads(step: int, chunk: int, g_images: np.ndarray, g_raw: np.ndarray, 
 def full_images(versions: list[Version]) -> np.ndarray:
     """x̃ (S, N, C, H, W) from the shards' versions (shard order)."""
     return np.concatenate([v.images for v in versions], axis=1)
+
+
+def mapping_of(address: int) -> str | None:
+    """What the memory at ``address`` of this process is: the file of its mapping (the object store's shared
+    memory, e.g. ``/dev/shm/plasma…``), ``""`` for anonymous memory (a private copy), None off Linux."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                if lo <= address < hi:
+                    return parts[5].strip() if len(parts) > 5 else ""
+    except OSError:
+        return None
+    return None
 
 
 class MetaGradWorker:
@@ -72,6 +88,15 @@ class MetaGradWorker:
         self.config = config
         self.problem = build_problem(config, None if data is None else Dataset.from_shared(data))
         self._objective: Any = None
+
+    def data_info(self) -> dict[str, Any]:
+        """How this worker holds the real images: bytes, and whether they are the object store's read-only copy."""
+        raw = self.problem.data.x_train.raw
+        import torch
+
+        if not isinstance(raw, torch.Tensor):  # read from the Parquet copy (--data-cache-mb)
+            return {"bytes": 0, "dtype": str(raw.dtype), "mapping": None, "rows": True}
+        return {"bytes": int(raw.nbytes), "dtype": str(raw.dtype), "mapping": mapping_of(raw.data_ptr()), "rows": False}
 
     @property
     def objective(self) -> Any:
@@ -172,12 +197,27 @@ def async_loop(worker: Any, index: int, slots: int, nets: int, pull: Callable[[]
     return n - offset
 
 
+@dataclass(frozen=True)
+class InStore:
+    """An object in the object store handed to an actor unresolved: the actor fetches it (:class:`WorkerActor`).
+
+    Ray resolves a top-level reference argument itself and then warns that a restarted actor
+    could find it gone; the fleet keeps the reference alive for the run, so a restarted
+    worker fetches the same object again.
+    """
+
+    ref: Any
+
+
 class WorkerActor:
     """Ray shell around a worker kind; ``ray.remote`` is applied in :mod:`.fleet`."""
 
     def __init__(self, kind: str, *args: Any) -> None:
+        import ray
+
         from ddray.distributed.placement import reconstructed
 
+        args = tuple(ray.get(a.ref) if isinstance(a, InStore) else a for a in args)
         self.impl = WORKER_KINDS[kind](*args)
         self.restarted = reconstructed()
 
@@ -190,6 +230,9 @@ class WorkerActor:
         """``versions``: the shards' current versions → the chunks' GradShares for shard 0, …, shard J−1."""
         per_shard = self.impl.compute(step, chunks, list(versions))
         return per_shard[0] if len(per_shard) == 1 else tuple(per_shard)
+
+    def data_info(self) -> dict[str, Any]:
+        return self.impl.data_info()  # type: ignore[no-any-return]
 
     def dag_compute(self, job: tuple[int, bool], chunks: list[Chunk], *versions: Version) -> Any:
         """Compiled-graph transport: :meth:`compute` for meta-step ``job[0]``."""
