@@ -1,8 +1,8 @@
 """The house rules of docs/architecture.md, checked on the import graph of the source (ast, nothing imported).
 
 No import cycles; every module on its floor (cli > tune > distributed > run > data > core)
-imports only its own floor and those below; ``ddray.core`` and ``ddray.data`` import nothing
-of ddray outside themselves, and ``ddray.core`` neither Ray nor MLflow; only
+imports only its own floor and those below; ``ddray.core`` imports nothing of ddray outside itself
+and ``ddray.data`` nothing but ``ddray.core``, and ``ddray.core`` neither Ray nor MLflow; only
 ``ddray/tracking.py`` imports MLflow. The rules live in docs/import_graph.py, which
 docs/architecture.py also draws.
 """
@@ -39,6 +39,14 @@ def test_core_imports_torch_and_itself_only(graph: dict[str, set[str]]) -> None:
     for mod, deps in core.items():
         assert not deps & {"ray", "mlflow"}, mod
         assert all(inside(d, "ddray.core") for d in deps if d.startswith("ddray")), (mod, deps)
+
+
+def test_data_imports_itself_and_the_core_only(graph: dict[str, set[str]]) -> None:
+    data = {m: deps for m, deps in graph.items() if inside(m, "ddray.data")}
+    assert "ddray.core.images" in data["ddray.data.base"]
+    for mod, deps in data.items():
+        assert not deps & {"ray", "mlflow"}, mod
+        assert all(inside(d, "ddray.data") or inside(d, "ddray.core") for d in deps if d.startswith("ddray")), mod
 
 
 def test_only_tracking_imports_mlflow(graph: dict[str, set[str]]) -> None:
