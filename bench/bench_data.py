@@ -120,7 +120,8 @@ def _per_step(text: str) -> float:
 # -------------------------------------------------------------------------------- the measurements
 
 def bench_load(archive: str, cache: Path) -> dict[str, float]:
-    code = ("import time,sys; t=time.perf_counter(); from ddray.data import load_dataset; "
+    """Seconds of ``load_dataset`` (imports excluded): decoding into the cache, then from it (fresh processes)."""
+    code = ("import time,sys; from ddray.data import load_dataset; t=time.perf_counter(); "
             f"d=load_dataset('imagefolder', {archive!r}, cache_dir={str(cache)!r}); "
             "print(time.perf_counter()-t, len(d.x_train), len(d.x_test))")
     out = {}
@@ -143,7 +144,7 @@ def _distill_argv(archive: str, cache: Path, out: Path, method: str, iterations:
 def bench_rss(archive: str, cache: Path, tmp: Path) -> dict[str, Any]:
     rows = {}
     for workers in (1, 4):
-        argv = _distill_argv(archive, cache, tmp / f"rss{workers}", "dm", 12, "--workers", str(workers),
+        argv = _distill_argv(archive, cache, tmp / f"rss{workers}", "dm", 12, "--workers", str(workers), "--nets", "4",
                              "--cpus-per-worker", "0.5", "--no-tracking")
         s, text, secs = run_sampled(argv, _env())
         rows[workers] = {"node_pss_mb": s.node_pss / MB, "node_rss_mb": s.node_rss / MB, "seconds": secs,

@@ -116,9 +116,10 @@ class Images:
 
     def __init__(self, raw: Union[torch.Tensor, RowSource], mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, zca: Zca | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, rows: torch.Tensor | None = None) -> None:
         self.raw, self.zca = raw, zca
         self._device = device  # where batches of a row source go (a tensor's own device otherwise)
+        self.rows = rows  # a subset: these rows of a tensor ``raw`` (a view: nothing copied), else all
         self.mean = None if mean is None else tuple(float(m) for m in mean)
         self.std = None if std is None else tuple(float(s) for s in std)
         self._bytes = raw.dtype == torch.uint8
@@ -126,7 +127,7 @@ class Images:
     # -- what a tensor offers -------------------------------------------------------------------
     @property
     def shape(self) -> torch.Size:
-        return torch.Size(self.raw.shape)
+        return torch.Size((len(self), *self.raw.shape[1:]))
 
     @property
     def device(self) -> torch.device:
@@ -140,7 +141,7 @@ class Images:
         return torch.float32
 
     def __len__(self) -> int:
-        return int(self.raw.shape[0])
+        return int(self.raw.shape[0]) if self.rows is None else len(self.rows)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         """The normalised (and whitened) float32 images at ``index`` (anything a tensor index takes)."""
@@ -156,7 +157,8 @@ class Images:
             return self
         if not isinstance(self.raw, torch.Tensor):
             return Images(self.raw, self.mean, self.std, self.zca, torch.device(device))
-        return Images(self.raw.to(device), self.mean, self.std, self.zca)
+        rows = None if self.rows is None else self.rows.to(device)
+        return Images(self.raw.to(device), self.mean, self.std, self.zca, rows=rows)
 
     def all(self) -> torch.Tensor:
         """Every image normalised: (N, C, H, W) float32 (4 bytes a pixel: for small sets and tests)."""
@@ -166,14 +168,18 @@ class Images:
     def take_raw(self, index: Any) -> torch.Tensor:
         """The raw images at ``index``, untouched."""
         if isinstance(self.raw, torch.Tensor):
-            return self.raw[index]
+            if self.rows is None:
+                return self.raw[index]
+            return self.raw[self.rows[index.to(self.rows.device) if isinstance(index, torch.Tensor) else index]]
         rows = torch.arange(len(self))[index.cpu() if isinstance(index, torch.Tensor) else index]
         return self.raw.take(rows).to(self.device)
 
     def subset(self, index: Any) -> "Images":
         """The images at ``index`` as another :class:`Images` (raw, not normalised; a row source is not read)."""
-        if isinstance(self.raw, torch.Tensor):
-            return Images(self.raw[index], self.mean, self.std, self.zca)
+        if isinstance(self.raw, torch.Tensor):  # a view through row indices: a class's pool copies no pixels
+            base = self.rows if self.rows is not None else torch.arange(len(self), device=self.raw.device)
+            sel = base[index.to(base.device) if isinstance(index, torch.Tensor) else index].reshape(-1)
+            return Images(self.raw, self.mean, self.std, self.zca, rows=sel)
         return Images(self.raw.select(torch.arange(len(self))[index]), self.mean, self.std, self.zca, self._device)
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
@@ -187,7 +193,7 @@ class Images:
         return self.zca(x) if self.zca is not None else x
 
     def with_zca(self, zca: Zca | None) -> "Images":
-        return Images(self.raw, self.mean, self.std, zca, self._device)
+        return Images(self.raw, self.mean, self.std, zca, self._device, self.rows)
 
 
 #: What the core's functions take as real images: a normalised tensor, or :class:`Images`.

@@ -99,3 +99,15 @@ def test_images_wrap_a_float_tensor_as_is() -> None:
     x = torch.randn(5, 1, 4, 4)
     img = Images(x)
     assert torch.equal(img[:], x) and img.shape == x.shape and len(img) == 5
+
+
+def test_class_pools_are_views_of_the_shared_bytes(mnist: Dataset) -> None:
+    """DC/DM draw per class from views of the one uint8 copy (a worker on the object store's copy adds none)."""
+    from ddray.core.matching import ClassBatches
+
+    batches = ClassBatches(mnist.x_train, mnist.y_train, 10, 8, seed=0)
+    for c, pool in enumerate(batches.pools):
+        assert isinstance(pool, Images) and pool.raw.data_ptr() == mnist.x_train.raw.data_ptr()
+        assert torch.equal(pool[:], mnist.x_train[mnist.y_train == c])
+    drawn = batches.draw(5)
+    assert [len(x) for x in drawn] == [8] * 10 and drawn[0].dtype == torch.float32
