@@ -31,6 +31,8 @@ class RawSplits:
         x_test: (M, C, H, W) uint8.
         y_test: (M,) int64.
         classes: the C class names in label order.
+        stats: the training split's per-channel (mean, std) on the [0, 1] scale, when known (the decode cache
+            keeps them: computing them reads every byte).
     """
 
     x_train: np.ndarray
@@ -38,6 +40,7 @@ class RawSplits:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: tuple[str, ...]
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class Dataset:
                  std: tuple[float, ...] | None = None) -> "Dataset":
         """A set decoded to uint8: normalised with ``mean``/``std`` (default: the train split's, per channel)."""
         if mean is None or std is None:
-            mean, std = channel_stats(raw.x_train)
+            mean, std = raw.stats if raw.stats is not None else channel_stats(raw.x_train)
         x_train, x_test = as_tensor(raw.x_train), as_tensor(raw.x_test)
         return cls(name, Images(x_train, mean, std), torch.as_tensor(raw.y_train, dtype=torch.int64),
                    Images(x_test, mean, std), torch.as_tensor(raw.y_test, dtype=torch.int64),

@@ -17,6 +17,7 @@ The default folder is ``$DDRAY_CACHE_DIR``, else ``$XDG_CACHE_HOME/ddray``, else
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ddray.data.base import RawSplits
+from ddray.data.base import RawSplits, channel_stats
 
 #: Bump when decoding changes what a source decodes to: old entries are then left unused.
 FORMAT_VERSION = 1
@@ -87,7 +88,9 @@ def _read(entry: Path, key: Mapping[str, Any]) -> RawSplits | None:
         if _canonical(meta["key"]) != _canonical(json.loads(_canonical(key))):
             return None
         x_train, y_train, x_test, y_test = (np.load(entry / f"{name}.npy", allow_pickle=False) for name in ARRAYS)
-        return RawSplits(x_train, y_train, x_test, y_test, tuple(meta["classes"]))
+        stats = meta.get("stats")
+        return RawSplits(x_train, y_train, x_test, y_test, tuple(meta["classes"]),
+                         None if stats is None else (tuple(stats[0]), tuple(stats[1])))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -101,7 +104,9 @@ def _write(base: Path, entry: Path, data: RawSplits, key: Mapping[str, Any]) -> 
             array = np.ascontiguousarray(getattr(data, name))
             np.save(tmp / f"{name}.npy", array)
             shapes[name] = list(array.shape)
-        meta = {"classes": list(data.classes), "key": key, "shapes": shapes}
+        assert data.stats is not None  # set by cached()
+        mean, std = data.stats
+        meta = {"classes": list(data.classes), "key": key, "shapes": shapes, "stats": [list(mean), list(std)]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         if entry.exists():  # a broken or foreign entry under this name (a whole one was read before building)
             shutil.rmtree(entry, ignore_errors=True)
@@ -128,6 +133,8 @@ def cached(source_key: Mapping[str, Any], build: Callable[[], RawSplits], cache_
     if hit is not None:
         return hit
     data = build()
+    if data.stats is None:  # kept with the entry: a cached load then reads no byte twice
+        data = dataclasses.replace(data, stats=channel_stats(data.x_train))
     try:
         _write(base, entry, data, source_key)
     except OSError as e:

@@ -168,3 +168,19 @@ def test_parquet_decodes_again_after_a_file_changes(tmp_path: Path, monkeypatch:
     assert build.calls == 2
     assert sorted(np.concatenate([first.x_train, first.x_test])[:, 0, 0, 0].tolist()) == [5, 6]
     assert sorted(np.concatenate([second.x_train, second.x_test])[:, 0, 0, 0].tolist()) == [7, 8]
+
+
+def test_the_entry_keeps_the_channel_statistics(tmp_path: Path) -> None:
+    """A cached load reads the training split's mean/std from the entry instead of going over every byte."""
+    import numpy as np
+
+    from ddray.data.base import RawSplits, channel_stats
+    from ddray.data.cache import cached
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 3, 4, 4), dtype=np.uint8)
+    raw = RawSplits(x, np.arange(6) % 2, x[:2], np.array([0, 1]), ("a", "b"))
+    first = cached({"k": 1}, lambda: raw, tmp_path)
+    again = cached({"k": 1}, lambda: raw, tmp_path)
+    assert first.stats == again.stats and again.stats is not None
+    assert np.allclose(again.stats, channel_stats(x))
