@@ -140,7 +140,7 @@ def build_problem(config: Config, data: Dataset | None = None) -> Problem:
     shape, classes) or an attack names a class the data set does not have.
     """
     c = config
-    data = data or load_data(c.data)
+    data = data or load_data(c.data, c.run.storage)
     model = build_model(c.model.model, data.shape, data.num_classes, c.model.width)
     attack = parse_attack(c.distill.attack)
     if attack and max(attack) >= data.num_classes:

@@ -9,8 +9,8 @@ see the same images:
 * the user's files are decoded once into the uint8 cache (``--cache-dir``);
 * ``--zca`` fits the whitening on the training split once and keeps it in the cache,
   keyed by the training images' bytes and ``--zca-eps`` (a second run reads it back);
-* ``--data-cache-mb`` swaps the training images for a class-partitioned Parquet copy read
-  through a bounded cache (:mod:`ddray.data.rows`).
+* ``--data-cache-mb`` swaps the images for a class-partitioned Parquet copy read through a
+  bounded cache (:mod:`ddray.data.rows`), under the cache directory or a ``--storage`` URI.
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ from ddray.config import DataConfig
 from ddray.data import Dataset, Zca, load_dataset
 
 
-def load_data(data: DataConfig) -> Dataset:
-    """The real data set of ``data`` (see the module docstring); one-line ValueErrors for bad input."""
+def load_data(data: DataConfig, storage: str | None = None) -> Dataset:
+    """The real data set of ``data`` (see the module docstring); one-line ValueErrors for bad input.
+
+    ``storage``: the run's ``--storage``; when it is a URI, the ``--data-cache-mb`` copy lives there (one copy
+    for all nodes) instead of under each node's cache directory.
+    """
     from ddray.storage import filesystem, is_uri
 
     root, fs = data.data_root, None
@@ -41,7 +45,8 @@ def load_data(data: DataConfig) -> Dataset:
     if data.data_cache_mb is not None:
         from ddray.data.rows import bounded
 
-        ds = bounded(ds, data.data_cache_mb, _cache_root(data.cache_dir))
+        shared = filesystem(storage, "--storage") if storage is not None and is_uri(storage) else None
+        ds = bounded(ds, data.data_cache_mb, _cache_root(data.cache_dir), shared)
     return ds
 
 

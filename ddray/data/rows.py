@@ -1,6 +1,7 @@
 """A data set larger than a process's memory: rows read from a class-partitioned Parquet copy (``--data-cache-mb``).
 
-:func:`bounded` writes each split once to ``<cache>/rows/<key>/{train,test}.parquet``: the
+:func:`bounded` writes each split once to ``<cache>/rows/<key>/{train,test}.parquet`` (or, on a
+cluster whose nodes share a ``--storage`` URI, to ``STORAGE/data-rows/<key>/``, read from there): the
 images as fixed-size binary rows (C·H·W bytes, the uint8 images as decoded), sorted by
 class so that every row group holds one class only (at most :data:`GROUP_ROWS` rows).
 Per-class sampling (DC, DM) then reads only its class's row groups, a random batch
@@ -71,10 +72,11 @@ class RowStore:
         cache: the decoded row groups, shared with the other split.
     """
 
-    def __init__(self, path: Path, position: np.ndarray, shape: tuple[int, int, int], cache: GroupCache,
-                 file: "pq.ParquetFile | None" = None) -> None:
+    def __init__(self, path: Path | str, position: np.ndarray, shape: tuple[int, int, int], cache: GroupCache,
+                 file: "pq.ParquetFile | None" = None, filesystem: Any | None = None) -> None:
         self.path, self.position, self.row_shape, self.cache = path, position, shape, cache
-        self.file = file or pq.ParquetFile(str(path))
+        self.filesystem = filesystem  # a pyarrow filesystem the file lives on (--storage), None: local disk
+        self.file = file or pq.ParquetFile(str(path) if filesystem is None else filesystem.open_input_file(str(path)))
         sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -100,14 +102,17 @@ class RowStore:
 
     def select(self, rows: torch.Tensor) -> "RowStore":
         """The images ``rows`` (1-D) as a store of their own (a class's pool: no pixels are read)."""
-        return RowStore(self.path, self.position[rows.reshape(-1).numpy()], self.row_shape, self.cache, self.file)
+        return RowStore(self.path, self.position[rows.reshape(-1).numpy()], self.row_shape, self.cache, self.file,
+                        self.filesystem)
 
     def __reduce__(self) -> Any:  # a store travels as its file and positions; the cache stays behind
-        return (_reopen, (str(self.path), self.position, self.row_shape, self.cache.budget))
+        return (_reopen, (str(self.path), self.position, self.row_shape, self.cache.budget, self.filesystem))
 
 
-def _reopen(path: str, position: np.ndarray, shape: tuple[int, int, int], budget: int) -> RowStore:
-    return RowStore(Path(path), position, shape, GroupCache(budget))
+def _reopen(path: str, position: np.ndarray, shape: tuple[int, int, int], budget: int,
+            filesystem: Any | None) -> RowStore:
+    return RowStore(path if filesystem is not None else Path(path), position, shape, GroupCache(budget),
+                    filesystem=filesystem)
 
 
 def write_rows(path: Path, images: Images, labels: np.ndarray) -> np.ndarray:
@@ -143,18 +148,9 @@ def _key(ds: Dataset) -> str:
     return h.hexdigest()[:32]
 
 
-def bounded(ds: Dataset, mb: int, cache_root: Path) -> Dataset:
-    """``ds`` with both splits read from their Parquet copy through one cache of at most ``mb`` MB.
-
-    The copy is written on first use (keyed by the images' bytes and labels). Only uint8 sets
-    qualify: float sets (digits, USPS) are small and stay in memory.
-    """
-    if ds.x_train.take_raw(slice(0, 1)).dtype != torch.uint8:
-        raise ValueError(f"--data-cache-mb: --dataset {ds.name} is held as float32 (not 8-bit images) and is small; "
-                         "drop --data-cache-mb")
-    folder = cache_root / "rows" / _key(ds)
-    cache = GroupCache(mb * 2 ** 20)
-    splits: dict[str, Images] = {}
+def _local_copy(folder: Path, ds: Dataset) -> dict[str, tuple[Path, np.ndarray]]:
+    """Each split's Parquet copy and file positions under ``folder``, written unless there."""
+    out = {}
     for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
         path, pos_path = folder / f"{split}.parquet", folder / f"{split}.position.npy"
         if path.is_file() and pos_path.is_file():
@@ -165,7 +161,61 @@ def bounded(ds: Dataset, mb: int, cache_root: Path) -> Dataset:
             with os.fdopen(fd, "wb") as f:
                 np.save(f, position)
             os.replace(tmp, pos_path)
+        out[split] = (path, position)
+    return out
+
+
+def _shared_copy(filesystem: Any, base: str, ds: Dataset) -> dict[str, tuple[str, np.ndarray]]:
+    """Each split's copy under ``base`` on ``filesystem`` (``--storage``), uploaded by the first process that needs
+    it (the positions last: their presence marks a whole copy)."""
+    import io
+
+    import pyarrow.fs as pafs
+
+    out = {}
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        path, pos_path = f"{base}/{split}.parquet", f"{base}/{split}.position.npy"
+        if filesystem.get_file_info(pos_path).type == pafs.FileType.NotFound:
+            with tempfile.TemporaryDirectory(prefix="ddray-rows-") as tmp:
+                position = write_rows(Path(tmp) / "rows.parquet", x, y.numpy())
+                filesystem.create_dir(base, recursive=True)
+                pafs.copy_files(str(Path(tmp) / "rows.parquet"), path, destination_filesystem=filesystem)
+            buf = io.BytesIO()
+            np.save(buf, position)
+            with filesystem.open_output_stream(pos_path) as f:
+                f.write(buf.getvalue())
+        else:
+            with filesystem.open_input_file(pos_path) as f:
+                position = np.load(io.BytesIO(f.read()))
+        out[split] = (path, position)
+    return out
+
+
+def bounded(ds: Dataset, mb: int, cache_root: Path, storage: tuple[Any, str] | None = None) -> Dataset:
+    """``ds`` with both splits read from their Parquet copy through one cache of at most ``mb`` MB.
+
+    The copy is written on first use (keyed by the images' bytes and labels) under ``cache_root``, or under
+    ``storage`` = (pyarrow filesystem, base path) when given. Only uint8 sets qualify: float sets (digits,
+    USPS) are small and stay in memory.
+    """
+    if ds.x_train.take_raw(slice(0, 1)).dtype != torch.uint8:
+        raise ValueError(f"--data-cache-mb: --dataset {ds.name} is held as float32 (not 8-bit images) and is small; "
+                         "drop --data-cache-mb")
+    key = _key(ds)
+    fs = None
+    if storage is None:
+        folder = cache_root / "rows" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        copies: dict[str, tuple[Any, np.ndarray]] = dict(_local_copy(folder, ds))
+    else:
+        fs, base = storage
+        copies = dict(_shared_copy(fs, f"{base.rstrip('/')}/data-rows/{key}", ds))
+    cache = GroupCache(mb * 2 ** 20)
+    splits: dict[str, Images] = {}
+    for split, x in (("train", ds.x_train), ("test", ds.x_test)):
+        path, position = copies[split]
         c, h, w = x.shape[1:]
-        splits[split] = Images(RowStore(path, position, (int(c), int(h), int(w)), cache), x.mean, x.std, x.zca)
+        splits[split] = Images(RowStore(path, position, (int(c), int(h), int(w)), cache, filesystem=fs),
+                               x.mean, x.std, x.zca)
     return Dataset(ds.name, splits["train"], ds.y_train, splits["test"], ds.y_test, ds.num_classes, ds.mean, ds.std,
                    ds.classes)

@@ -111,3 +111,23 @@ def test_class_pools_are_views_of_the_shared_bytes(mnist: Dataset) -> None:
         assert torch.equal(pool[:], mnist.x_train[mnist.y_train == c])
     drawn = batches.draw(5)
     assert [len(x) for x in drawn] == [8] * 10 and drawn[0].dtype == torch.float32
+
+
+def test_the_copy_on_a_storage_uri_serves_every_process(mnist: Dataset, tmp_path: Path) -> None:
+    """With a --storage URI the copy is written there once (one for all nodes) and a store travels (pickled to a
+    Ray worker) as its file and positions."""
+    import pickle
+
+    from ddray.storage import filesystem
+
+    fs, base = filesystem(f"file://{tmp_path / 'bucket'}")
+    small = bounded(mnist, 1, tmp_path / "unused", (fs, base))
+    written = sorted(p.name for p in (tmp_path / "bucket" / "data-rows").rglob("*") if p.is_file())
+    assert written == ["test.parquet", "test.position.npy", "train.parquet", "train.position.npy"]
+    assert not (tmp_path / "unused").exists()
+    idx = torch.arange(0, 4000, 7)
+    assert torch.equal(small.x_train.take_raw(idx), mnist.x_train.take_raw(idx))
+    moved = pickle.loads(pickle.dumps(small.x_train.raw))
+    assert torch.equal(moved.take(idx), mnist.x_train.take_raw(idx)) and moved.cache.budget == 2 ** 20
+    again = bounded(mnist, 1, tmp_path / "unused", (fs, base))  # found, not written again
+    assert torch.equal(again.x_test[:], mnist.x_test[:])
