@@ -33,7 +33,7 @@ test: $(VENV)/.installed e2e-deps
 test-e2e: $(VENV)/.installed e2e-deps
 	$(PY) -m pytest -q -m e2e
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed e2e-deps
 	$(PY) -m pytest -q -m 'not slow'
 
 bench: $(VENV)/.installed

@@ -97,3 +97,13 @@ def test_the_committed_picture_shows_every_module() -> None:
         if short not in listed:
             missing.append(mod)
     assert missing == [], f"docs/architecture.svg misses {missing}: run `python docs/architecture.py`"
+
+
+def test_no_file_of_the_project_reads_the_teams_shared_folder() -> None:
+    """A user's clone has no ../shared: the package and the tests must not reach for it (the benchmarks and
+    experiments take such paths as arguments)."""
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"""parents?\[?\d*\]?\s*/\s*["']shared["']|\.\./shared|/work/shared""")
+    offenders = [str(p.relative_to(root)) for folder in ("ddray", "tests") for p in (root / folder).rglob("*.py")
+                 if pattern.search(p.read_text()) and p.name != "test_architecture.py"]
+    assert offenders == []

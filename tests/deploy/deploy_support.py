@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 OVERLAYS = ("cpu-dev", "gpu")
-SCHEMAS = REPO.parent / "shared" / "schemas"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"  # KubeRay v1.7.0's CRDs (schemas/README.md)
 CRD_SCHEMAS = {
     "RayCluster": SCHEMAS / "kuberay-v1.7.0-raycluster-v1.schema.json",
     "RayJob": SCHEMAS / "kuberay-v1.7.0-rayjob-v1.schema.json",
@@ -60,19 +60,6 @@ def pinned_version(package: str) -> str:
 
 def ray_version() -> str:
     return pinned_version("ray")
-
-
-def has_elastic_fleet() -> bool:
-    """Whether ddray has the elastic-fleet options the manifests use (issue 9: cluster.placement_timeout,
-    gpus_per_worker, ``--resume auto``). Tests of those manifests wait for it instead of failing."""
-    from dataclasses import fields
-
-    from ddray.config import ClusterConfig
-
-    return "placement_timeout" in {f.name for f in fields(ClusterConfig)}
-
-
-NEEDS_ISSUE_9 = "needs ddray's elastic fleet (issue 9: --resume auto, cluster.gpus_per_worker, placement_timeout)"
 
 
 # --------------------------------------------------------------------------- kustomize

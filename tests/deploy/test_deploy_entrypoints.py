@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from deploy_support import (
-    IMAGE_TUNE_DIR, K8S, NEEDS_ISSUE_9, REPO, Doc, PodSpec, by_kind, configmap_data, container_env,
-    has_elastic_fleet, mount_for, one, pod_specs,
+    IMAGE_TUNE_DIR, K8S, REPO, Doc, PodSpec, by_kind, configmap_data, container_env,
+    mount_for, one, pod_specs,
 )
 
 # The sections and fields the k8s distillation configs may use.
@@ -76,8 +76,6 @@ def test_entrypoint_parses_with_ddrays_cli(docs: list[Doc], name: str) -> None:
     from ddray.cli import build_parser
 
     argv = argv_of(docs, one(docs, "RayJob", name))
-    if argv[1] == "distill" and "--resume" in argv and not has_elastic_fleet():
-        pytest.skip(NEEDS_ISSUE_9)
     assert argv[0] == "ddray", argv
     err = io.StringIO()
     try:
@@ -95,8 +93,6 @@ def test_every_rayjob_is_checked(docs: list[Doc]) -> None:
 def test_distill_config_is_mounted_and_valid(docs: list[Doc], tmp_path: Path) -> None:
     from ddray.config import load_config
 
-    if not has_elastic_fleet():
-        pytest.skip(NEEDS_ISSUE_9)
     for job in _jobs(docs, "distill"):
         argv = argv_of(docs, job)
         path = _option(argv, "--config")
@@ -195,8 +191,6 @@ def test_distill_config_sources_are_valid() -> None:
     assert files
     for f in files:
         cfg = yaml.safe_load(f.read_text())
-        if set(cfg.get("cluster", {})) - {"workers"} and not has_elastic_fleet():
-            continue  # the gpu overlay's: NEEDS_ISSUE_9
         load_config(f)
         cfg = yaml.safe_load(f.read_text())
         for section, fields in cfg.items():
@@ -208,6 +202,5 @@ def test_tune_configs_exist(docs: list[Doc]) -> None:
         paths = [a for a in argv_of(docs, job) if a.startswith(IMAGE_TUNE_DIR)]
         assert len(paths) == 1, f"RayJob/{job['metadata']['name']}: expected one {IMAGE_TUNE_DIR}<name>.yaml"
         source = REPO / "tune_configs" / paths[0][len(IMAGE_TUNE_DIR):]
-        if not source.is_file():
-            pytest.skip(f"{source.relative_to(REPO)} is not written yet")
+        assert source.is_file(), f"RayJob/{job['metadata']['name']} runs {paths[0]}, but {source} does not exist"
         assert isinstance(yaml.safe_load(source.read_text()), dict), f"{source}: not a YAML mapping"

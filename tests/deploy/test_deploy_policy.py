@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 
 from deploy_support import (
-    NEEDS_ISSUE_9, Doc, PodSpec, base_name, by_kind, configmap_data, container_env, cpu_cores, has_elastic_fleet,
+    Doc, PodSpec, base_name, by_kind, configmap_data, container_env, cpu_cores,
     mem_bytes, mount_for, one, pod_specs, pyproject, ray_cluster_specs, ray_version, selector_matches, split_image,
 )
 
@@ -485,8 +485,6 @@ def test_gpu_overlay_can_place_what_its_distillation_asks_for(renders: dict[str,
 
     import yaml
 
-    if not has_elastic_fleet():
-        pytest.skip(NEEDS_ISSUE_9)
     docs = renders["gpu"][0]
     cfg = yaml.safe_load(configmap_data(docs, "ddray-distill-config")["distill.yaml"])["cluster"]
     job = one(docs, "RayJob", "ddray-distill")["spec"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Platform, resolved_env
-from deploy_support import NEEDS_ISSUE_9, has_elastic_fleet, one
+from deploy_support import one
 from servers import BIN, S3_CLIENT_COMPAT, ray_cluster, ray_start_line
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -72,8 +72,6 @@ def pod_env(plat: Platform, container: dict, token: str, config_dir: Path) -> di
 
 
 def test_cpu_dev_rayjob_runs_like_kuberay_runs_it(platform: Platform, tmp_path: Path) -> None:
-    if not has_elastic_fleet():
-        pytest.skip(NEEDS_ISSUE_9)  # the entrypoint says --resume auto
     job = one(platform.docs, "RayJob", JOB)
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["authOptions"]["mode"] == "token"
