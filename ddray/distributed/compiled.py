@@ -130,9 +130,11 @@ def compiled_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bo
 
 
 def _answers(fleet: Fleet, slot: int) -> bool:
-    """Whether worker ``slot`` answers now (a graph failure does not say which actor died)."""
+    """Whether worker ``slot`` answers now as the same process (a graph failure does not say which actor died;
+    one that Ray restarted meanwhile answers from a new process and has lost what it held)."""
     try:
-        ray.get(fleet.pool.handle(slot).ping.remote(), timeout=30)
-        return True
+        info = ray.get(fleet.pool.handle(slot).ping.remote(), timeout=30)
     except (RayError, ray.exceptions.GetTimeoutError):
         return False
+    known = fleet.pool.members[slot].pid
+    return known is None or info["pid"] == known
