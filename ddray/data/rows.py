@@ -51,7 +51,9 @@ class GroupCache:
         col = file.read_row_group(group, columns=["image"]).column(0).combine_chunks()
         width = int(np.prod(row_shape))
         data = np.frombuffer(col.buffers()[1], dtype=np.uint8)[col.offset * width:(col.offset + len(col)) * width]
-        rows = data.reshape(len(col), *row_shape)
+        rows = data.reshape(len(col), *row_shape).copy()  # our own bytes: Arrow's buffer can go back
+        del col, data
+        pa.default_memory_pool().release_unused()  # ... to the OS, not kept in Arrow's pool (the budget holds)
         self.reads += 1
         while self.groups and self.used + rows.nbytes > self.budget:
             _, old = self.groups.popitem(last=False)
@@ -76,7 +78,8 @@ class RowStore:
                  file: "pq.ParquetFile | None" = None, filesystem: Any | None = None) -> None:
         self.path, self.position, self.row_shape, self.cache = path, position, shape, cache
         self.filesystem = filesystem  # a pyarrow filesystem the file lives on (--storage), None: local disk
-        self.file = file or pq.ParquetFile(str(path) if filesystem is None else filesystem.open_input_file(str(path)))
+        source = str(path) if filesystem is None else filesystem.open_input_file(str(path))
+        self.file = file or pq.ParquetFile(source, pre_buffer=False)
         sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -143,8 +146,8 @@ def _key(ds: Dataset) -> str:
     h = hashlib.sha256(f"{FORMAT} {ds.name} {tuple(ds.x_train.shape)} {tuple(ds.x_test.shape)}".encode())
     for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
         raw = x.take_raw(slice(None))
-        h.update(y.numpy().tobytes())
-        h.update(raw.contiguous().numpy().tobytes())
+        h.update(np.ascontiguousarray(y.numpy()))
+        h.update(np.ascontiguousarray(raw.numpy()))  # hashed in place: no copy of the set
     return h.hexdigest()[:32]
 
 
