@@ -51,9 +51,8 @@ class GroupCache:
         col = file.read_row_group(group, columns=["image"]).column(0).combine_chunks()
         width = int(np.prod(row_shape))
         data = np.frombuffer(col.buffers()[1], dtype=np.uint8)[col.offset * width:(col.offset + len(col)) * width]
-        rows = data.reshape(len(col), *row_shape).copy()  # our own bytes: Arrow's buffer can go back
+        rows = data.reshape(len(col), *row_shape).copy()  # our own bytes: Arrow's buffer goes back to its pool
         del col, data
-        pa.default_memory_pool().release_unused()  # ... to the OS, not kept in Arrow's pool (the budget holds)
         self.reads += 1
         while self.groups and self.used + rows.nbytes > self.budget:
             _, old = self.groups.popitem(last=False)
