@@ -161,7 +161,7 @@ def bench_rss(archive: str, cache: Path, tmp: Path) -> dict[str, Any]:
 
 
 def bench_bounded(archive: str, cache: Path, tmp: Path) -> dict[str, Any]:
-    rows = {}
+    rows: dict[str, Any] = {"data": bench_data_memory(archive, cache)}
     for method, iters in (("dd", 6), ("dm", 40)):
         for mb in (None, 64):
             extra = ["--local", "--no-tracking"] + ([] if mb is None else ["--data-cache-mb", str(mb)])
@@ -170,6 +170,41 @@ def bench_bounded(archive: str, cache: Path, tmp: Path) -> dict[str, Any]:
             rows[f"{method} {mb or 'all'}"] = {"peak_rss_mb": s.node_rss / MB, "steady_rss_mb": s.steady_rss / MB,
                                                "s_per_step": _per_step(text)}
     return rows
+
+
+_DATA_RSS = """
+import json, sys, torch
+from pathlib import Path
+def rss():
+    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024
+from ddray.core.matching import ClassBatches
+from ddray.data import load_dataset
+from ddray.data.rows import bounded
+archive, cache, mb = sys.argv[1], sys.argv[2], int(sys.argv[3])
+before = rss()
+ds = load_dataset('imagefolder', archive, cache_dir=cache)
+loaded = rss()
+if mb:
+    ds = bounded(ds, mb, Path(cache))
+batches = ClassBatches(ds.x_train, ds.y_train, ds.num_classes, 64, 0)
+for step in range(100):  # DM/DC: 64 images of every class per meta-step
+    batches.draw(step)
+per_class = rss()
+for step in range(30):  # DD: a random batch of 1024
+    ds.x_train[torch.randperm(len(ds.x_train), generator=torch.Generator().manual_seed(step))[:1024]]
+print(json.dumps({"loaded": loaded - before, "per_class": per_class - before, "random": rss() - before}))
+"""
+
+
+def bench_data_memory(archive: str, cache: Path) -> dict[str, Any]:
+    """What holding the data costs one process (RSS over the interpreter with torch imported): the set loaded,
+    then 100 per-class draws (DC/DM), then 30 random batches (DD) — whole set against ``--data-cache-mb 64``."""
+    out = {}
+    for mb in (0, 64):
+        r = subprocess.run([sys.executable, "-c", _DATA_RSS, archive, str(cache), str(mb)], capture_output=True,
+                           text=True, env=_env(), check=True, cwd=ROOT)
+        out["all" if mb == 0 else str(mb)] = {k: v / MB for k, v in json.loads(r.stdout.splitlines()[-1]).items()}
+    return out
 
 
 def bench_speed(archive: str, cache: Path, tmp: Path) -> dict[str, Any]:
@@ -202,11 +237,20 @@ def markdown(results: dict[str, Any], stamp: str) -> str:
         lines += ["| run (--local) | peak RSS (MB) | RSS, second half (MB, median) | s / meta-step |",
                   "| --- | ---: | ---: | ---: |"]
         for k, r in results["bounded"].items():
+            if k == "data":
+                continue
             method, mb = k.split()
             what = "whole set in memory" if mb == "all" else f"--data-cache-mb {mb}"
             lines.append(f"| {method.upper()}, {what} | {r['peak_rss_mb']:.0f} | {r.get('steady_rss_mb', 0):.0f} | "
                          f"{r['s_per_step']:.2f} |")
         lines.append("")
+        if "data" in results["bounded"]:
+            lines += ["| what the data costs one process (RSS growth, MB) | loaded | + 100 per-class draws | "
+                      "+ 30 random batches of 1024 |", "| --- | ---: | ---: | ---: |"]
+            for k, r in results["bounded"]["data"].items():
+                what = "whole set in memory" if k == "all" else f"--data-cache-mb {k}"
+                lines.append(f"| {what} | {r['loaded']:.0f} | {r['per_class']:.0f} | {r['random']:.0f} |")
+            lines.append("")
     if "speed" in results:
         lines += ["| method, path | s / meta-step |", "| --- | ---: |"]
         for k, r in results["speed"].items():
