@@ -63,7 +63,7 @@ def fitted_zca(ds: Dataset, eps: float, cache_dir: str | None = None) -> Zca:
     h = hashlib.sha256(f"zca-v1 eps={eps!r} mean={ds.mean} std={ds.std}".encode())
     raw = ds.x_train.take_raw(slice(None))
     h.update(str(tuple(raw.shape)).encode() + str(raw.dtype).encode())
-    h.update(raw.contiguous().numpy())  # hashed in place: no copy of the set
+    h.update(raw.contiguous().numpy().data)  # hashed in place: no copy of the set
     path = _cache_root(cache_dir) / "zca" / f"{h.hexdigest()[:32]}.safetensors"
     if path.is_file():
         return Zca.from_tensors(load_file(str(path)))

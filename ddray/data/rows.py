@@ -145,8 +145,8 @@ def _key(ds: Dataset) -> str:
     h = hashlib.sha256(f"{FORMAT} {ds.name} {tuple(ds.x_train.shape)} {tuple(ds.x_test.shape)}".encode())
     for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
         raw = x.take_raw(slice(None))
-        h.update(np.ascontiguousarray(y.numpy()))
-        h.update(np.ascontiguousarray(raw.numpy()))  # hashed in place: no copy of the set
+        h.update(np.ascontiguousarray(y.numpy()).data)
+        h.update(np.ascontiguousarray(raw.numpy()).data)  # hashed in place: no copy of the set
     return h.hexdigest()[:32]
 
 
