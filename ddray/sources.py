@@ -75,8 +75,3 @@ def fitted_zca(ds: Dataset, eps: float, cache_dir: str | None = None) -> Zca:
     os.replace(tmp, path)
     return zca
 
-
-def zca_matches(zca: Zca | None, want: bool, eps: float) -> bool:
-    """Whether a transform (or its absence) is the one ``--zca``/``--zca-eps`` ask for."""
-    return (zca is None) == (not want) and (zca is None or abs(zca.eps - eps) <= 1e-12 * max(1.0, eps))
-
