@@ -90,10 +90,11 @@ class MetaGradWorker:
         self._objective: Any = None
 
     def data_info(self) -> dict[str, Any]:
-        """How this worker holds the real images: bytes, and whether they are the object store's read-only copy."""
-        raw = self.problem.data.x_train.raw
+        """How this worker holds its training images: their bytes and where they live (:func:`mapping_of`: the
+        object store's shared memory, or this process's own), or that they are read from the Parquet copy."""
         import torch
 
+        raw = self.problem.data.x_train.raw
         if not isinstance(raw, torch.Tensor):  # read from the Parquet copy (--data-cache-mb)
             return {"bytes": 0, "dtype": str(raw.dtype), "mapping": None, "rows": True}
         return {"bytes": int(raw.nbytes), "dtype": str(raw.dtype), "mapping": mapping_of(raw.data_ptr()), "rows": False}
