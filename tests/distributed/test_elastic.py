@@ -75,9 +75,17 @@ def nodes(cluster: Any) -> Iterator[Callable[[int], list[Any]]]:
         return new
 
     yield add
+    import ray
+
+    gone = set()
     for node in added:
         if node in cluster.worker_nodes:
             cluster.remove_node(node, allow_graceful=False)
+            gone.add(node.node_id)
+    # the next test counts the cluster's nodes (and its error messages name them): wait until Ray has
+    # noticed that these are gone, which takes its health checks a few seconds
+    wait_for("the removed nodes to be reported dead",
+             lambda: not any(n["NodeID"] in gone and n["Alive"] for n in ray.nodes()))
 
 
 def start(cluster: Any, tmp: Path, *argv: str, name: str = "run", **env: str) -> subprocess.Popen[str]:
