@@ -139,21 +139,22 @@ def bench_load(archive: str, cache: Path) -> dict[str, float]:
     return out
 
 
-def _distill_argv(archive: str, cache: Path, out: Path, method: str, iterations: int, *extra: str) -> list[str]:
+def _distill_argv(archive: str, cache: Path, out: Path, method: str, iterations: int, *extra: str,
+                  nets: int = 1) -> list[str]:
     base = [*DDRAY, "distill", "--dataset", "imagefolder", "--data-root", archive, "--cache-dir", str(cache),
             "--out", str(out), "--iterations", str(iterations), "--no-progress", "--eval-nets", "1",
             "--checkpoint-every", str(iterations)]
     if method == "dd":
-        return [*base, "--model", "alexcifarnet", "--init", "fixed", "--nets", "1", *extra]
+        return [*base, "--model", "alexcifarnet", "--init", "fixed", "--nets", str(nets), *extra]
     return [*base, "--method", "dm", "--model", "convnet", "--width", "32", "--real-per-class", "64",
-            "--nets", "1", "--eval-epochs", "1", *extra]
+            "--nets", str(nets), "--eval-epochs", "1", *extra]
 
 
 def bench_rss(archive: str, cache: Path, tmp: Path) -> dict[str, Any]:
     rows = {}
     for workers in (1, 4):
-        argv = _distill_argv(archive, cache, tmp / f"rss{workers}", "dm", 12, "--workers", str(workers), "--nets", "4",
-                             "--cpus-per-worker", "0.5", "--no-tracking")
+        argv = _distill_argv(archive, cache, tmp / f"rss{workers}", "dm", 12, "--workers", str(workers),
+                             "--cpus-per-worker", "0.5", "--no-tracking", nets=4)
         s, text, secs = run_sampled(argv, _env())
         rows[workers] = {"node_pss_mb": s.node_pss / MB, "node_rss_mb": s.node_rss / MB, "seconds": secs,
                          "workers": [{k: v / MB for k, v in w.items()} for w in s.workers.values()]}

@@ -77,8 +77,10 @@ class RowStore:
                  file: "pq.ParquetFile | None" = None, filesystem: Any | None = None) -> None:
         self.path, self.position, self.row_shape, self.cache = path, position, shape, cache
         self.filesystem = filesystem  # a pyarrow filesystem the file lives on (--storage), None: local disk
-        source = str(path) if filesystem is None else filesystem.open_input_file(str(path))
-        self.file = file or pq.ParquetFile(source, pre_buffer=False)
+        if file is None:  # a class's view (select) shares its parent's open file
+            file = pq.ParquetFile(str(path) if filesystem is None else filesystem.open_input_file(str(path)),
+                                  pre_buffer=False)
+        self.file = file
         sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
