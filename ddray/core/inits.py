@@ -27,6 +27,7 @@ from ddray.core.models import Params, init_params, stack_params
 
 DISTILL, EVAL, REAL_BATCH, SYN_INIT, FIXED_INIT, BASELINE, PRETRAIN = range(7)
 EXPERT, AUGMENT, NET_TRAIN, TRAJECTORY = range(7, 11)  # MTT experts, DSA draws, DC's net updates, MTT starts
+SYN_BATCH = 11  # MTT's batch_syn: which synthetic images each student step trains on
 
 
 def derive_seed(*key: int) -> int:

@@ -2,19 +2,23 @@
 
 Notation and shapes:
 
-    x̃          synthetic images, (1, N, C, H, W) — the student trains on all of them every step
+    x̃          synthetic images, (1, N, C, H, W), with labels ỹ, (N,)
+    B_n         the rows student step n trains on: all N, or with ``batch_syn`` a sample of
+                batch_syn of them (without replacement, a fresh draw for every step n)
     ρ          raw step size, (1,); the student's step size is η̃ = softplus(ρ) (learned, shared by all steps)
     θ*_t        an expert's parameters after t epochs on real data (``ddray experts``)
     t           a random start epoch, 0 ≤ t < max_start_epoch; M = ``expert_epochs``
-    θ̂_0 = θ*_t, θ̂_{n+1} = θ̂_n − η̃ ∇θ ℓ(A(x̃), ỹ; θ̂_n) for n < ``syn_steps``  (A: DSA, when on)
+    θ̂_0 = θ*_t, θ̂_{n+1} = θ̂_n − η̃ ∇θ ℓ(A(x̃[B_n]), ỹ[B_n]; θ̂_n) for n < ``syn_steps``  (A: DSA, when on)
 
     L = ‖θ̂_{syn_steps} − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖²
 
 The unroll is :func:`ddray.core.unroll.unroll_vjp` with this ``outer``, so
 ``memory="recompute"`` keeps memory flat in ``syn_steps`` exactly as for DD. K
 networks per meta-step are K independent (expert, start epoch) draws, keyed by
-(run seed, meta-step, net); the augmentation of student step n is keyed by
-(run seed, meta-step, n) and shared by the K students of a meta-step.
+(run seed, meta-step, net); the batch B_n and the augmentation of student step n are
+keyed by (run seed, meta-step, n) and shared by the K students of a meta-step, so
+``recompute`` rebuilds step n on exactly the same images, and any worker, or a resumed
+run, draws the same ones. Images in no B_n of a meta-step get a zero gradient from it.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ import torch
 import torch.nn as nn
 
 from ddray.core.augment import apply_aug, sample_aug
-from ddray.core.inits import AUGMENT, TRAJECTORY, generator
+from ddray.core.inits import AUGMENT, SYN_BATCH, TRAJECTORY, generator
 from ddray.core.kernels import Kernels
 from ddray.core.models import Params, stack_params
-from ddray.core.unroll import MetaGrad, Transform, unroll_vjp
+from ddray.core.unroll import MetaGrad, Rows, Transform, unroll_vjp
 
 
 class Expert(Protocol):
@@ -50,11 +54,16 @@ class TrajectoryMatching:
         syn_steps, expert_epochs, max_start_epoch: see the module docstring.
         seed: run seed; strategy: DSA strategy or None; memory: ``full`` or ``recompute``.
         compile: compile the student's step (:mod:`ddray.core.kernels`).
+        batch_syn: images per student step, 1 ≤ batch_syn ≤ N (MTT's ``--batch_syn``); None:
+            all N every step.
     """
 
     def __init__(self, model: nn.Module, experts: Sequence[Expert], labels: torch.Tensor, syn_steps: int,
                  expert_epochs: int, max_start_epoch: int, seed: int, strategy: str | None,
-                 memory: str = "full", compile: bool = False) -> None:
+                 memory: str = "full", compile: bool = False, batch_syn: int | None = None) -> None:
+        if batch_syn is not None and not 1 <= batch_syn <= len(labels):
+            raise ValueError(f"--batch-syn {batch_syn}: must be between 1 and {len(labels)} "
+                             "(the number of synthetic images)")
         need = max_start_epoch - 1 + expert_epochs
         short = [i for i, e in enumerate(experts) if e.epochs < need]
         if short:
@@ -62,7 +71,7 @@ class TrajectoryMatching:
                              f"{short[0]} has only {experts[short[0]].epochs} epochs (needs {need})")
         self.model, self.experts, self.labels = model, experts, labels
         self.syn_steps, self.expert_epochs, self.max_start = syn_steps, expert_epochs, max_start_epoch
-        self.seed, self.strategy, self.memory = seed, strategy, memory
+        self.seed, self.strategy, self.memory, self.batch_syn = seed, strategy, memory, batch_syn
         self.kernels = Kernels(model, compile)
 
     def segment(self, step: int, net: int) -> tuple[Params, Params]:
@@ -86,8 +95,26 @@ class TrajectoryMatching:
             return grads, float(loss.sum())
 
         g = unroll_vjp(self.model, theta0, images, self.labels.to(images.device),
-                       raw_lrs.repeat(self.syn_steps), outer, self.memory, self.transform(step), self.kernels)
+                       raw_lrs.repeat(self.syn_steps), outer, self.memory, self.transform(step), self.kernels,
+                       self.rows(step, images.device))
         return MetaGrad(g.images, g.raw_lrs.sum().reshape(1), g.loss, len(nets))
+
+    def batches(self, step: int) -> list[torch.Tensor] | None:
+        """B_0 … B_{syn_steps−1} of meta-step ``step``, each (batch_syn,) sorted indices into the N images;
+        None when every step trains on all of them."""
+        if self.batch_syn is None:
+            return None
+        draws = (torch.randperm(len(self.labels), generator=generator(self.seed, SYN_BATCH, step, n))
+                 for n in range(self.syn_steps))
+        return [d[:self.batch_syn].sort().values for d in draws]
+
+    def rows(self, step: int, device: torch.device) -> Rows | None:
+        """Student step n → B_n on ``device`` (for :func:`~ddray.core.unroll.unroll_vjp`), or None."""
+        batches = self.batches(step)
+        if batches is None:
+            return None
+        on_device = [b.to(device) for b in batches]
+        return lambda n: on_device[n]
 
     def transform(self, step: int) -> Transform | None:
         """DSA on student step n's batch, the same draw whenever step n is (re)computed."""

@@ -7,7 +7,10 @@ Notation (Wang et al. 2018) and shapes:
     η̃ₜ     step size of inner step t, η̃ = softplus(ρ) with raw ρ of shape (T,)
     θ₀     initial network parameters, a dict of (K, ...) tensors: K networks at once
     T      = S × E inner steps; step t uses batch x̃_(t mod S) and η̃ₜ
-    θₜ₊₁   = θₜ − η̃ₜ ∇θ ℓ(x̃_(t mod S), ỹ; θₜ)                      (unrolled SGD)
+    Rₜ     the rows step t trains on, (n,) indices into N: all N unless ``rows`` is given
+           (MTT's ``batch_syn``: a seeded sample per step); x̃_b[Rₜ] goes with ỹ[Rₜ]
+    Aₜ     the per-step ``transform`` of the selected rows (DSA; identity by default)
+    θₜ₊₁   = θₜ − η̃ₜ ∇θ ℓ(Aₜ(x̃_(t mod S)[Rₜ]), ỹ[Rₜ]; θₜ)          (unrolled SGD)
     L      = 1/K Σₖ ℓ(x_real, y_real; θ_T⁽ᵏ⁾)                      (outer loss)
 
 The meta-gradient is (∂L/∂x̃, ∂L/∂ρ). It is computed in two parts, which is the
@@ -61,25 +64,38 @@ def step_schedule(steps: int, epochs: int) -> list[int]:
     return [t % steps for t in range(steps * epochs)]
 
 
-Transform = Callable[[int, torch.Tensor], torch.Tensor]  # (t, x̃_b) → the batch step t trains on
+Transform = Callable[[int, torch.Tensor], torch.Tensor]  # (t, x̃_b[Rₜ]) → the batch step t trains on
+Rows = Callable[[int], torch.Tensor]  # t → Rₜ, (n,) int64 indices into the N images (and labels)
+
+
+def _pick_rows(rows: Rows | None, t: int, x: torch.Tensor,
+               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Step t's rows of a batch (N, ...) and of its labels (N,): (x[Rₜ], y[Rₜ], Rₜ); (x, y, None)
+    when ``rows`` is None (all N)."""
+    if rows is None:
+        return x, y, None
+    r = rows(t)
+    return x[r], y[r], r
 
 
 def unroll(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
            lrs: torch.Tensor, order: list[int] | None = None, transform: Transform | None = None,
-           step: StepFn | None = None) -> Params:
+           step: StepFn | None = None, rows: Rows | None = None) -> Params:
     """θ_T from θ₀ (K-batched) by T = len(lrs) SGD steps on the synthetic batches.
 
     Differentiable in ``images`` and ``lrs`` whenever they require grad.
-    ``order[t]`` picks the batch of step t (default t mod S); ``transform(t, x)``
-    (e.g. a seeded differentiable augmentation) is applied to step t's batch;
-    ``step``: the step function (default :func:`batched_step`; e.g. a compiled one).
+    ``order[t]`` picks the batch of step t (default t mod S); ``rows(t)`` picks the
+    images of that batch, and their labels, that step t trains on (default all N);
+    ``transform(t, x)`` (e.g. a seeded differentiable augmentation) is applied to
+    step t's selected images; ``step``: the step function (default
+    :func:`batched_step`; e.g. a compiled one).
     """
     step = step or batched_step(model)
     order = order if order is not None else step_schedule(images.shape[0], len(lrs) // images.shape[0])
     p = params0
     for t, b in enumerate(order):
-        x = images[b] if transform is None else transform(t, images[b])
-        p = step(p, x, labels, lrs[t])
+        x, y, _ = _pick_rows(rows, t, images[b], labels)
+        p = step(p, x if transform is None else transform(t, x), y, lrs[t])
     return p
 
 
@@ -126,41 +142,45 @@ def meta_gradient(model: nn.Module, params0: Params, images: torch.Tensor, label
 
 def unroll_vjp(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
                raw_lrs: torch.Tensor, outer: Outer, memory: str = "full",
-               transform: Transform | None = None, kernels: Kernels | None = None) -> MetaGrad:
+               transform: Transform | None = None, kernels: Kernels | None = None,
+               rows: Rows | None = None) -> MetaGrad:
     """∂/∂(x̃, ρ) of an outer loss of θ_T, the unroll's vector-Jacobian product with ``outer(θ_T)``.
 
     ``outer`` returns the first-order ∂L/∂θ_T of every network and Σₖ Lₖ: the real-batch
     loss for DD (:func:`meta_gradient`), the normalised distance to an expert's
-    parameters for MTT. ``transform``: see :func:`unroll` (it must be deterministic
-    in t: ``recompute`` calls it again on the way back). ``kernels``: see :func:`meta_gradient`;
-    if compiled ones fail, the meta-gradient is computed again eagerly (one warning).
+    parameters for MTT. ``transform`` and ``rows``: see :func:`unroll` (both must be
+    deterministic in t: ``recompute`` calls them again on the way back); images in no
+    step's rows get a zero gradient. ``kernels``: see :func:`meta_gradient`; if compiled
+    ones fail, the meta-gradient is computed again eagerly (one warning).
     """
     if memory not in ("full", "recompute"):
         raise ValueError(f"--memory: unknown mode {memory!r}; choose full or recompute")
     kern = kernels or Kernels(model)
-    return kern.run(lambda k: _unroll_vjp(model, params0, images, labels, raw_lrs, outer, memory, transform, k.step))
+    return kern.run(lambda k: _unroll_vjp(model, params0, images, labels, raw_lrs, outer, memory, transform,
+                                          k.step, rows))
 
 
 def _unroll_vjp(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
                 raw_lrs: torch.Tensor, outer: Outer, memory: str, transform: Transform | None,
-                step: StepFn) -> MetaGrad:
+                step: StepFn, rows: Rows | None = None) -> MetaGrad:
     images = images.detach().requires_grad_()
     raw_lrs = raw_lrs.detach().requires_grad_()
     params0 = {k: v.detach() for k, v in params0.items()}
     k = next(iter(params0.values())).shape[0]
     if memory == "full":
         with torch.enable_grad():
-            p_t = unroll(model, params0, images, labels, F.softplus(raw_lrs), transform=transform, step=step)
+            p_t = unroll(model, params0, images, labels, F.softplus(raw_lrs), transform=transform, step=step,
+                         rows=rows)
             g_t, loss = outer(p_t)
             g_img, g_raw = torch.autograd.grad(list(p_t.values()), [images, raw_lrs],
                                                grad_outputs=list(g_t.values()))
         return MetaGrad(g_img, g_raw, loss, k)
-    return _unroll_vjp_recompute(model, params0, images, labels, raw_lrs, outer, transform, step)
+    return _unroll_vjp_recompute(model, params0, images, labels, raw_lrs, outer, transform, step, rows)
 
 
 def _unroll_vjp_recompute(model: nn.Module, params0: Params, images: torch.Tensor, labels: torch.Tensor,
                           raw_lrs: torch.Tensor, outer: Outer, transform: Transform | None,
-                          step: StepFn) -> MetaGrad:
+                          step: StepFn, rows: Rows | None = None) -> MetaGrad:
     order = step_schedule(images.shape[0], raw_lrs.shape[0] // images.shape[0])
 
     def batch(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -171,21 +191,26 @@ def _unroll_vjp_recompute(model: nn.Module, params0: Params, images: torch.Tenso
     with torch.no_grad():
         lrs = F.softplus(raw_lrs)
         for t, b in enumerate(order):
-            history.append(step(history[-1], batch(t, images[b]), labels, lrs[t]))
+            x, y, _ = _pick_rows(rows, t, images[b], labels)
+            history.append(step(history[-1], batch(t, x), y, lrs[t]))
     g_theta, loss = outer(history.pop())
     g_img = torch.zeros_like(images)
     g_raw = torch.zeros_like(raw_lrs)
-    # Backward: re-run step t with a graph, pull gₜ₊₁ back to θₜ, x̃_b and ρₜ.
+    # Backward: re-run step t with a graph, pull gₜ₊₁ back to θₜ, x̃_b[Rₜ] and ρₜ.
     for t in reversed(range(len(order))):
         b = order[t]
         with torch.enable_grad():
             p = {n: v.requires_grad_() for n, v in history.pop().items()}
-            x = images[b].detach().requires_grad_()
+            x, y, r_t = _pick_rows(rows, t, images[b].detach(), labels)
+            x = x.requires_grad_()
             r = raw_lrs[t].detach().requires_grad_()
-            out = step(p, batch(t, x), labels, F.softplus(r))
+            out = step(p, batch(t, x), y, F.softplus(r))
             grads = torch.autograd.grad(list(out.values()), [*p.values(), x, r],
                                         grad_outputs=list(g_theta.values()))
         g_theta = dict(zip(p, grads[:-2]))
-        g_img[b] += grads[-2]
+        if r_t is None:
+            g_img[b] += grads[-2]
+        else:
+            g_img[b].index_add_(0, r_t, grads[-2])
         g_raw[t] += grads[-1]
     return MetaGrad(g_img, g_raw, loss, len(next(iter(params0.values()))))
