@@ -8,7 +8,7 @@ Notation and shapes:
     ρ          raw step size, (1,); the student's step size is η̃ = softplus(ρ) (learned, shared by all steps)
     θ*_t        an expert's parameters after t epochs on real data (``ddray experts``)
     t           a random start epoch, 0 ≤ t < max_start_epoch; M = ``expert_epochs``
-    θ̂_0 = θ*_t, θ̂_{n+1} = θ̂_n − η̃ ∇θ ℓ(A(x̃[B_n]), ỹ[B_n]; θ̂_n) for n < ``syn_steps``  (A: DSA, when on)
+    θ̂_0 = θ*_t, θ̂_{n+1} = θ̂_n − η̃ ∇θ ℓ(A(x̃[B_n]), ỹ[B_n]; θ̂_n) for n < ``syn_steps``  (A: DSA if on)
 
     L = ‖θ̂_{syn_steps} − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖²
 
