@@ -80,6 +80,8 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "expert_epochs": (int, "mtt: M, expert epochs the student should cover"),
     "max_start_epoch": (int, "mtt: the student starts at a random expert epoch below this"),
     "lr_lr": (float, "mtt: outer learning rate of the step size"),
+    "batch_syn": (int, "mtt: synthetic images per student step, batches of a seeded permutation as MTT's "
+                       "(default: all; less memory for large sets)"),
     "width": (int, "convnet: channels per layer (default {default}, the papers')"),
     "workers": (lambda v: int(v) if v.strip().lstrip("-").isdigit() else v, "Ray worker actors: N, or MIN:MAX to "
                 "start once MIN are placed and grow to MAX as nodes join"),
@@ -102,6 +104,11 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "eval_protocol": (str, "evaluation: dd (the set's own schedule) or dc (ConvNet-style training, the DC line's; "
                            f"default: the method's — {_method_defaults(lambda m: m.eval_protocol)})"),
     "eval_epochs": (int, "protocol dc: training epochs per network (default {default}; the papers: 1000)"),
+    "scores": (bool, "DD-Ranking's HLR, IOR, LRS and ARS beside the accuracy: the set against a random real "
+                     "subset of its size and the full training split, by protocol dc (--no-scores: accuracy only)"),
+    "score_lrs": (str, "scores: learning rates tried for each evaluation, the best kept (comma-separated; "
+                       "DD-Ranking searches 0.001,0.005,0.01,0.05,0.1)"),
+    "full_epochs": (int, "scores: epochs of the networks trained on the full training split (cached)"),
     "tracking_uri": (str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
     "experiment": (str, "MLflow experiment name"),
     "compile": (bool, "torch.compile the inner step and the real-batch gradient (dd, mtt; same gradients; "
@@ -182,6 +189,11 @@ def _add_eval_flags(p: argparse.ArgumentParser, default_protocol: str) -> None:
                    help="protocol dc: training epochs per network (default %(default)s on CPU; the papers: 1000)")
     p.add_argument("--no-dsa", dest="dsa", action="store_false",
                    help="protocol dc: train without DSA augmentation")
+    p.add_argument("--no-scores", dest="scores", action="store_false",
+                   help="accuracy only, without DD-Ranking's HLR, IOR, LRS and ARS (by protocol dc, against a random "
+                        "real subset of the set's size and the full training split)")
+    p.add_argument("--score-lrs", default=FIELD_DEFAULTS["score_lrs"], help=_help("score_lrs"))
+    p.add_argument("--full-epochs", type=int, default=FIELD_DEFAULTS["full_epochs"], help=_help("full_epochs"))
     p.add_argument("--data-root", help="data root, if the sets came from a torchvision data set")
     p.add_argument("--no-progress", action="store_true")
 
@@ -231,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         e = sub.add_parser(name, help=help_)
         e.add_argument("path", metavar=metavar, help=path_help)
         _add_eval_flags(e, "the set's method's: dd for dd, dc otherwise")
-        e.add_argument("--json", action="store_true", help='print {"mean":…, "std":…, "n":…} on stdout')
+        e.add_argument("--json", action="store_true",
+                       help='print {"mean":…, "std":…, "n":…, "scores":…} on stdout')
         _add_pool_flags(e, "the held-out networks train")
         _add_tracking_flags(e)
 
@@ -328,6 +341,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(f"\n{'set':34s} test accuracy (protocol {cfg.protocol}; mean ± std over held-out nets)")
     for name, res in rows:
         print(f"{name:34s} {res}")
+    if r.scores is not None:
+        print(f"\nDD-Ranking scores (protocol dc, {r.scores.nets} held-out nets): {r.scores}")
     print(f"\nseconds per meta-step: {r.seconds_per_step:.3f}")
     print(f"distilled data: {r.out.resolve()}")
     print(f"image grid:     {(r.out / 'grid.png').resolve()}")
@@ -400,8 +415,8 @@ def _fetch(src: str, args: argparse.Namespace, quiet: bool) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddray.artifact import load_distilled
-    from ddray.compare import eval_protocol
-    from ddray.evaluation import evaluate_distilled, predict_job, problem_for
+    from ddray.compare import eval_protocol, scoring
+    from ddray.evaluation import evaluate_distilled, predict_job, problem_for, score_distilled
     from ddray.tracking import tracked
 
     d = load_distilled(_fetch(str(args.path), args, args.json))
@@ -429,14 +444,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if s is not None:
             metrics.update(eval_shuffled_acc_mean=s.mean, eval_shuffled_acc_std=s.std)
             report["shuffled_order"] = s.to_dict()
+        scores = (score_distilled(scoring(problem, nets, args), d, predictor if mapper else None, cluster.max_workers)
+                  if args.scores else None)
+        if scores is not None:
+            metrics.update(scores.metrics())
+            report["scores"] = scores.to_dict()
         tracker.log_metrics(metrics, step=int(d.meta.get("iterations", 0)))
         _log_report(tracker, d, report)
     if args.json:
-        print(json.dumps({"mean": r.mean, "std": r.std, "n": r.n, "protocol": name}))
+        print(json.dumps({"mean": r.mean, "std": r.std, "n": r.n, "protocol": name,
+                          "scores": scores and scores.to_dict()}))
         return 0
     print(f"test accuracy (protocol {name}):  {r}")
     if s is not None:
         print(f"test accuracy, shuffled order:  {s}")
+    if scores is not None:
+        print(f"DD-Ranking scores (protocol dc, {scores.nets} held-out nets):  {scores}")
     return 0
 
 
@@ -463,22 +486,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
                             "compare.nets": nets, "compare.seed": seed,
                             **({"compare.epochs": args.epochs, "compare.dsa": args.dsa} if protocol == "dc" else {})})
         rows = compare_sets(sources, sets, protocol, nets, seed, args.epochs, args.dsa, args.data_root, mapper,
-                            cluster.max_workers)
+                            cluster.max_workers, (args.score_lrs, args.full_epochs) if args.scores else None)
         for i, r in enumerate(rows):
             tracker.log_metrics({f"set{i}_acc_mean": r.result.mean, f"set{i}_acc_std": r.result.std}, step=0)
+            if r.scores is not None:
+                tracker.log_metrics({f"set{i}_{k}": v for k, v in r.scores.metrics().items()}, step=0)
         title = (f"{dataset}: test accuracy, protocol {protocol}\n"
                  f"mean ± std over {nets} held-out networks (seed {seed})")
         save_comparison_chart([r.label for r in rows], [r.result.mean for r in rows], [r.result.std for r in rows],
-                              png, title)
+                              png, title, [r.scores for r in rows] if args.scores else None)
         report = [{"source": r.source, "method": r.method, "images": r.images, "protocol": protocol,
-                   "seed": seed, "test": r.result.to_dict()} for r in rows]
+                   "seed": seed, "test": r.result.to_dict(), "scores": r.scores and r.scores.to_dict()}
+                  for r in rows]
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "compare.json").write_text(json.dumps(report, indent=2))
             tracker.log_artifact(Path(tmp) / "compare.json")
         tracker.log_artifact(png)
     if args.json:
         print(json.dumps([{"source": r.source, "method": r.method, "images": r.images, "mean": r.result.mean,
-                           "std": r.result.std, "n": r.result.n, "protocol": protocol, "seed": seed} for r in rows]))
+                           "std": r.result.std, "n": r.result.n, "protocol": protocol, "seed": seed,
+                           "scores": r.scores and r.scores.to_dict()} for r in rows]))
         return 0
     print(f"{len(rows)} sets of {dataset}, protocol {protocol}, {nets} held-out networks each (seed {seed})\n")
     print(table(rows, protocol))

@@ -1,9 +1,10 @@
 """``ddray compare``: several distilled sets scored by one evaluation protocol, side by side.
 
-Every set (a distilled set, its baselines, another run's set) is evaluated with the function
-``ddray evaluate`` uses, :func:`ddray.evaluation.evaluate_distilled` on
-:func:`ddray.evaluation.problem_for` the set, under one protocol, with one number of held-out
-networks and one seed, so that every set meets the same held-out θ₀ draws. Sets of
+Every set (a distilled set, its baselines, another run's set) is evaluated — and scored as
+DD-Ranking does (:mod:`ddray.scores`) — with the functions ``ddray evaluate`` uses,
+:func:`ddray.evaluation.evaluate_distilled` on :func:`ddray.evaluation.problem_for` the set, under
+one protocol, with one number of held-out networks and one seed, so that every set meets the same
+held-out θ₀ draws. Sets of
 different data sets (or image shapes) cannot be compared: that is a one-line error.
 """
 
@@ -19,6 +20,7 @@ from ddray.config import Config
 from ddray.core.evaluate import EvalResult
 from ddray.core.protocol import ProtocolDC
 from ddray.problem import Problem
+from ddray.scores import SCORE_NAMES, Scores
 
 PROTOCOLS = ("dd", "dc")
 
@@ -33,6 +35,7 @@ class Scored:
         method: the set's ``method`` (``dd``, ``dc``, …, ``baseline-random``, …).
         images: how many synthetic images the set holds (S × M × C).
         result: its test accuracy over the held-out networks.
+        scores: DD-Ranking's scores (:mod:`ddray.scores`), unless ``--no-scores``.
     """
 
     source: str
@@ -40,6 +43,7 @@ class Scored:
     method: str
     images: int
     result: EvalResult
+    scores: Scores | None = None
 
 
 def own_protocol(d: Distilled) -> str:
@@ -84,6 +88,14 @@ def eval_protocol(problem: Problem, name: str, nets: int, epochs: int, dsa: bool
     return ProtocolDC(epochs=epochs, nets=nets, dsa_strategy=strategy)
 
 
+def scoring(problem: Problem, nets: int, args: Any) -> Problem:
+    """``problem`` with the scores' settings of an ``evaluate``/``compare`` command line: ``nets`` held-out
+    networks, ``--epochs``, ``--score-lrs``, ``--full-epochs``."""
+    config = problem.config.override(eval_nets=nets, eval_epochs=args.epochs, score_lrs=args.score_lrs,
+                                     full_epochs=args.full_epochs)
+    return dataclasses.replace(problem, config=config)
+
+
 def _distinct(sources: Sequence[str], width: int = 24) -> list[str]:
     """The part of each source that tells it from the others (common leading and trailing parts dropped)."""
     parts = [s[len("runs:/"):].split("/") if s.startswith("runs:/") else list(Path(s).parts) for s in sources]
@@ -109,7 +121,8 @@ def labels(sources: Sequence[str], sets: Sequence[Distilled]) -> list[str]:
 
 def compare_sets(sources: Sequence[str], sets: Sequence[Distilled], protocol: str, nets: int, seed: int,
                  epochs: int = 300, dsa: bool = True, data_root: str | None = None,
-                 mapper: Callable[..., list[Any]] | None = None, workers: int = 1) -> list[Scored]:
+                 mapper: Callable[..., list[Any]] | None = None, workers: int = 1,
+                 scores: tuple[str, int] | None = None) -> list[Scored]:
     """Score every set with ``protocol`` over ``nets`` held-out networks drawn with ``seed``.
 
     Args:
@@ -122,10 +135,12 @@ def compare_sets(sources: Sequence[str], sets: Sequence[Distilled], protocol: st
         data_root: where a torchvision data set's files are.
         mapper: trains the chunks of held-out networks on Ray workers
             (:func:`ddray.distributed.pool.call_mapper`), ``workers`` chunks per set; default here.
+        scores: (``--score-lrs``, ``--full-epochs``) to score every set as well
+            (:func:`ddray.evaluation.score_distilled`, over the same ``nets`` networks, ``epochs`` and ``seed``).
     """
     import torch
 
-    from ddray.evaluation import evaluate_distilled, predict_job, problem_for
+    from ddray.evaluation import evaluate_distilled, predict_job, problem_for, score_distilled
 
     out = []
     for src, label, d in zip(sources, labels(sources, sets), sets):
@@ -138,16 +153,30 @@ def compare_sets(sources: Sequence[str], sets: Sequence[Distilled], protocol: st
 
         r = evaluate_distilled(problem, d, nets, protocol=eval_protocol(problem, protocol, nets, epochs, dsa),
                                predictor=predictor if mapper else None, workers=workers)
+        sc = None
+        if scores is not None:
+            config = problem.config.override(eval_nets=nets, eval_epochs=epochs, score_lrs=scores[0],
+                                             full_epochs=scores[1])
+            sc = score_distilled(dataclasses.replace(problem, config=config), d, predictor if mapper else None,
+                                 workers)
         out.append(Scored(src, label, str(d.meta.get("method", "?")), int(d.images.shape[0] * d.images.shape[1]),
-                          r))
+                          r, sc))
     return out
 
 
 def table(rows: Sequence[Scored], protocol: str) -> str:
-    """One line per set: source, method, images, test accuracy mean ± std (%), n, protocol."""
+    """One line per set: source, method, images, test accuracy mean ± std (%), n, protocol; with scores,
+    HLR, IOR, LRS and ARS (points) and the set's bytes."""
+    scored = all(r.scores is not None for r in rows)
     head = ["set", "method", "images", "test accuracy %", "n", "protocol"]
-    lines = [head] + [[r.source, r.method, str(r.images),
-                       f"{100 * r.result.mean:.1f} ± {100 * r.result.std:.1f}", str(r.result.n), protocol]
-                      for r in rows]
+    if scored:
+        head += [k.upper() for k in SCORE_NAMES] + ["bytes"]
+    lines = [head]
+    for r in rows:
+        line = [r.source, r.method, str(r.images), f"{100 * r.result.mean:.1f} ± {100 * r.result.std:.1f}",
+                str(r.result.n), protocol]
+        if scored and r.scores is not None:
+            line += [f"{100 * r.scores.mean[k]:.1f}" for k in SCORE_NAMES] + [f"{r.scores.set_bytes:,}"]
+        lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)

@@ -125,7 +125,8 @@ class DistillConfig:
     DM: ``real_per_class`` real images per class. MTT: expert trajectories in
     ``experts``; the student starts at a random expert epoch below
     ``max_start_epoch``, takes ``syn_steps`` steps (learned size, initialised at
-    ``net_lr``, outer lr ``lr_lr``) and is matched to the expert ``expert_epochs`` later.
+    ``net_lr``, outer lr ``lr_lr``) and is matched to the expert ``expert_epochs`` later;
+    ``batch_syn``: images per student step (None: all), as MTT's ``--batch_syn``.
     """
 
     init: str = "random"
@@ -155,6 +156,7 @@ class DistillConfig:
     expert_epochs: int = 2
     max_start_epoch: int = 20
     lr_lr: float = 1e-5
+    batch_syn: int | None = None
 
     def __post_init__(self) -> None:
         from ddray.core.augment import parse_strategy
@@ -164,7 +166,8 @@ class DistillConfig:
         one_of("--init", self.init, INIT_MODES)
         each(positive_int, self, "steps", "epochs", "ipc", "iterations", "nets", "batch_size", "lr_decay_every",
              "real_per_class", "syn_steps", "expert_epochs", "max_start_epoch")
-        each(positive_int, self, *(n for n in ("outer_loop", "inner_loop") if getattr(self, n) is not None))
+        optional = ("outer_loop", "inner_loop", "batch_syn")
+        each(positive_int, self, *(n for n in optional if getattr(self, n) is not None))
         each(positive_number, self, "lr_decay", "init_lr", "net_lr", "lr_lr")
         if self.lr is not None:
             each(positive_number, self, "lr")
@@ -300,6 +303,9 @@ class RunConfig:
     for ``--method dd``, ``dc`` for the others. ``compile``: ``torch.compile`` the inner
     step and the real-batch gradient of the DD and MTT unrolls (:mod:`ddray.core.kernels`;
     same gradients up to float rounding; eager with a warning where unavailable).
+    ``scores``: DD-Ranking's HLR, IOR, LRS and ARS beside the accuracy at the end (:mod:`ddray.scores`),
+    with the learning rate chosen from ``score_lrs`` and the full training split trained for
+    ``full_epochs`` epochs.
     """
 
     seed: int = 0
@@ -310,6 +316,9 @@ class RunConfig:
     eval_nets: int = 20
     eval_protocol: str | None = None
     eval_epochs: int = 300
+    scores: bool = True
+    score_lrs: str = "0.01"
+    full_epochs: int = 20
     tracking: bool = True
     tracking_uri: str | None = None
     tracking_optional: bool = False
@@ -319,7 +328,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         each(boolean, self, "compile")
         each(nonneg_int, self, "seed", "eval_every")
-        each(positive_int, self, "checkpoint_every", "eval_nets", "eval_epochs")
+        each(boolean, self, "scores")
+        each(positive_int, self, "checkpoint_every", "eval_nets", "eval_epochs", "full_epochs")
+        from ddray.scores import parse_lrs
+
+        parse_lrs(self.score_lrs)
         if self.eval_protocol is not None:
             one_of("--eval-protocol", self.eval_protocol, PROTOCOLS)
 

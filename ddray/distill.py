@@ -27,8 +27,9 @@ from ddray.chunks import net_chunks, step_gradient
 from ddray.config import Config
 from ddray.core.evaluate import EvalResult
 from ddray.core.synthetic import SyntheticSet, class_labels
-from ddray.evaluation import Predictor, evaluate_distilled, run_baselines
+from ddray.evaluation import Predictor, evaluate_distilled, run_baselines, score_distilled
 from ddray.problem import Problem, build_problem, to_distilled
+from ddray.scores import Scores
 from ddray.state import RunState, load_state, resume_differences, save_state
 from ddray.tracking import NullTracker, Tracker
 
@@ -58,6 +59,7 @@ class DistillResult:
     shuffled: EvalResult | None
     seconds_per_step: float
     baselines: list[tuple[str, EvalResult]] | None = None  # with ``baselines=True``: (method, result)
+    scores: Scores | None = None  # DD-Ranking's, unless --no-scores
 
 
 # ----------------------------------------------------------------------------- where a run lives
@@ -229,7 +231,8 @@ def log_eval_grid(tracker: Tracker, distilled: Distilled, out: str | Path, step:
 
 def finish(problem: Problem, syn: SyntheticSet, iterations: int, out: Path, tracker: Tracker,
            seconds_per_step: float, predictor: Predictor | None = None) -> DistillResult:
-    """Write the artifact, evaluate it (schedule order and shuffled), log everything.
+    """Write the artifact, evaluate it (schedule order and shuffled) and score it (:mod:`ddray.scores`),
+    log everything.
 
     ``predictor``: where the held-out networks are trained (Ray workers); default here.
     """
@@ -240,8 +243,10 @@ def finish(problem: Problem, syn: SyntheticSet, iterations: int, out: Path, trac
     # the order of the S batches matters to DD's own schedule only
     shuffled = (evaluate_distilled(problem, d, nets, shuffled=True, predictor=predictor)
                 if problem.config.protocol == "dd" else None)
+    scores = score_distilled(problem, d, predictor) if problem.config.run.scores else None
     report = {"test": result.to_dict(), "shuffled_order": shuffled and shuffled.to_dict(),
-              "protocol": problem.config.protocol, "iterations": iterations, "seconds_per_step": seconds_per_step}
+              "protocol": problem.config.protocol, "iterations": iterations, "seconds_per_step": seconds_per_step,
+              "scores": scores and scores.to_dict()}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     from ddray.viz import save_grid, save_lr_plot
 
@@ -251,10 +256,12 @@ def finish(problem: Problem, syn: SyntheticSet, iterations: int, out: Path, trac
         metrics["eval_shuffled_acc_mean"] = shuffled.mean
     if result.attack_rate_mean is not None:
         metrics["attack_rate_mean"] = result.attack_rate_mean
+    if scores is not None:
+        metrics.update(scores.metrics())
     tracker.log_metrics(metrics, step=iterations)
     for name in ("data.parquet", "meta.json", "init_params.safetensors"):
         if (out / name).is_file():
             tracker.log_artifact(out / name, "distilled")
     for path in (grid, plot, out / "eval.json", out / "config.yaml"):
         tracker.log_artifact(path)
-    return DistillResult(out, d, result, shuffled, seconds_per_step)
+    return DistillResult(out, d, result, shuffled, seconds_per_step, scores=scores)

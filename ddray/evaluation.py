@@ -15,6 +15,7 @@ per method, locally or on a pool of Ray workers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +30,25 @@ from ddray.core.evaluate import EvalResult, shuffled_order, summarise, train_pre
 from ddray.core.protocol import ProtocolDC, predict_protocol_dc
 from ddray.methods import METHODS
 from ddray.problem import Problem, build_problem
+from ddray.scores import Accuracies, FullDataCache, Scores, best_lr, parse_lrs, summarise_scores
 
 MAX_CHUNK = 20  # held-out networks trained at once (the vmap width of protocol dd)
+
+
+TRAIN_ON = ("set", "random", "full")
+RANDOM_SUBSET_KEY = 5_000_000  # the random real subset of a score, in the EVAL stream (core/protocol.py: 2…4 M)
 
 
 @dataclass(frozen=True)
 class EvalJob:
     """What an evaluation trains: ``nets`` networks by ``protocol`` (``"dd"`` or a :class:`ProtocolDC`);
-    ``shuffled``: protocol dd with the S batches in a fresh order every epoch."""
+    ``shuffled``: protocol dd with the S batches in a fresh order every epoch; ``train_on``: the set,
+    a random real subset of its size (``random``) or the whole training split (``full``; protocol dc)."""
 
     nets: int
     protocol: str | ProtocolDC = "dd"
     shuffled: bool = False
+    train_on: str = "set"
 
 
 Predictor = Callable[[EvalJob, list[list[int]]], list[torch.Tensor]]  # chunks of net ids → their predictions
@@ -64,9 +72,33 @@ def eval_chunks(job: EvalJob, workers: int) -> list[list[int]]:
     return net_chunks(job.nets, max(workers, math.ceil(job.nets / MAX_CHUNK)))
 
 
-def predict_nets(problem: Problem, d: Distilled, job: EvalJob, ids: list[int]) -> torch.Tensor:
-    """Predictions (len(ids), M) on the test split of held-out networks ``ids`` trained on ``d``."""
+def random_subset(problem: Problem, d: Distilled) -> Distilled:
+    """Random real training images in ``d``'s layout (as many of each class), with hard labels; seeded by the
+    evaluation seed alone, so every set of a budget meets the same subset."""
+    from ddray.core.baselines import random_real
+    from ddray.core.inits import EVAL, generator
+
     c, data = problem.config, problem.data
+    steps, n = d.images.shape[:2]
+    g = generator(c.run.seed, EVAL, RANDOM_SUBSET_KEY)
+    images = random_real(data.x_train, data.y_train, steps, n // data.num_classes, data.num_classes, g)
+    meta = {**d.meta, "method": "random-real"}
+    return Distilled(images, d.labels, d.lrs, meta, d.init_params, d.zca)
+
+
+def predict_nets(problem: Problem, d: Distilled, job: EvalJob, ids: list[int]) -> torch.Tensor:
+    """Predictions (len(ids), M) on the test split of held-out networks ``ids`` trained on ``d``
+    (or, by ``job.train_on``, on a random subset of its size or the whole training split)."""
+    c, data = problem.config, problem.data
+    if job.train_on not in TRAIN_ON:
+        raise ValueError(f"EvalJob.train_on: {job.train_on!r}; one of {', '.join(TRAIN_ON)}")
+    if job.train_on == "full":
+        if not isinstance(job.protocol, ProtocolDC):
+            raise ValueError("EvalJob: the full training split trains by protocol dc only")
+        return predict_protocol_dc(problem.model, data.x_train, data.y_train, data.x_test, job.protocol, c.run.seed,
+                                   ids)
+    if job.train_on == "random":
+        d = random_subset(problem, d)
     if isinstance(job.protocol, ProtocolDC):
         method = METHODS.get(str(d.meta.get("method")))
         lr = float(d.lrs[0]) if method and method.one_learned_step_size else None  # MTT's learned step size
@@ -78,17 +110,85 @@ def predict_nets(problem: Problem, d: Distilled, job: EvalJob, ids: list[int]) -
 
 def evaluate_distilled(problem: Problem, d: Distilled, nets: int, shuffled: bool = False,
                        protocol: ProtocolDC | str | None = None, predictor: Predictor | None = None,
-                       workers: int | None = None) -> EvalResult:
+                       workers: int | None = None, train_on: str = "set") -> EvalResult:
     """Held-out evaluation of ``d`` over ``nets`` networks (see :func:`eval_job`).
 
     The networks are trained in chunks, one per worker (``workers``, default the config's
     MAX ``--workers``). ``predictor`` computes the chunks elsewhere (Ray workers); by
     default they are computed here, in the same chunks, so both give the same result.
+    ``train_on``: see :class:`EvalJob`.
     """
-    job = eval_job(problem, nets, shuffled, protocol)
+    job = dataclasses.replace(eval_job(problem, nets, shuffled, protocol), train_on=train_on)
     chunks = eval_chunks(job, workers or problem.config.cluster.max_workers)
     preds = predictor(job, chunks) if predictor else [predict_nets(problem, d, job, ids) for ids in chunks]
     return summarise(torch.cat([p.cpu() for p in preds]), problem.data.y_test.cpu(), problem.attack)
+
+
+def set_bytes(d: Distilled) -> tuple[int, int]:
+    """(the set's size as stored, images and labels together; the labels' part): float32 images, a label per
+    image (hard: one int64; soft: a float32 per class)."""
+    images = d.images.numel() * d.images.element_size()
+    per_image = d.labels.element_size() * (d.labels.shape[1] if d.labels.dim() == 2 else 1)
+    labels = d.images.shape[0] * d.images.shape[1] * per_image
+    return images + labels, labels
+
+
+def score_distilled(problem: Problem, d: Distilled, predictor: Predictor | None = None, workers: int | None = None,
+                    cache: FullDataCache | None = None) -> Scores:
+    """DD-Ranking's scores of ``d`` (:mod:`ddray.scores`): the set, a random real subset of its size and the
+    full training split, each by protocol dc with and without DSA over the config's held-out networks.
+
+    ``predictor``/``workers``: where the networks train (:func:`evaluate_distilled`); ``cache``: where the
+    full split's accuracies are kept (default :func:`full_data_cache`).
+    """
+    c = problem.config
+    nets, lrs = c.run.eval_nets, parse_lrs(c.run.score_lrs)
+    method = METHODS.get(str(d.meta.get("method")))
+    own_lr = method is not None and method.one_learned_step_size  # MTT trains with its learned step size
+
+    def accuracies(train_on: str, augment: bool, epochs: int | None = None) -> tuple[float, list[float]]:
+        def train(lr: float | None) -> list[float]:
+            protocol = ProtocolDC(epochs=epochs or c.run.eval_epochs, nets=nets, lr=lr or ProtocolDC.lr,
+                                  dsa_strategy=c.distill.dsa_strategy if augment else None)
+            return evaluate_distilled(problem, d, nets, protocol=protocol, predictor=predictor, workers=workers,
+                                      train_on=train_on).accuracies
+        if train_on == "set" and own_lr:
+            return float(d.lrs[0]), train(None)
+        return best_lr(train, lrs)
+
+    cache = cache or full_data_cache(c)
+    key = full_data_key(problem, lrs)
+    full = cache.get(key)
+    if full is None:
+        full = accuracies("full", True, c.run.full_epochs)
+        cache.put(key, *full)
+    runs = {"syn": accuracies("set", True), "random": accuracies("random", True),
+            "syn_no_aug": accuracies("set", False), "random_no_aug": accuracies("random", False)}
+    acc = Accuracies(full=full[1], syn_hard=runs["syn"][1], **{k: v[1] for k, v in runs.items()})
+    lr = {"full": full[0], "syn_hard": runs["syn"][0], **{k: v[0] for k, v in runs.items()}}
+    return summarise_scores(acc, lr, *set_bytes(d))
+
+
+def full_data_key(problem: Problem, lrs: tuple[float, ...]) -> dict[str, Any]:
+    """What the full split's accuracies depend on: the data, the model, the protocol, the networks, the seed."""
+    c, data = problem.config, problem.data
+    return {"data": dataclasses.asdict(c.data) | {"cache_dir": None, "data_cache_mb": None},
+            "train_images": len(data.x_train), "shape": list(data.shape), "model": dataclasses.asdict(c.model),
+            "protocol": dataclasses.asdict(ProtocolDC(epochs=c.run.full_epochs, nets=c.run.eval_nets,
+                                                      dsa_strategy=c.distill.dsa_strategy)),
+            "lrs": list(lrs), "seed": c.run.seed}
+
+
+def full_data_cache(config: Config) -> FullDataCache:
+    """``--storage``/full-data when it is a URI (shared by the nodes of a cluster), else the data cache
+    directory's full-data/ (``--cache-dir``)."""
+    from ddray.data.cache import default_cache_dir
+    from ddray.storage import is_uri, join
+
+    s = config.run.storage
+    if s and is_uri(s):
+        return FullDataCache(join(s, "full-data"))
+    return FullDataCache(Path(config.data.cache_dir or default_cache_dir()) / "full-data")
 
 
 _PROBLEMS: dict[tuple[str, str | None, bool], Problem] = {}  # per worker process: data loaded once
@@ -98,7 +198,6 @@ def predict_job(d: Distilled, data_root: str | None, job: EvalJob, ids: list[int
                 seed: int | None = None) -> torch.Tensor:
     """:func:`predict_nets` for a set shipped to a Ray worker (its problem is built once per process);
     ``seed``: the evaluation seed, when not the set's own run seed (``ddray compare``)."""
-    import dataclasses
     import json
 
     key = (json.dumps(d.meta.get("config", {}), sort_keys=True, default=str), data_root, d.init_params is not None)

@@ -72,7 +72,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "outer_loop": ("dc", "dsa"), "inner_loop": ("dc", "dsa"),
     "net_lr": ("dc", "dsa", "mtt"),
     "experts": ("mtt",), "syn_steps": ("mtt",), "expert_epochs": ("mtt",), "max_start_epoch": ("mtt",),
-    "lr_lr": ("mtt",),
+    "lr_lr": ("mtt",), "batch_syn": ("mtt",),
 }
 
 # DC's outer/inner loop counts by images per class (the paper's code); other ipc take the nearest

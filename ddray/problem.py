@@ -112,7 +112,8 @@ def _mtt(problem: Problem) -> Objective:
     d, seed = problem.config.distill, problem.config.run.seed
     assert problem.experts is not None  # loaded by build_problem for --method mtt
     return TrajectoryMatching(problem.model, problem.experts, _syn_labels(problem), d.syn_steps, d.expert_epochs,
-                              d.max_start_epoch, seed, d.augment, d.memory, problem.config.run.compile)
+                              d.max_start_epoch, seed, d.augment, d.memory, problem.config.run.compile,
+                              d.batch_syn)
 
 
 OBJECTIVES: dict[str, Callable[[Problem], Objective]] = {
@@ -145,6 +146,10 @@ def build_problem(config: Config, data: Dataset | None = None) -> Problem:
     attack = parse_attack(c.distill.attack)
     if attack and max(attack) >= data.num_classes:
         raise ValueError(f"--attack: {c.distill.attack} names a class outside 0..{data.num_classes - 1}")
+    images = c.distill.ipc * data.num_classes
+    if c.distill.batch_syn is not None and c.distill.batch_syn > images:
+        raise ValueError(f"--batch-syn: invalid value {c.distill.batch_syn}; at most the set's {images} images "
+                         f"(--ipc {c.distill.ipc} × {data.num_classes} classes)")
     fixed, pool = None, None
     if c.distill.init == "fixed":
         fixed = fixed_params(model, c.model.init_scheme, c.run.seed)

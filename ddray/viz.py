@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -233,15 +233,18 @@ def save_lr_plot(d: Distilled, path: str | Path) -> Path:
 
 
 def save_comparison_chart(labels: list[str], means: list[float], stds: list[float], path: str | Path,
-                          title: str) -> Path:
-    """Bar chart of test accuracy (%), mean with ± std error bars, one bar per set (PNG)."""
+                          title: str, scores: Sequence[Any] | None = None) -> Path:
+    """Bar chart of test accuracy (%), mean with ± std error bars, one bar per set (PNG); with ``scores``
+    (:class:`ddray.scores.Scores` per set), a second panel of their LRS and ARS."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * n + 1.5), 4.0))
+    panels = 2 if scores else 1
+    fig, axes = plt.subplots(1, panels, figsize=(panels * max(5.0, 1.2 * n + 1.5), 4.0), squeeze=False)
+    ax = axes[0][0]
     x = np.arange(n)
     m, s = 100 * np.asarray(means), 100 * np.asarray(stds)
     bars = ax.bar(x, m, yerr=s, capsize=4, color="#4c72b0", ecolor="black", alpha=0.9)
@@ -253,6 +256,19 @@ def save_comparison_chart(labels: list[str], means: list[float], stds: list[floa
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+    if scores:
+        ax2 = axes[0][1]
+        for i, (name, colour) in enumerate((("lrs", "#55a868"), ("ars", "#c44e52"))):
+            v = [100 * sc.mean[name] for sc in scores]
+            e = [100 * sc.std[name] for sc in scores]
+            ax2.bar(x + (i - 0.5) * 0.4, v, 0.4, yerr=e, capsize=3, color=colour, label=name.upper())
+        ax2.set_xticks(x, labels, fontsize=8)
+        ax2.set_ylabel("score (points)")
+        ax2.set_ylim(0, 100)
+        ax2.set_title("DD-Ranking: label- and augmentation-robust scores", fontsize=9)
+        ax2.legend(fontsize=8)
+        ax2.grid(axis="y", alpha=0.3)
+        ax2.set_axisbelow(True)
     fig.tight_layout()
     p = Path(path)
     fig.savefig(p, dpi=100)

@@ -13,7 +13,7 @@ from ddray.cli import build_parser, main
 from ddray.artifact import load_distilled
 
 TINY = ["--steps", "2", "--epochs", "2", "--ipc", "1", "--iterations", "3", "--nets", "2", "--batch-size", "64",
-        "--eval-nets", "2", "--no-tracking"]
+        "--eval-nets", "2", "--no-tracking", "--no-scores"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -43,10 +43,11 @@ def test_distill_writes_artifact_grid_eval_and_checkpoint(distilled: Path) -> No
 
 
 def test_evaluate_json_uses_the_saved_theta0(distilled: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = run(capsys, "evaluate", str(distilled), "--nets", "3", "--json")
+    rc, out, _ = run(capsys, "evaluate", str(distilled), "--nets", "3", "--json", "--no-scores")
     assert rc == 0
     r = json.loads(out)
-    assert set(r) == {"mean", "std", "n", "protocol"} and r["n"] == 3 and r["protocol"] == "dd"
+    assert set(r) == {"mean", "std", "n", "protocol", "scores"} and r["scores"] is None
+    assert r["n"] == 3 and r["protocol"] == "dd"
     assert r["std"] == 0.0  # fixed init: every network starts from the same saved θ₀
 
 
@@ -183,7 +184,7 @@ def test_distill_an_image_folder_archive_end_to_end(tmp_path: Path, capsys: pyte
     d = load_distilled(out)
     assert d.images.shape == (2, 3, 1, 12, 12)
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) != []  # decoded once, cached
-    rc, stdout, _ = run(capsys, "evaluate", str(out), "--json", "--nets", "2")
+    rc, stdout, _ = run(capsys, "evaluate", str(out), "--json", "--nets", "2", "--no-scores")
     assert rc == 0 and json.loads(stdout)["n"] == 2
     rc, stdout, _ = run(capsys, "show", str(out), "--png", str(tmp_path / "g.png"))
     assert rc == 0 and (tmp_path / "g.png").is_file()

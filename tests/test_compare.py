@@ -18,7 +18,7 @@ from ddray.cli import main
 from ddray.compare import choose_protocol, labels
 
 TINY = ["--steps", "2", "--epochs", "2", "--ipc", "1", "--iterations", "3", "--nets", "2", "--batch-size", "64",
-        "--eval-nets", "2"]
+        "--eval-nets", "2", "--no-scores"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -48,7 +48,7 @@ def test_one_line_per_set_and_a_bar_chart(sets: dict[str, Path], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "c.png"
     rc, out, _ = run(capsys, "compare", str(sets["digits"]), str(sets["random"]), "--nets", "3", "--png", str(png),
-                     "--no-tracking")
+                     "--no-tracking", "--no-scores")
     assert rc == 0
     assert out.startswith("2 sets of digits, protocol dd, 3 held-out networks each (seed 0)")
     assert re.search(r"^set\s+method\s+images\s+test accuracy %\s+n\s+protocol$", out, re.M)
@@ -63,14 +63,35 @@ def test_one_line_per_set_and_a_bar_chart(sets: dict[str, Path], tmp_path: Path,
 def test_every_set_scores_what_ddray_evaluate_gives_it(sets: dict[str, Path],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, "compare", str(sets["digits"]), str(sets["random"]), "--nets", "3", "--json",
-                     "--png", str(sets["root"] / "c.png"), "--no-tracking")
+                     "--png", str(sets["root"] / "c.png"), "--no-tracking", "--no-scores")
     assert rc == 0
     rows = json.loads(out)
     assert [r["method"] for r in rows] == ["dd", "baseline-random"]
     for row, path in zip(rows, (sets["digits"], sets["random"])):
-        rc, out, _ = run(capsys, "evaluate", str(path), "--nets", "3", "--json", "--no-tracking")
+        rc, out, _ = run(capsys, "evaluate", str(path), "--nets", "3", "--json", "--no-tracking", "--no-scores")
         single = json.loads(out)
         assert (row["mean"], row["std"], row["n"], row["protocol"]) == (single["mean"], single["std"], 3, "dd")
+
+
+@pytest.mark.slow  # the sets fixture: three tiny ddray runs, ~60 s on the shared 2-core VM
+def test_the_table_and_chart_carry_the_scores_evaluate_gives(sets: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    quick = ["--nets", "2", "--protocol", "dc", "--epochs", "2", "--full-epochs", "1", "--no-tracking"]
+    png = tmp_path / "c.png"
+    rc, out, _ = run(capsys, "compare", str(sets["digits"]), str(sets["random"]), *quick, "--png", str(png))
+    assert rc == 0
+    assert re.search(r"^set\s+method\s+images\s+test accuracy %\s+n\s+protocol\s+HLR\s+IOR\s+LRS\s+ARS\s+bytes$",
+                     out, re.M), out
+    rc, out, _ = run(capsys, "compare", str(sets["digits"]), str(sets["random"]), *quick, "--json",
+                     "--png", str(png))
+    rows = json.loads(out)
+    for row, path in zip(rows, (sets["digits"], sets["random"])):
+        rc, out, _ = run(capsys, "evaluate", str(path), *quick, "--json")
+        assert rc == 0 and row["scores"] == json.loads(out)["scores"]
+        assert row["scores"]["set_bytes"] == 20 * 16 * 16 * 4 + 20 * 8  # 2 steps × 10 images, 1×16×16
+    from PIL import Image
+
+    assert Image.open(png).size[0] >= 800  # two panels: accuracy, and LRS/ARS
 
 
 @pytest.mark.slow  # the sets fixture: three tiny ddray runs, ~60 s on the shared 2-core VM
@@ -84,7 +105,7 @@ def test_runs_uris_and_the_comparison_is_tracked(sets: dict[str, Path], tmp_path
     [baseline] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags["ddray.command"] == "baseline"]
     source = f"runs:/{baseline.info.run_id}"
     rc, out, _ = run(capsys, "compare", str(sets["digits"]), source, "--nets", "2", "--png", str(tmp_path / "c.png"),
-                     "--tracking-uri", uri)
+                     "--tracking-uri", uri, "--no-scores")
     assert rc == 0 and re.search(rf"^{re.escape(source)}\s+baseline-random\s+20\s", out, re.M), out
     [cmp] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags["ddray.command"] == "compare"]
     assert cmp.info.status == "FINISHED"

@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddray.artifact import load_distilled
 from ddray.cli import main
 from ddray.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--dataset", "digits", "--model", "convnet", "--width", "8", "--no-tracking", "--no-progress"]
+SMALL = ["--dataset", "digits", "--model", "convnet", "--width", "8", "--no-tracking", "--no-progress", "--no-scores"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -32,6 +33,10 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     (["--method", "gan"], "--method: invalid value 'gan'; choose one of dd, dc, dsa, dm, mtt"),
     (["--method", "dc", "--dsa-strategy", "color_blur"], "--dsa-strategy: invalid value 'color_blur'"),
     (["--model", "lenet", "--width", "16"], "--width 16: not available with --model lenet"),
+    (["--method", "dm", "--batch-syn", "2"], "--batch-syn 2: not available with --method dm (an option of --method mtt)"),
+    (["--method", "mtt", "--experts", "x", "--batch-syn", "0"], "--batch-syn: invalid value 0"),
+    (["--method", "mtt", "--experts", "x", "--batch-syn", "11"],
+     "--batch-syn: invalid value 11; at most the set's 10 images (--ipc 1 × 10 classes)"),
 ])
 def test_method_incompatible_options_are_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                          flags: list[str], message: str) -> None:
@@ -63,9 +68,22 @@ def test_experts_then_mtt_then_both_protocols(capsys: pytest.CaptureFixture[str]
     assert d.meta["method"] == "mtt" and d.images.shape == (1, 20, 1, 8, 8) and d.lrs.shape == (1,)
     assert d.meta["dsa_strategy"] == "color_crop_cutout_flip_scale_rotate"
 
-    rc, out, _ = run(capsys, "evaluate", str(out_dir), "--epochs", "3", "--nets", "2", "--json", "--no-tracking")
+    # --batch-syn: a resumed run draws the same batches (keyed by seed, meta-step, pass) and ends bit for bit equal
+    mtt = [*SMALL, "--method", "mtt", "--experts", str(experts), "--max-start-epoch", "2", "--syn-steps", "3",
+           "--nets", "1", "--ipc", "2", "--batch-syn", "8", "--checkpoint-every", "1", "--eval-nets", "1",
+           "--eval-epochs", "1"]
+    assert run(capsys, "distill", "--local", *mtt, "--iterations", "3", "--out", str(tmp_path / "straight"))[0] == 0
+    assert run(capsys, "distill", "--local", *mtt, "--iterations", "2", "--out", str(tmp_path / "cut"))[0] == 0
+    assert run(capsys, "distill", "--local", *mtt, "--iterations", "3", "--resume", str(tmp_path / "cut"))[0] == 0
+    straight, resumed = load_distilled(tmp_path / "straight"), load_distilled(tmp_path / "cut")
+    assert torch.equal(straight.images, resumed.images) and torch.equal(straight.lrs, resumed.lrs)
+    assert not torch.equal(straight.images, d.images)
+
+    rc, out, _ = run(capsys, "evaluate", str(out_dir), "--epochs", "3", "--nets", "2", "--json", "--no-tracking",
+                     "--no-scores")
     assert rc == 0 and json.loads(out)["protocol"] == "dc" and json.loads(out)["n"] == 2
-    rc, out, _ = run(capsys, "evaluate", str(out_dir), "--protocol", "dd", "--nets", "2", "--json", "--no-tracking")
+    rc, out, _ = run(capsys, "evaluate", str(out_dir), "--protocol", "dd", "--nets", "2", "--json", "--no-tracking",
+                     "--no-scores")
     assert rc == 0 and json.loads(out)["protocol"] == "dd"
 
 

@@ -93,20 +93,22 @@ def lr_at(epoch: int, protocol: ProtocolDC, lr: float | None = None) -> float:
     return base * 0.1 if epoch >= protocol.epochs // 2 else base
 
 
-def _flatten_steps(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C, H, W) or (S, N, C, H, W) with labels (N,) or (S·N,) → (S·N, C, H, W), (S·N,)."""
-    if images.dim() == 5:
+def _flatten_steps(images: ImageSource, labels: torch.Tensor) -> tuple[ImageSource, torch.Tensor]:
+    """(N, C, H, W) or (S, N, C, H, W) with labels (N,) or (S·N,) → (S·N, C, H, W), (S·N,).
+
+    A real training split (:class:`~ddray.core.images.Images`, (N, C, H, W)) passes as it is."""
+    if isinstance(images, torch.Tensor) and images.dim() == 5:
         s, n = images.shape[:2]
         images = images.flatten(0, 1)
         if labels.shape == (n,):
             labels = labels.repeat(s)
-    if images.dim() != 4 or labels.shape != (len(images),):
+    if len(images.shape) != 4 or labels.shape != (len(images),):
         raise ValueError(f"evaluate_protocol_dc: images must be (N, C, H, W) or (S, N, C, H, W) with labels "
                          f"(N,); got images {tuple(images.shape)}, labels {tuple(labels.shape)}")
     return images, labels.long()
 
 
-def train_one(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, protocol: ProtocolDC,
+def train_one(model: nn.Module, images: ImageSource, labels: torch.Tensor, protocol: ProtocolDC,
               seed: int, index: int, lr: float | None = None) -> nn.Module:
     """Train net ``index`` of the protocol from its seeded θ₀ on (images (N, C, H, W), labels (N,))."""
     # θ₀ is drawn on the CPU (torch's default init, seeded), so it does not depend on the device;
@@ -142,7 +144,7 @@ def _predict(net: nn.Module, x_test: ImageSource, device: torch.device, chunk: i
     return torch.cat([net(x_test[j:j + chunk].to(device)).argmax(1).cpu() for j in range(0, len(x_test), chunk)])
 
 
-def predict_protocol_dc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, x_test: ImageSource,
+def predict_protocol_dc(model: nn.Module, images: ImageSource, labels: torch.Tensor, x_test: ImageSource,
                         protocol: ProtocolDC, seed: int, ids: list[int], lr: float | None = None) -> torch.Tensor:
     """Networks ``ids`` of the protocol trained on the set → their predictions on x_test, (len(ids), M).
 

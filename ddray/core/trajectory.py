@@ -3,8 +3,8 @@
 Notation and shapes:
 
     x̃          synthetic images, (1, N, C, H, W), with labels ỹ, (N,)
-    B_n         the rows student step n trains on: all N, or with ``batch_syn`` a sample of
-                batch_syn of them (without replacement, a fresh draw for every step n)
+    B_n         the rows student step n trains on: all N, or with ``batch_syn`` the next batch of
+                a seeded permutation of the N cut into batches of batch_syn (MTT's way)
     ρ          raw step size, (1,); the student's step size is η̃ = softplus(ρ) (learned, shared by all steps)
     θ*_t        an expert's parameters after t epochs on real data (``ddray experts``)
     t           a random start epoch, 0 ≤ t < max_start_epoch; M = ``expert_epochs``
@@ -100,13 +100,22 @@ class TrajectoryMatching:
         return MetaGrad(g.images, g.raw_lrs.sum().reshape(1), g.loss, len(nets))
 
     def batches(self, step: int) -> list[torch.Tensor] | None:
-        """B_0 … B_{syn_steps−1} of meta-step ``step``, each (batch_syn,) sorted indices into the N images;
-        None when every step trains on all of them."""
+        """B_0 … B_{syn_steps−1} of meta-step ``step``, sorted indices into the N images; None when every
+        step trains on all of them.
+
+        As MTT does: a seeded permutation of the N images is cut into batches of ``batch_syn`` (the
+        last one smaller when ``batch_syn`` does not divide N), taken in turn, and a fresh permutation
+        follows when they run out — each image once per pass over the set.
+        """
         if self.batch_syn is None:
             return None
-        draws = (torch.randperm(len(self.labels), generator=generator(self.seed, SYN_BATCH, step, n))
-                 for n in range(self.syn_steps))
-        return [d[:self.batch_syn].sort().values for d in draws]
+        out: list[torch.Tensor] = []
+        sweep = 0
+        while len(out) < self.syn_steps:
+            perm = torch.randperm(len(self.labels), generator=generator(self.seed, SYN_BATCH, step, sweep))
+            out += [b.sort().values for b in perm.split(self.batch_syn)]
+            sweep += 1
+        return out[:self.syn_steps]
 
     def rows(self, step: int, device: torch.device) -> Rows | None:
         """Student step n → B_n on ``device`` (for :func:`~ddray.core.unroll.unroll_vjp`), or None."""

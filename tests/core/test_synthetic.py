@@ -47,6 +47,7 @@ def test_objective_sum_does_not_depend_on_how_nets_are_split() -> None:
 def test_same_seed_same_synthetic_set_and_different_seed_differs(tmp_path: Path) -> None:
     def run(seed: int, name: str) -> torch.Tensor:
         cfg = load_config(None, steps=2, epochs=1, nets=1, batch_size=32, iterations=2, eval_nets=1, seed=seed,
+                          scores=False,
                           out=str(tmp_path / name), syn_init="real")
         return distill(cfg, progress=False).distilled.images
 

@@ -82,15 +82,16 @@ def test_unroll_trains_step_t_on_the_selected_rows_and_their_labels() -> None:
         torch.testing.assert_close(ours[k][0], ref[k], rtol=1e-12, atol=1e-14)
 
 
-def test_batches_are_sorted_samples_without_replacement_keyed_by_seed_step_and_student_step() -> None:
-    obj, _, _ = _mtt(batch_syn=4)
+def test_batches_cut_seeded_permutations_each_image_once_per_pass_as_mtt() -> None:
+    obj, _, _ = _mtt(batch_syn=4)  # N = 6: batches of 4 and 2 from one permutation, then 4 of the next
     batches = obj.batches(7)
-    assert batches is not None and len(batches) == STEPS
+    assert batches is not None and [len(b) for b in batches] == [4, 2, 4]
+    assert torch.equal(torch.cat(batches[:2]).sort().values, torch.arange(C * IPC))  # one pass: every image once
     for b in batches:
-        assert b.dtype == torch.int64 and len(b) == 4 and len(b.unique()) == 4
-        assert torch.equal(b, b.sort().values) and 0 <= int(b.min()) and int(b.max()) < C * IPC
-    assert any(not torch.equal(a, b) for a, b in zip(batches, batches[1:]))  # a fresh draw per step
-    assert any(not torch.equal(a, b) for a, b in zip(batches, obj.batches(8) or []))  # … and per meta-step
+        assert b.dtype == torch.int64 and len(b.unique()) == len(b) and torch.equal(b, b.sort().values)
+    assert any(not torch.equal(a, b) for a, b in zip(batches, obj.batches(8) or []))  # a fresh draw per meta-step
+    assert all(torch.equal(a, b) for a, b in zip(batches, _mtt(batch_syn=4)[0].batches(7) or []))  # keyed, not drawn
+    assert [len(b) for b in _mtt(batch_syn=3)[0].batches(0) or []] == [3, 3, 3]
     assert _mtt(batch_syn=None)[0].batches(7) is None
 
 

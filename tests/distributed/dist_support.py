@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from ddray.config import Config  # noqa: E402
 
 TINY = dict(dataset="mnist5k", steps=2, epochs=1, ipc=1, batch_size=64, nets=2, iterations=6,
-            eval_nets=2, checkpoint_every=3, seed=0, workers=2, cpus_per_worker=1)
+            eval_nets=2, checkpoint_every=3, seed=0, workers=2, cpus_per_worker=1, scores=False)
 
 
 def tiny(out: Path | str | None, **overrides: Any) -> Config:

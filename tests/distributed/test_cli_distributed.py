@@ -15,7 +15,7 @@ from ddray.cli import main
 from ddray.distill import distill
 
 FAST = ["--dataset", "mnist5k", "--steps", "2", "--epochs", "1", "--batch-size", "64", "--nets", "2",
-        "--eval-nets", "2", "--no-tracking", "--no-progress"]
+        "--eval-nets", "2", "--no-tracking", "--no-progress", "--no-scores"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

@@ -26,7 +26,7 @@ from ddray.artifact import load_distilled
 pytestmark = pytest.mark.slow
 
 FLAGS = ["--dataset", "mnist5k", "--steps", "2", "--epochs", "1", "--ipc", "1", "--batch-size", "64",
-         "--nets", "2", "--eval-nets", "2", "--seed", "0", "--cpus-per-worker", "1", "--no-progress"]
+         "--nets", "2", "--eval-nets", "2", "--seed", "0", "--cpus-per-worker", "1", "--no-progress", "--no-scores"]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
        "PYTHONUNBUFFERED": "1"}
 

@@ -17,7 +17,7 @@ from ddray.distributed.driver import distill_ray
 
 # DD-only options (steps, epochs, batch_size) back at their defaults
 METHOD = dict(model="convnet", width=8, real_per_class=16, eval_nets=1, eval_epochs=5, steps=10, epochs=3,
-              batch_size=1024, ipc=2, nets=2, iterations=4, checkpoint_every=2)
+              batch_size=1024, ipc=2, nets=2, iterations=4, checkpoint_every=2, scores=False)
 
 
 def _cfg(out: Path, method: str, **overrides: Any) -> Config:

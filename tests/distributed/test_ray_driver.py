@@ -66,6 +66,19 @@ def test_sync_matches_single_process_bitwise(straight: DistillResult, tmp_path: 
     assert straight.result == distill(tiny(tmp_path / "local3"), progress=False).result  # evaluated on workers
 
 
+def test_the_scores_are_made_on_the_workers_and_equal_local_ones(tmp_path: Path, one_worker_threads: None) -> None:
+    """The random subset and the full split train on the workers (each cache fills on its own) and score as
+    --local does."""
+    quick = dict(scores=True, eval_epochs=2, full_epochs=1, iterations=2)
+    ray_run = distill_ray(tiny(tmp_path / "ray", cache_dir=str(tmp_path / "c1"), **quick), progress=False)
+    torch.set_num_threads(1)
+    local = distill(tiny(tmp_path / "local", cache_dir=str(tmp_path / "c2"), **quick), progress=False)
+    assert ray_run.scores is not None and ray_run.scores == local.scores
+    assert [len(list((tmp_path / c / "full-data").glob("*.json"))) for c in ("c1", "c2")] == [1, 1]
+    report = json.loads((ray_run.out / "eval.json").read_text())
+    assert report["scores"]["mean"] == ray_run.scores.mean
+
+
 def test_driver_death_then_resume_is_bitwise(straight: DistillResult, tmp_path: Path) -> None:
     out = tmp_path / "run"
 
@@ -158,7 +171,7 @@ def test_cli_driver_sigkilled_then_resumed_is_bitwise(ray_local: Any, tmp_path: 
     out = tmp_path / "killed"
     flags = ["--dataset", "mnist5k", "--steps", "2", "--epochs", "1", "--ipc", "1", "--batch-size", "64",
              "--nets", "2", "--workers", "2", "--cpus-per-worker", "1", "--eval-nets", "2", "--seed", "0", "--checkpoint-every", "3",
-             "--iterations", str(steps), "--no-tracking", "--no-progress"]
+             "--iterations", str(steps), "--no-tracking", "--no-progress", "--no-scores"]
     addr = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # stay on loopback
     proc = subprocess.Popen([sys.executable, "-m", "ddray.cli", "distill", *flags, "--address", addr,

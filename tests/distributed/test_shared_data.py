@@ -54,7 +54,7 @@ def _tree(root: Path) -> Path:
 def test_an_image_folder_run_through_ray_equals_one_process(ray_local: Any, tmp_path: Path) -> None:
     root = _tree(tmp_path / "tree")
     over = dict(dataset="imagefolder", data_root=str(root), cache_dir=str(tmp_path / "cache"), model="convnet",
-                width=8, batch_size=24, iterations=4, checkpoint_every=4, nets=2)
+                width=8, batch_size=24, iterations=4, checkpoint_every=4, nets=2, scores=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each 1-CPU worker computes
     try:

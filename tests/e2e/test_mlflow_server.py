@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 
 # a few seconds of work: the point is where things go, not the distilled set
 DISTILL = ["distill", "--steps", "2", "--epochs", "1", "--nets", "1", "--batch-size", "64", "--eval-nets", "2",
-           "--checkpoint-every", "2", "--no-progress"]
+           "--checkpoint-every", "2", "--no-progress", "--no-scores"]
 LOCAL = ["--local"]  # in-process; the Ray driver (which writes --storage URIs) where storage matters
 
 

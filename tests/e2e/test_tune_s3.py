@@ -23,7 +23,7 @@ def test_tune_search_on_s3_with_resume_auto(platform: Platform, tmp_path: Path) 
     spec = {
         "name": "tiny",
         "fixed": {"distill": {"steps": 2, "epochs": 1, "ipc": 1, "iterations": 2, "nets": 1, "batch_size": 64},
-                  "run": {"eval_nets": 2, "checkpoint_every": 2}},
+                  "run": {"eval_nets": 2, "checkpoint_every": 2, "scores": False}},
         "search": {"lr": {"choice": [0.01]}},
         "num_samples": 1,
         "scheduler": "fifo",

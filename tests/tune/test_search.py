@@ -258,7 +258,7 @@ def test_the_method_is_a_searchable_option(ray_session: None, tmp_path: Path) ->
         tmp_path, name="methods", reference=None, scheduler="fifo", num_samples=1,
         fixed={"data": {"dataset": "digits"}, "model": {"model": "convnet", "width": 8},
                "distill": {"method": "dc", "ipc": 1, "iterations": 4, "nets": 1, "real_per_class": 8},
-               "run": {"eval_every": 2, "eval_nets": 1, "eval_epochs": 3, "checkpoint_every": 2,
+               "run": {"eval_every": 2, "eval_nets": 1, "eval_epochs": 3, "checkpoint_every": 2, "scores": False,
                        "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}},
         search={"method": {"grid": ["dc", "dm"]}}), "m.yaml")
     summary = run_search(spec, verbose=0)

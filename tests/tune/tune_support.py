@@ -17,7 +17,7 @@ def tiny_spec(tmp: Path, **changes: Any) -> dict[str, Any]:
         "name": "tiny",
         "storage_path": str(tmp / "ray"),
         "fixed": {"distill": {"steps": 2, "epochs": 1, "ipc": 1, "iterations": 4, "nets": 1, "batch_size": 64},
-                  "run": {"eval_every": 2, "eval_nets": 2, "checkpoint_every": 2,
+                  "run": {"eval_every": 2, "eval_nets": 2, "checkpoint_every": 2, "scores": False,
                           "tracking_uri": f"sqlite:///{tmp}/mlflow.db"}},
         "search": {"lr": {"loguniform": [0.005, 0.05]}},
         "reference": {"lr": 0.01},
