@@ -4,11 +4,14 @@ A distilled set is a directory:
 
 * ``data.parquet`` — one row per image: ``image`` list<float32> (C·H·W, row-major,
   normalised with ``mean``/``std``), ``label`` int64, ``step`` int32 (which of the S
-  batches, 0‥S−1). Rows are ordered by step, then by position within the step.
+  batches, 0‥S−1); with learned labels also ``label_logits`` list<float32> (one per class:
+  the image's soft label is their softmax). Rows are ordered by step, then by position
+  within the step.
 * ``meta.json`` — ``shape`` [C, H, W], ``lrs`` (T step sizes in order of application,
   epoch-major: step t uses batch t mod S), ``steps``, ``epochs``, ``mean``, ``std``,
   ``dataset``, ``model``, ``classes``, ``init`` {``mode``, ``scheme``}, ``iterations``
-  (meta-steps completed), ``method``, ``ddray_version``, ``config`` (the full run config).
+  (meta-steps completed), ``method``, ``ddray_version``, ``config`` (the full run config),
+  ``labels`` (``hard``, or ``learned`` when ``label_logits`` is there).
 * ``init_params.safetensors`` — for fixed-init modes only: θ₀ keyed by the model's
   parameter names (``conv1.weight``, …).
 * ``zca.safetensors`` — for ``--zca`` sets only: the whitening the images live in
@@ -17,7 +20,8 @@ A distilled set is a directory:
   ``meta.json`` then has ``zca`` {``eps``}; ``class_names`` lists the classes in label order.
 
 Training on it without ddray: for t in 0‥T−1, take the rows with ``step == t % S``,
-reshape ``image`` to ``shape``, and do one SGD step with step size ``lrs[t]``.
+reshape ``image`` to ``shape``, and do one SGD step with step size ``lrs[t]`` (with learned
+labels, towards ``softmax(label_logits)`` — a soft cross-entropy — instead of ``label``).
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ class Distilled:
 
     Attributes:
         images: (S, N, C, H, W) float32, normalised.
-        labels: (N,) int64, the same for every step.
+        labels: (N,) int64 hard labels (each image's class), the same for every step.
         lrs: (T,) step sizes in order of application.
         meta: the rest of ``meta.json``.
         init_params: θ₀ for fixed-init modes, else None.
         zca: the whitening the images live in (``--zca``), else None.
+        label_logits: learned labels z̃ (N, classes) float32 — the networks train towards softmax(z̃) —
+            else None (hard labels).
     """
 
     images: torch.Tensor
@@ -59,6 +65,17 @@ class Distilled:
     meta: dict[str, Any] = field(default_factory=dict)
     init_params: dict[str, torch.Tensor] | None = None
     zca: Zca | None = None
+    label_logits: torch.Tensor | None = None
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        """What the networks train towards: the learned label logits, else the hard labels."""
+        return self.label_logits if self.label_logits is not None else self.labels
+
+    @property
+    def label_kind(self) -> str:
+        """``learned`` (soft labels) or ``hard``."""
+        return "hard" if self.label_logits is None else "learned"
 
     @property
     def steps(self) -> int:
@@ -82,22 +99,28 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _float_lists(rows: np.ndarray) -> pa.Array:
+    """(R, D) float32 → a list<float32> column of R rows."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1]).cast(pa.list_(pa.float32()))
+
+
 def save_distilled(path: str | Path, d: Distilled) -> Path:
     """Write ``d`` in the open format to directory ``path`` (created); returns the path."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     s, n = d.images.shape[:2]
     flat = d.images.detach().to(torch.float32).reshape(s * n, -1).numpy()
-    table = pa.table({
-        "image": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]).cast(
-            pa.list_(pa.float32())),
+    columns = {
+        "image": _float_lists(flat),
         "label": pa.array(d.labels.repeat(s).numpy().astype(np.int64)),
         "step": pa.array(d.step_index.numpy().astype(np.int32)),
-    })
-    pq.write_table(table, out / DATA_FILE)
+    }
+    if d.label_logits is not None:
+        columns["label_logits"] = _float_lists(d.label_logits.detach().to(torch.float32).repeat(s, 1).numpy())
+    pq.write_table(pa.table(columns), out / DATA_FILE)
     meta = dict(d.meta)
     meta.update(shape=list(d.images.shape[2:]), lrs=[float(v) for v in d.lrs], steps=s,
-                epochs=len(d.lrs) // s)
+                epochs=len(d.lrs) // s, labels=d.label_kind)
     meta.setdefault("ddray_version", __version__)
     if d.init_params is not None:
         from safetensors.torch import save_file
@@ -114,7 +137,7 @@ def save_distilled(path: str | Path, d: Distilled) -> Path:
 def load_distilled(path: str | Path) -> Distilled:
     """Read a distilled-data directory.
 
-    Returns images (S, N, C, H, W), labels (N,), step sizes (T,), meta and θ₀ if saved.
+    Returns images (S, N, C, H, W), labels (N,), step sizes (T,), meta, θ₀ and learned labels if saved.
     MLflow ``runs:/<id>`` URIs are resolved where they enter (:func:`ddray.load_distilled`,
     the CLI), not here: this module knows files only.
     """
@@ -135,6 +158,10 @@ def load_distilled(path: str | Path) -> Distilled:
     n = len(flat) // steps
     images = torch.from_numpy(flat).view(steps, n, *shape)
     labels = torch.from_numpy(labels_all[:n].astype(np.int64))
+    logits = None
+    if "label_logits" in table.column_names:
+        rows = np.stack(table.column("label_logits").to_numpy(zero_copy_only=False))[order].astype(np.float32)
+        logits = torch.from_numpy(rows[:n].copy())
     init = None
     if (p / INIT_FILE).is_file():
         from safetensors.torch import load_file
@@ -147,4 +174,4 @@ def load_distilled(path: str | Path) -> Distilled:
         zca = Zca.from_tensors(load_file(str(p / ZCA_FILE)))
     elif meta.get("zca"):
         raise ValueError(f"{p}: a --zca set without its {ZCA_FILE} (the whitening its images live in)")
-    return Distilled(images, labels, torch.tensor(meta["lrs"], dtype=torch.float32), meta, init, zca)
+    return Distilled(images, labels, torch.tensor(meta["lrs"], dtype=torch.float32), meta, init, zca, logits)

@@ -38,22 +38,27 @@ def assign(chunks: int, workers: Sequence[int]) -> dict[int, list[int]]:
 
 
 def chunk_gradient(objective: Callable[..., "MetaGrad"], images: torch.Tensor, raw_lrs: torch.Tensor,
-                   step: int, chunk: int, nets: list[int], seed: int) -> "MetaGrad":
+                   step: int, chunk: int, nets: list[int], seed: int,
+                   labels: torch.Tensor | None = None) -> "MetaGrad":
     """The objective's Σ over one chunk's networks; torch's global generator is seeded from
-    (seed, step, chunk) first, so any unkeyed draw is independent of who computes the chunk."""
+    (seed, step, chunk) first, so any unkeyed draw is independent of who computes the chunk.
+    ``labels``: learned label logits (their gradient comes back too), None: hard labels."""
     torch.manual_seed(derive_seed(seed, CHUNK_STREAM, step, chunk))
-    return objective(images, raw_lrs, step, nets)
+    if labels is None:
+        return objective(images, raw_lrs, step, nets)
+    return objective(images, raw_lrs, step, nets, labels=labels)
 
 
 def step_gradient(objective: Callable[..., "MetaGrad"], images: torch.Tensor, raw_lrs: torch.Tensor,
-                  step: int, chunks: list[list[int]], seed: int) -> "MetaGrad":
+                  step: int, chunks: list[list[int]], seed: int, labels: torch.Tensor | None = None) -> "MetaGrad":
     """Σ over all chunks, added in chunk order — bitwise what the parameter server computes."""
     from ddray.core.unroll import MetaGrad
 
     total: MetaGrad | None = None
     for c, nets in enumerate(chunks):
-        g = chunk_gradient(objective, images, raw_lrs, step, c, nets, seed)
-        total = g if total is None else MetaGrad(total.images + g.images, total.raw_lrs + g.raw_lrs,
-                                                 total.loss + g.loss, total.nets + g.nets)
+        g = chunk_gradient(objective, images, raw_lrs, step, c, nets, seed, labels)
+        total = g if total is None else MetaGrad(
+            total.images + g.images, total.raw_lrs + g.raw_lrs, total.loss + g.loss, total.nets + g.nets,
+            None if g.labels is None or total.labels is None else total.labels + g.labels)
     assert total is not None, "step_gradient: no chunks"
     return total

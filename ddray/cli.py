@@ -80,6 +80,11 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "expert_epochs": (int, "mtt: M, expert epochs the student should cover"),
     "max_start_epoch": (int, "mtt: the student starts at a random expert epoch below this"),
     "lr_lr": (float, "mtt: outer learning rate of the step size"),
+    "labels": (str, "hard class labels, or learned soft labels (dd, mtt): label logits learned with the images "
+                    "(mtt: started from an expert's predictions, as DATM)"),
+    "lr_labels": (float, "learning rate of learned labels (default: the method's — dd 0.01 with Adam, mtt 2.0 with "
+                         "SGD)"),
+    "label_loss": (str, "evaluation on learned labels: ce (soft cross-entropy) or kl (KL divergence)"),
     "batch_syn": (int, "mtt: synthetic images per student step, batches of a seeded permutation as MTT's "
                        "(default: all; less memory for large sets)"),
     "width": (int, "convnet: channels per layer (default {default}, the papers')"),
@@ -189,6 +194,8 @@ def _add_eval_flags(p: argparse.ArgumentParser, default_protocol: str) -> None:
                    help="protocol dc: training epochs per network (default %(default)s on CPU; the papers: 1000)")
     p.add_argument("--no-dsa", dest="dsa", action="store_false",
                    help="protocol dc: train without DSA augmentation")
+    p.add_argument("--label-loss", choices=("ce", "kl"), default=None,
+                   help="protocol dc: the loss on learned labels (default: the set's run's)")
     p.add_argument("--no-scores", dest="scores", action="store_false",
                    help="accuracy only, without DD-Ranking's HLR, IOR, LRS and ARS (by protocol dc, against a random "
                         "real subset of the set's size and the full training split)")
@@ -255,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(c, "the sets' own, when they agree")
     c.add_argument("--seed", type=int, default=None,
                    help="seed of the held-out networks, the same for every set (default: the first set's run seed)")
+    c.add_argument("--allow-mixed-labels", action="store_true",
+                   help="score sets with learned labels beside hard-label ones (unfair: a soft label carries a "
+                        "distribution per image)")
     c.add_argument("--png", help="bar chart file (default compare.png)")
     c.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
     _add_pool_flags(c, "the held-out networks train")
@@ -303,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-progress", action="store_true")
     _add_pool_flags(x, "one expert per job")
 
-    s = sub.add_parser("show", help="write a PNG grid of a distilled set (rows = steps, columns = classes)")
+    s = sub.add_parser("show", help="write a PNG grid of a distilled set (rows = steps, columns = classes); with "
+                                    "learned labels, list each image's top label and its probability")
     s.add_argument("path", metavar="DIR|runs:/ID")
     s.add_argument("--png", help="output file (default DIR/grid.png)")
     return p
@@ -421,6 +432,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     d = load_distilled(_fetch(str(args.path), args, args.json))
     problem = problem_for(d, args.data_root)
+    problem = dataclasses.replace(problem, config=problem.config.override(label_loss=args.label_loss))
     name = args.protocol or problem.config.protocol
     nets = _eval_nets(args, name)
     protocol = eval_protocol(problem, name, nets, args.epochs, args.dsa)
@@ -467,13 +479,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import tempfile
 
     from ddray.artifact import load_distilled
-    from ddray.compare import check_one_dataset, choose_protocol, compare_sets, table
+    from ddray.compare import check_labels, check_one_dataset, choose_protocol, compare_sets, table
     from ddray.tracking import tracked
     from ddray.viz import save_comparison_chart
 
     sources = [str(p) for p in args.paths]
     sets = [load_distilled(_fetch(src, args, args.json)) for src in sources]
     dataset = check_one_dataset(sources, sets)
+    check_labels(sources, sets, args.allow_mixed_labels)
     protocol = choose_protocol(sources, sets, args.protocol)
     nets = _eval_nets(args, protocol)
     first = Config.from_dict(sets[0].meta.get("config", {})).override(data_root=args.data_root)
@@ -486,7 +499,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                             "compare.nets": nets, "compare.seed": seed,
                             **({"compare.epochs": args.epochs, "compare.dsa": args.dsa} if protocol == "dc" else {})})
         rows = compare_sets(sources, sets, protocol, nets, seed, args.epochs, args.dsa, args.data_root, mapper,
-                            cluster.max_workers, (args.score_lrs, args.full_epochs) if args.scores else None)
+                            cluster.max_workers, (args.score_lrs, args.full_epochs) if args.scores else None,
+                            args.label_loss)
         for i, r in enumerate(rows):
             tracker.log_metrics({f"set{i}_acc_mean": r.result.mean, f"set{i}_acc_std": r.result.std}, step=0)
             if r.scores is not None:
@@ -635,6 +649,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    import torch
+
     from ddray.artifact import load_distilled
     from ddray.viz import save_grid
 
@@ -642,6 +658,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     png = Path(args.png) if args.png else (Path(args.path) / "grid.png" if Path(args.path).is_dir()
                                           else Path("grid.png"))
     print(save_grid(d, png).resolve())
+    if d.label_logits is not None:  # learned labels: what each image teaches
+        names = d.meta.get("class_names") or [str(c) for c in range(d.label_logits.shape[1])]
+        p = torch.softmax(d.label_logits, dim=1)
+        top, which = p.max(dim=1)
+        print(f"{'image':>5}  {'class':12}  {'top label':12}  p")
+        for i, (c, k, q) in enumerate(zip(d.labels.tolist(), which.tolist(), top.tolist())):
+            print(f"{i:>5}  {names[c]:12}  {names[k]:12}  {q:.3f}")
     return 0
 
 

@@ -65,6 +65,17 @@ def check_one_dataset(sources: Sequence[str], sets: Sequence[Distilled]) -> str:
     return str(sets[0].meta.get("dataset", "?"))
 
 
+def check_labels(sources: Sequence[str], sets: Sequence[Distilled], allow_mixed: bool) -> None:
+    """A one-line ValueError when learned-label sets meet hard-label ones, unless ``allow_mixed``."""
+    kinds = {d.label_kind for d in sets}
+    if len(kinds) > 1 and not allow_mixed:
+        soft = next(s for s, d in zip(sources, sets) if d.label_kind == "learned")
+        hard = next(s for s, d in zip(sources, sets) if d.label_kind == "hard")
+        raise ValueError(f"compare: {soft} has learned (soft) labels and {hard} hard ones; a soft label carries "
+                         "a whole distribution per image, so the comparison is unfair — compare sets with the "
+                         "same labels, or pass --allow-mixed-labels")
+
+
 def choose_protocol(sources: Sequence[str], sets: Sequence[Distilled], given: str | None) -> str:
     """``given``, else the sets' common own protocol; a ValueError when theirs differ and none is given."""
     if given is not None:
@@ -81,11 +92,12 @@ def choose_protocol(sources: Sequence[str], sets: Sequence[Distilled], given: st
 
 
 def eval_protocol(problem: Problem, name: str, nets: int, epochs: int, dsa: bool) -> ProtocolDC | str:
-    """What :func:`ddray.evaluation.evaluate_distilled` takes for protocol ``name`` (``ddray evaluate``'s flags)."""
+    """What :func:`ddray.evaluation.evaluate_distilled` takes for protocol ``name`` (``ddray evaluate``'s flags;
+    soft labels are trained on with the set's ``--label-loss``)."""
     if name == "dd":
         return "dd"
     strategy = problem.config.distill.dsa_strategy if dsa else None
-    return ProtocolDC(epochs=epochs, nets=nets, dsa_strategy=strategy)
+    return ProtocolDC(epochs=epochs, nets=nets, dsa_strategy=strategy, label_loss=problem.config.run.label_loss)
 
 
 def scoring(problem: Problem, nets: int, args: Any) -> Problem:
@@ -122,7 +134,7 @@ def labels(sources: Sequence[str], sets: Sequence[Distilled]) -> list[str]:
 def compare_sets(sources: Sequence[str], sets: Sequence[Distilled], protocol: str, nets: int, seed: int,
                  epochs: int = 300, dsa: bool = True, data_root: str | None = None,
                  mapper: Callable[..., list[Any]] | None = None, workers: int = 1,
-                 scores: tuple[str, int] | None = None) -> list[Scored]:
+                 scores: tuple[str, int] | None = None, label_loss: str | None = None) -> list[Scored]:
     """Score every set with ``protocol`` over ``nets`` held-out networks drawn with ``seed``.
 
     Args:
@@ -137,6 +149,7 @@ def compare_sets(sources: Sequence[str], sets: Sequence[Distilled], protocol: st
             (:func:`ddray.distributed.pool.call_mapper`), ``workers`` chunks per set; default here.
         scores: (``--score-lrs``, ``--full-epochs``) to score every set as well
             (:func:`ddray.evaluation.score_distilled`, over the same ``nets`` networks, ``epochs`` and ``seed``).
+        label_loss: the loss on learned labels (``--label-loss``; default each set's own).
     """
     import torch
 
@@ -145,7 +158,7 @@ def compare_sets(sources: Sequence[str], sets: Sequence[Distilled], protocol: st
     out = []
     for src, label, d in zip(sources, labels(sources, sets), sets):
         problem = problem_for(d, data_root)
-        problem = dataclasses.replace(problem, config=problem.config.override(seed=seed))
+        problem = dataclasses.replace(problem, config=problem.config.override(seed=seed, label_loss=label_loss))
 
         def predictor(job: Any, chunks: list[list[int]], d: Distilled = d) -> list[torch.Tensor]:
             assert mapper is not None

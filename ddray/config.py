@@ -35,6 +35,8 @@ INIT_SCHEMES = ("xavier", "kaiming", "normal", "orthogonal", "default")
 MODELS = ("lenet", "alexcifarnet", "convnet")
 SYN_INITS = ("noise", "real")
 MEMORY_MODES = ("full", "recompute")
+LABEL_MODES = ("hard", "learned")
+LABEL_LOSSES = ("ce", "kl")
 SYNC_MODES = ("sync", "async")
 PLACEMENTS = ("spread", "strict-spread", "pack")
 PROTOCOLS = ("dd", "dc")  # evaluation: DD's (the set's own schedule) or the DC line's (ConvNet, SGD, epochs)
@@ -127,6 +129,8 @@ class DistillConfig:
     ``max_start_epoch``, takes ``syn_steps`` steps (learned size, initialised at
     ``net_lr``, outer lr ``lr_lr``) and is matched to the expert ``expert_epochs`` later;
     ``batch_syn``: images per student step (None: all), as MTT's ``--batch_syn``.
+    ``labels``: ``hard`` class labels, or ``learned`` soft labels (DD and MTT) with their own
+    learning rate ``lr_labels`` (None: the method's, :attr:`labels_lr`).
     """
 
     init: str = "random"
@@ -157,6 +161,8 @@ class DistillConfig:
     max_start_epoch: int = 20
     lr_lr: float = 1e-5
     batch_syn: int | None = None
+    labels: str = "hard"
+    lr_labels: float | None = None
 
     def __post_init__(self) -> None:
         from ddray.core.augment import parse_strategy
@@ -177,6 +183,9 @@ class DistillConfig:
             each(boolean, self, "dsa")
         parse_strategy(self.dsa_strategy)
         one_of("--memory", self.memory, MEMORY_MODES)
+        one_of("--labels", self.labels, LABEL_MODES)
+        if self.lr_labels is not None:
+            each(positive_number, self, "lr_labels")
         parse_attack(self.attack)
         if self.init.endswith("pretrained") and not self.pretrained:
             raise ValueError(f"--init {self.init} needs --pretrained DIR (made by `ddray pretrain`)")
@@ -193,6 +202,13 @@ class DistillConfig:
     def outer_lr(self) -> float:
         """``lr``, or the method's default."""
         return self.lr if self.lr is not None else self.spec.lr
+
+    @property
+    def labels_lr(self) -> float | None:
+        """The learning rate of learned labels: ``lr_labels``, else the method's; None with hard labels."""
+        if self.labels != "learned":
+            return None
+        return self.lr_labels if self.lr_labels is not None else self.spec.lr_labels
 
     @property
     def init_images(self) -> str:
@@ -303,6 +319,8 @@ class RunConfig:
     for ``--method dd``, ``dc`` for the others. ``compile``: ``torch.compile`` the inner
     step and the real-batch gradient of the DD and MTT unrolls (:mod:`ddray.core.kernels`;
     same gradients up to float rounding; eager with a warning where unavailable).
+    ``label_loss``: how evaluation trains on soft labels: ``ce`` (soft cross-entropy) or ``kl``
+    (KL divergence; the same gradients at temperature 1, :func:`ddray.core.protocol.soft_label_loss`).
     ``scores``: DD-Ranking's HLR, IOR, LRS and ARS beside the accuracy at the end (:mod:`ddray.scores`),
     with the learning rate chosen from ``score_lrs`` and the full training split trained for
     ``full_epochs`` epochs.
@@ -316,6 +334,7 @@ class RunConfig:
     eval_nets: int = 20
     eval_protocol: str | None = None
     eval_epochs: int = 300
+    label_loss: str = "ce"
     scores: bool = True
     score_lrs: str = "0.01"
     full_epochs: int = 20
@@ -329,6 +348,7 @@ class RunConfig:
         each(boolean, self, "compile")
         each(nonneg_int, self, "seed", "eval_every")
         each(boolean, self, "scores")
+        one_of("--label-loss", self.label_loss, LABEL_LOSSES)
         each(positive_int, self, "checkpoint_every", "eval_nets", "eval_epochs", "full_epochs")
         from ddray.scores import parse_lrs
 

@@ -10,6 +10,7 @@ auto``), and how it ends (artifact, evaluation, tracking).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -43,10 +44,11 @@ def default_out() -> Path:
 
 
 def synthetic(problem: Problem, state: RunState) -> SyntheticSet:
-    """The synthetic set of ``state`` (copies of its tensors) with the run's labels."""
+    """The synthetic set of ``state`` (copies of its tensors) with the run's labels: its learned ones, or the
+    hard class labels."""
     d = problem.config.distill
-    return SyntheticSet(state.images.clone(), class_labels(problem.data.num_classes, d.ipc), state.raw_lrs.clone(),
-                        d.layout[1])
+    labels = state.labels.clone() if state.labels is not None else class_labels(problem.data.num_classes, d.ipc)
+    return SyntheticSet(state.images.clone(), labels, state.raw_lrs.clone(), d.layout[1])
 
 
 @dataclass
@@ -115,7 +117,7 @@ def start_state(problem: Problem, config: Config, storage: str, resume: str | Pa
         raise ValueError(f"--iterations: invalid value {iters}; the checkpoint in {storage} already has "
                          f"{saved.step} meta-steps (--iterations is the run's total)")
     log.info("continuing the run in %s from its checkpoint at meta-step %d of %d", storage, saved.step, iters)
-    return RunState(saved.step, saved.images, saved.raw_lrs, saved.optimizer, config)
+    return dataclasses.replace(saved, config=config)
 
 
 RUN_FILES = ("data.parquet", "meta.json", "init_params.safetensors", "eval.json", "grid.png", "lrs.png",
@@ -185,12 +187,14 @@ def distill(config: Config, tracker: Tracker | None = None, progress: bool = Tru
     t0 = time.perf_counter()
     for step in bar:
         # meta-gradients of all K networks, chunk by chunk, summed in chunk order (as the parameter server does)
-        g = step_gradient(objective, syn.images, syn.raw_lrs, step, chunks, seed)
-        # one outer-optimiser step on x̃ and ρ with the average over the K networks
-        opt.apply(g.images / g.nets, g.raw_lrs / g.nets)
+        g = step_gradient(objective, syn.images, syn.raw_lrs, step, chunks, seed,
+                          syn.labels if syn.learns_labels else None)
+        # one outer-optimiser step on x̃ and ρ (and learned labels) with the average over the K networks
+        opt.apply(g.images / g.nets, g.raw_lrs / g.nets, None if g.labels is None else g.labels / g.nets)
         done = step + 1
         if done % config.run.checkpoint_every == 0 or done == iters:
-            save_state(storage, RunState(done, syn.images, syn.raw_lrs, opt.state_dict(), config))
+            save_state(storage, RunState(done, syn.images, syn.raw_lrs, opt.state_dict(), config,
+                                         syn.labels if syn.learns_labels else None))
         lrs = syn.lrs
         metrics = {"outer_loss": g.loss / g.nets, "lr_min": float(lrs.min()), "lr_mean": float(lrs.mean()),
                    "lr_max": float(lrs.max()), "outer_lr": opt.lr,

@@ -43,12 +43,14 @@ RANDOM_SUBSET_KEY = 5_000_000  # the random real subset of a score, in the EVAL 
 class EvalJob:
     """What an evaluation trains: ``nets`` networks by ``protocol`` (``"dd"`` or a :class:`ProtocolDC`);
     ``shuffled``: protocol dd with the S batches in a fresh order every epoch; ``train_on``: the set,
-    a random real subset of its size (``random``) or the whole training split (``full``; protocol dc)."""
+    a random real subset of its size (``random``) or the whole training split (``full``; protocol dc);
+    ``hard_labels``: train on the images' hard labels even where the set has learned ones."""
 
     nets: int
     protocol: str | ProtocolDC = "dd"
     shuffled: bool = False
     train_on: str = "set"
+    hard_labels: bool = False
 
 
 Predictor = Callable[[EvalJob, list[list[int]]], list[torch.Tensor]]  # chunks of net ids → their predictions
@@ -61,7 +63,8 @@ def eval_job(problem: Problem, nets: int, shuffled: bool = False, protocol: Prot
     protocol = c.protocol if protocol is None else protocol
     if protocol == "dc":
         protocol = ProtocolDC(epochs=c.run.eval_epochs, nets=nets,
-                              dsa_strategy=None if c.distill.dsa is False else c.distill.dsa_strategy)
+                              dsa_strategy=None if c.distill.dsa is False else c.distill.dsa_strategy,
+                              label_loss=c.run.label_loss)
     if isinstance(protocol, ProtocolDC):
         return EvalJob(protocol.nets, protocol)
     return EvalJob(nets, "dd", shuffled)
@@ -73,8 +76,9 @@ def eval_chunks(job: EvalJob, workers: int) -> list[list[int]]:
 
 
 def random_subset(problem: Problem, d: Distilled) -> Distilled:
-    """Random real training images in ``d``'s layout (as many of each class), with hard labels; seeded by the
-    evaluation seed alone, so every set of a budget meets the same subset."""
+    """Random real training images in ``d``'s layout (as many of each class) with ``d``'s labels — hard ones,
+    or the same learned labels (the same labels budget); seeded by the evaluation seed alone, so every set
+    of a budget meets the same subset."""
     from ddray.core.baselines import random_real
     from ddray.core.inits import EVAL, generator
 
@@ -83,7 +87,7 @@ def random_subset(problem: Problem, d: Distilled) -> Distilled:
     g = generator(c.run.seed, EVAL, RANDOM_SUBSET_KEY)
     images = random_real(data.x_train, data.y_train, steps, n // data.num_classes, data.num_classes, g)
     meta = {**d.meta, "method": "random-real"}
-    return Distilled(images, d.labels, d.lrs, meta, d.init_params, d.zca)
+    return Distilled(images, d.labels, d.lrs, meta, d.init_params, d.zca, d.label_logits)
 
 
 def predict_nets(problem: Problem, d: Distilled, job: EvalJob, ids: list[int]) -> torch.Tensor:
@@ -99,26 +103,27 @@ def predict_nets(problem: Problem, d: Distilled, job: EvalJob, ids: list[int]) -
                                    ids)
     if job.train_on == "random":
         d = random_subset(problem, d)
+    labels = d.labels if job.hard_labels else d.train_labels
     if isinstance(job.protocol, ProtocolDC):
         method = METHODS.get(str(d.meta.get("method")))
         lr = float(d.lrs[0]) if method and method.one_learned_step_size else None  # MTT's learned step size
-        return predict_protocol_dc(problem.model, d.images, d.labels, data.x_test, job.protocol, c.run.seed, ids, lr)
+        return predict_protocol_dc(problem.model, d.images, labels, data.x_test, job.protocol, c.run.seed, ids, lr)
     order = shuffled_order(d.steps, d.epochs, c.run.seed) if job.shuffled else None
-    return train_predict(problem.model, problem.sampler(for_eval=True), d.images, d.labels, d.lrs, data.x_test,
+    return train_predict(problem.model, problem.sampler(for_eval=True), d.images, labels, d.lrs, data.x_test,
                          ids, order)
 
 
 def evaluate_distilled(problem: Problem, d: Distilled, nets: int, shuffled: bool = False,
                        protocol: ProtocolDC | str | None = None, predictor: Predictor | None = None,
-                       workers: int | None = None, train_on: str = "set") -> EvalResult:
+                       workers: int | None = None, train_on: str = "set", hard_labels: bool = False) -> EvalResult:
     """Held-out evaluation of ``d`` over ``nets`` networks (see :func:`eval_job`).
 
     The networks are trained in chunks, one per worker (``workers``, default the config's
     MAX ``--workers``). ``predictor`` computes the chunks elsewhere (Ray workers); by
     default they are computed here, in the same chunks, so both give the same result.
-    ``train_on``: see :class:`EvalJob`.
+    ``train_on``, ``hard_labels``: see :class:`EvalJob`.
     """
-    job = dataclasses.replace(eval_job(problem, nets, shuffled, protocol), train_on=train_on)
+    job = dataclasses.replace(eval_job(problem, nets, shuffled, protocol), train_on=train_on, hard_labels=hard_labels)
     chunks = eval_chunks(job, workers or problem.config.cluster.max_workers)
     preds = predictor(job, chunks) if predictor else [predict_nets(problem, d, job, ids) for ids in chunks]
     return summarise(torch.cat([p.cpu() for p in preds]), problem.data.y_test.cpu(), problem.attack)
@@ -126,9 +131,10 @@ def evaluate_distilled(problem: Problem, d: Distilled, nets: int, shuffled: bool
 
 def set_bytes(d: Distilled) -> tuple[int, int]:
     """(the set's size as stored, images and labels together; the labels' part): float32 images, a label per
-    image (hard: one int64; soft: a float32 per class)."""
+    image (hard: one int64; learned: a float32 per class)."""
     images = d.images.numel() * d.images.element_size()
-    per_image = d.labels.element_size() * (d.labels.shape[1] if d.labels.dim() == 2 else 1)
+    z = d.label_logits
+    per_image = d.labels.element_size() if z is None else z.shape[1] * z.element_size()
     labels = d.images.shape[0] * d.images.shape[1] * per_image
     return images + labels, labels
 
@@ -146,13 +152,15 @@ def score_distilled(problem: Problem, d: Distilled, predictor: Predictor | None 
     method = METHODS.get(str(d.meta.get("method")))
     own_lr = method is not None and method.one_learned_step_size  # MTT trains with its learned step size
 
-    def accuracies(train_on: str, augment: bool, epochs: int | None = None) -> tuple[float, list[float]]:
+    def accuracies(train_on: str, augment: bool, epochs: int | None = None,
+                   hard: bool = False) -> tuple[float, list[float]]:
         def train(lr: float | None) -> list[float]:
             protocol = ProtocolDC(epochs=epochs or c.run.eval_epochs, nets=nets, lr=lr or ProtocolDC.lr,
-                                  dsa_strategy=c.distill.dsa_strategy if augment else None)
+                                  dsa_strategy=c.distill.dsa_strategy if augment else None,
+                                  label_loss=c.run.label_loss)
             return evaluate_distilled(problem, d, nets, protocol=protocol, predictor=predictor, workers=workers,
-                                      train_on=train_on).accuracies
-        if train_on == "set" and own_lr:
+                                      train_on=train_on, hard_labels=hard).accuracies
+        if train_on == "set" and own_lr and not hard:
             return float(d.lrs[0]), train(None)
         return best_lr(train, lrs)
 
@@ -164,8 +172,10 @@ def score_distilled(problem: Problem, d: Distilled, predictor: Predictor | None 
         cache.put(key, *full)
     runs = {"syn": accuracies("set", True), "random": accuracies("random", True),
             "syn_no_aug": accuracies("set", False), "random_no_aug": accuracies("random", False)}
-    acc = Accuracies(full=full[1], syn_hard=runs["syn"][1], **{k: v[1] for k, v in runs.items()})
-    lr = {"full": full[0], "syn_hard": runs["syn"][0], **{k: v[0] for k, v in runs.items()}}
+    # hard-label recovery: the images with their hard labels (the same run as "syn" for a hard-label set)
+    runs["syn_hard"] = accuracies("set", True, hard=True) if d.label_logits is not None else runs["syn"]
+    acc = Accuracies(full=full[1], **{k: v[1] for k, v in runs.items()})
+    lr = {"full": full[0], **{k: v[0] for k, v in runs.items()}}
     return summarise_scores(acc, lr, *set_bytes(d))
 
 

@@ -15,6 +15,7 @@ Every method shares ``--ipc``, ``--iterations``, ``--nets`` (networks per meta-s
 DD, real images for the others) and the whole cluster/run configuration. The other
 options belong to some methods only (:data:`OWNERS`); setting one to a non-default
 value under a method that does not use it is an error naming both options.
+DD and MTT can learn soft labels beside the images (``--labels learned``, ``--lr-labels``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Method:
     step_size_option: str = "net_lr"  # the option the step size starts at: DD's --init-lr, the others' --net-lr
     eval_protocol: str = "dc"  # the evaluation by default: "dd" (the set's own schedule) or "dc" (the DC papers')
     needs_experts: bool = False  # matches expert trajectories (--experts, made by `ddray experts`)
+    lr_labels: float | None = None  # learning rate of learned labels (--labels learned); None: cannot learn them
 
     @property
     def one_learned_step_size(self) -> bool:
@@ -51,7 +53,8 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "dd": Method("dd", "Wang et al., Dataset Distillation, arXiv:1811.10959", "adam", 0.01, 0.0, False,
-                 "noise", True, steps_and_epochs=True, step_size_option="init_lr", eval_protocol="dd"),
+                 "noise", True, steps_and_epochs=True, step_size_option="init_lr", eval_protocol="dd",
+                 lr_labels=0.01),
     "dc": Method("dc", "Zhao, Mopuri, Bilen, Dataset Condensation with Gradient Matching, ICLR 2021",
                  "sgd", 0.1, 0.5, False, "real", False),
     "dsa": Method("dsa", "Zhao & Bilen, Dataset Condensation with Differentiable Siamese Augmentation, "
@@ -59,7 +62,7 @@ METHODS: dict[str, Method] = {
     "dm": Method("dm", "Zhao & Bilen, Dataset Condensation with Distribution Matching, WACV 2023",
                  "sgd", 1.0, 0.5, True, "real", False),
     "mtt": Method("mtt", "Cazenavette et al., Dataset Distillation by Matching Training Trajectories, "
-                  "CVPR 2022", "sgd", 1000.0, 0.5, True, "real", True, needs_experts=True),
+                  "CVPR 2022", "sgd", 1000.0, 0.5, True, "real", True, needs_experts=True, lr_labels=2.0),
 }
 
 # option → the methods that use it (options not listed are shared by all)
@@ -73,6 +76,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "net_lr": ("dc", "dsa", "mtt"),
     "experts": ("mtt",), "syn_steps": ("mtt",), "expert_epochs": ("mtt",), "max_start_epoch": ("mtt",),
     "lr_lr": ("mtt",), "batch_syn": ("mtt",),
+    "labels": ("dd", "mtt"), "lr_labels": ("dd", "mtt"),
 }
 
 # DC's outer/inner loop counts by images per class (the paper's code); other ipc take the nearest
@@ -120,10 +124,11 @@ def optimizer_options(distill: Any) -> dict[str, Any]:
 
     MTT learns its step size η directly with learning rate ``lr_lr``; ddray learns ρ with
     η = softplus(ρ), so dη/dρ = σ(ρ) = 1 − e^(−η). ρ gets ``lr_lr`` / (1 − e^(−η₀))², η₀ =
-    ``net_lr``: then the step size's first updates are the paper's.
+    ``net_lr``: then the step size's first updates are the paper's. Learned labels get
+    ``lr_labels`` (the method's default: DD 0.01 with Adam, as its images; MTT 2.0 with SGD, DATM's).
     """
     spec = METHODS[distill.method]
     lr_lrs = None
     if distill.method in OWNERS["lr_lr"]:  # the step size has a learning rate of its own
         lr_lrs = distill.lr_lr / (1 - math.exp(-distill.net_lr)) ** 2
-    return {"kind": spec.optimizer, "momentum": spec.momentum, "lr_lrs": lr_lrs}
+    return {"kind": spec.optimizer, "momentum": spec.momentum, "lr_lrs": lr_lrs, "lr_labels": distill.labels_lr}

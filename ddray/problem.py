@@ -22,7 +22,8 @@ from ddray.core.inits import SYN_INIT, InitSampler, fixed_params, generator, mak
 from ddray.core.models import Params, build_model
 from ddray.core.matching import ClassBatches, DistributionMatching, GradientMatching
 from ddray.core.objective import DDObjective
-from ddray.core.synthetic import OuterOptimizer, SyntheticSet, class_labels
+from ddray.core.images import ImageSource, subset
+from ddray.core.synthetic import OuterOptimizer, SyntheticSet, class_labels, label_logits
 from ddray.core.trajectory import TrajectoryMatching
 from ddray.core.unroll import MetaGrad
 from ddray.data import Dataset
@@ -59,12 +60,28 @@ class Problem:
         return OBJECTIVES[self.config.distill.method](self)
 
     def initial_synthetic(self) -> SyntheticSet:
-        """x̃ from noise or real images (the method's default), ρ at ``init_lr`` (DD) or ``net_lr``."""
+        """x̃ from noise or real images (the method's default), ρ at ``init_lr`` (DD) or ``net_lr``; learned
+        labels (``--labels learned``) as :meth:`initial_labels` makes them."""
         d, c = self.config.distill, self.config
-        real = (self.data.x_train, self.data.y_train) if d.init_images == "real" else None
+        real: tuple[ImageSource, torch.Tensor] | None = ((self.data.x_train, self.data.y_train)
+                                                          if d.init_images == "real" else None)
+        teacher = self.teacher() if d.labels == "learned" and self.experts else None
+        if teacher is not None and real is not None:  # DATM: only images the expert gets right
+            real = correctly_classified(self.model, teacher, *real)
         steps, epochs = d.layout
-        return SyntheticSet.initial(steps, epochs, d.ipc, self.data.num_classes, self.data.shape,
-                                    d.initial_lr, generator(c.run.seed, SYN_INIT), real)
+        syn = SyntheticSet.initial(steps, epochs, d.ipc, self.data.num_classes, self.data.shape,
+                                   d.initial_lr, generator(c.run.seed, SYN_INIT), real)
+        if d.labels == "learned":
+            syn.labels = (label_logits(syn.labels, self.data.num_classes) if teacher is None
+                          else expert_logits(self.model, teacher, syn.images[0]))
+        return syn
+
+    def teacher(self) -> Params:
+        """MTT with learned labels: the expert whose predictions start the labels (DATM) — expert 0 at epoch
+        ``max_start_epoch`` (or its last)."""
+        assert self.experts, "Problem.teacher: MTT's experts are loaded"
+        expert = self.experts[0]
+        return expert.at(min(self.config.distill.max_start_epoch, expert.epochs))
 
     def outer_optimizer(self, syn: SyntheticSet) -> OuterOptimizer:
         """The method's outer optimiser on ``syn`` (:func:`ddray.methods.optimizer_options`)."""
@@ -73,11 +90,33 @@ class Problem:
 
 
 class Objective(Protocol):
-    """What workers call: Σ over ``nets`` (indices within meta-step ``step``) of ∂L/∂(x̃, ρ)."""
+    """What workers call: Σ over ``nets`` (indices within meta-step ``step``) of ∂L/∂(x̃, ρ) (and ∂L/∂z̃ for
+    learned ``labels``: DD and MTT)."""
 
-    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int]) -> MetaGrad: ...
+    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int],
+                 labels: torch.Tensor | None = None) -> MetaGrad: ...
 
     def to(self, device: torch.device) -> "Objective": ...
+
+
+@torch.no_grad()
+def expert_logits(model: nn.Module, params: Params, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """A network's logits (N, classes) on images x (N, C, H, W)."""
+    from torch.func import functional_call
+
+    return torch.cat([functional_call(model, params, (x[i:i + chunk],)) for i in range(0, len(x), chunk)])
+
+
+def correctly_classified(model: nn.Module, params: Params, x: ImageSource,
+                         y: torch.Tensor) -> tuple[ImageSource, torch.Tensor]:
+    """The images of (x, y) that the network classifies correctly (a class with none keeps all of its own)."""
+    right = torch.cat([expert_logits(model, params, x[i:i + 4096]).argmax(1) == y[i:i + 4096]
+                       for i in range(0, len(y), 4096)])
+    for c in y.unique():  # never leave a class without images
+        if not right[y == c].any():
+            right[y == c] = True
+    keep = torch.nonzero(right).flatten()
+    return subset(x, keep), y[keep]
 
 
 def _syn_labels(problem: Problem) -> torch.Tensor:
@@ -185,8 +224,9 @@ def to_distilled(problem: Problem, syn: SyntheticSet, iterations: int) -> Distil
         "dsa_strategy": c.distill.augment, "eval_protocol": c.protocol,
         "seed": c.run.seed, "ddray_version": __version__, "config": c.to_dict(),
     }
-    return Distilled(syn.images.detach().clone(), syn.labels.clone(), syn.lrs.detach().clone(), meta,
-                     problem.fixed, problem.data.zca)
+    hard = class_labels(problem.data.num_classes, c.distill.ipc)
+    return Distilled(syn.images.detach().clone(), hard, syn.lrs.detach().clone(), meta, problem.fixed,
+                     problem.data.zca, syn.labels.detach().clone() if syn.learns_labels else None)
 
 
 def class_names(data: Dataset) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ which own slices of it) and ``--resume``. On disk it is one ``torch.save`` dict
 
     images     x̃, (S, N, C, H, W) float32
     raw_lrs    ρ, (T,) float32 (η̃ = softplus(ρ))
+    labels     learned label logits z̃ (N, classes) float32 — only with ``--labels learned``
     optimizer  the outer optimiser's state (:meth:`ddray.core.synthetic.OuterOptimizer.state_dict`)
     step       meta-steps applied
     config     the whole run config (:meth:`ddray.config.Config.to_dict`)
@@ -39,6 +40,7 @@ class RunState:
     raw_lrs: torch.Tensor  # ρ (T,)
     optimizer: dict[str, Any]  # OuterOptimizer.state_dict()
     config: Config
+    labels: torch.Tensor | None = None  # learned label logits z̃ (N, classes); None: hard labels
 
     @property
     def rng(self) -> dict[str, Any]:
@@ -50,18 +52,22 @@ class RunState:
         """The state of a fresh run: x̃ and ρ as the method initialises them, a fresh optimiser."""
         syn = problem.initial_synthetic()
         opt = problem.outer_optimizer(syn)
-        return cls(0, syn.images, syn.raw_lrs, opt.state_dict(), problem.config)
+        return cls(0, syn.images, syn.raw_lrs, opt.state_dict(), problem.config,
+                   syn.labels if syn.learns_labels else None)
 
     def to_checkpoint(self) -> dict[str, Any]:
         """The dict :func:`ddray.checkpoint.save_checkpoint` writes (the step is its file name too)."""
-        return {"images": self.images, "raw_lrs": self.raw_lrs, "optimizer": self.optimizer,
-                "step": self.step, "config": self.config.to_dict(), "rng": self.rng}
+        saved = {"images": self.images, "raw_lrs": self.raw_lrs, "optimizer": self.optimizer,
+                 "step": self.step, "config": self.config.to_dict(), "rng": self.rng}
+        if self.labels is not None:
+            saved["labels"] = self.labels
+        return saved
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> "RunState":
         """Inverse of :meth:`to_checkpoint` (also reads checkpoints written before ``rng`` was recorded)."""
         return cls(int(saved["step"]), saved["images"], saved["raw_lrs"], saved["optimizer"],
-                   Config.from_dict(saved["config"]))
+                   Config.from_dict(saved["config"]), saved.get("labels"))
 
 
 def save_state(storage: str | Path, state: RunState) -> Path | str:

@@ -37,6 +37,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     (["--method", "mtt", "--experts", "x", "--batch-syn", "0"], "--batch-syn: invalid value 0"),
     (["--method", "mtt", "--experts", "x", "--batch-syn", "11"],
      "--batch-syn: invalid value 11; at most the set's 10 images (--ipc 1 × 10 classes)"),
+    (["--method", "dm", "--labels", "learned"],
+     "--labels learned: not available with --method dm (an option of --method dd, mtt)"),
+    (["--labels", "soft"], "--labels: invalid value 'soft'; choose one of hard, learned"),
+    (["--labels", "learned", "--lr-labels", "0"], "--lr-labels: invalid value 0.0"),
+    (["--labels", "learned", "--lr-labels", "-1"], "--lr-labels: invalid value -1.0"),
+    (["--label-loss", "mse"], "--label-loss: invalid value 'mse'"),
 ])
 def test_method_incompatible_options_are_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                          flags: list[str], message: str) -> None:
@@ -78,6 +84,36 @@ def test_experts_then_mtt_then_both_protocols(capsys: pytest.CaptureFixture[str]
     straight, resumed = load_distilled(tmp_path / "straight"), load_distilled(tmp_path / "cut")
     assert torch.equal(straight.images, resumed.images) and torch.equal(straight.lrs, resumed.lrs)
     assert not torch.equal(straight.images, d.images)
+
+    # --labels learned: MTT starts its labels from an expert's logits on images that expert gets right (DATM)
+    from ddray.core.synthetic import class_labels
+    from ddray.problem import build_problem, expert_logits
+
+    cfg = load_config(None, dataset="digits", model="convnet", width=8, method="mtt", experts=str(experts),
+                      max_start_epoch=2, syn_steps=3, ipc=2, labels="learned")
+    problem = build_problem(cfg)
+    syn = problem.initial_synthetic()
+    z = expert_logits(problem.model, problem.teacher(), syn.images[0])
+    assert syn.learns_labels and torch.equal(syn.labels, z)
+    hard = class_labels(10, 2)
+    on_train = expert_logits(problem.model, problem.teacher(), problem.data.x_train[:]).argmax(1)
+    for c in range(10):  # each class's images are ones the expert gets right, where it gets any right
+        if (on_train[problem.data.y_train == c] == c).any():
+            assert (z[hard == c].argmax(1) == c).all(), c
+    assert (z.argmax(1) == hard).any()
+    for name, value in problem.teacher().items():  # expert 0 at epoch --max-start-epoch
+        assert torch.equal(value, problem.experts[0].at(2)[name])
+    out_soft = tmp_path / "mtt-soft"
+    rc, out, err = run(capsys, "distill", "--local", *mtt, "--iterations", "2", "--labels", "learned",
+                       "--lr-labels", "5", "--out", str(out_soft))
+    assert rc == 0, err
+    soft = load_distilled(out_soft)
+    assert soft.label_kind == "learned" and soft.label_logits.shape == (20, 10)
+    assert not torch.equal(soft.label_logits, z)  # learned from there
+    rc, out, _ = run(capsys, "show", str(out_soft), "--png", str(tmp_path / "g.png"))
+    lines = out.strip().splitlines()
+    assert rc == 0 and lines[1].split() == ["image", "class", "top", "label", "p"] and len(lines) == 22
+    assert all(0 < float(line.split()[-1]) <= 1 for line in lines[2:])
 
     rc, out, _ = run(capsys, "evaluate", str(out_dir), "--epochs", "3", "--nets", "2", "--json", "--no-tracking",
                      "--no-scores")

@@ -164,3 +164,43 @@ def test_evaluate_reports_the_scores(scored: dict[str, Any], tmp_path: Path,
     assert out["scores"]["set_bytes"] == 20 * 64 * 4 + 20 * 8
     assert main([*argv, "--no-scores"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scores"] is None
+
+
+def test_a_learned_label_set_is_scored_on_its_hard_labels_too_and_pays_for_its_labels(
+        scored: dict[str, Any], tmp_path: Path) -> None:
+    from ddray.artifact import load_distilled, save_distilled
+    from ddray.core.synthetic import label_logits
+
+    problem, hard = scored["problem"], scored["set"]
+    z = label_logits(hard.labels, 10) + torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
+    soft = to_distilled(problem, problem.initial_synthetic(), 0)
+    soft.label_logits = z
+    save_distilled(tmp_path / "soft", soft)
+    back = load_distilled(tmp_path / "soft")  # the artifact keeps them
+    assert back.label_kind == "learned" and torch.equal(back.label_logits, z) and torch.equal(back.labels, hard.labels)
+    jobs = Counting(problem, soft)
+    s = score_distilled(problem, soft, jobs, cache=FullDataCache(scored["root"] / "full"))
+    assert jobs.jobs["set"] == 3  # with, without DSA, and once more on the hard labels
+    syn_hard = evaluate_distilled(problem, soft, 2, protocol=ProtocolDC(epochs=3, nets=2), hard_labels=True).mean
+    assert s.accuracy["syn_hard"] == pytest.approx(syn_hard, abs=1e-6)
+    assert s.label_bytes == 20 * 10 * 4 and s.set_bytes == 20 * 64 * 4 + 20 * 10 * 4
+    # the random subset gets the same labels budget: the set's own learned labels
+    assert torch.equal(random_subset(problem, soft).label_logits, z)
+
+
+def test_compare_refuses_mixed_labels_unless_allowed(scored: dict[str, Any], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from ddray.artifact import save_distilled
+    from ddray.cli import main
+    from ddray.core.synthetic import label_logits
+
+    soft = to_distilled(scored["problem"], scored["problem"].initial_synthetic(), 0)
+    soft.label_logits = label_logits(soft.labels, 10)
+    save_distilled(tmp_path / "soft", soft)
+    save_distilled(tmp_path / "hard", scored["set"])
+    argv = ["compare", str(tmp_path / "soft"), str(tmp_path / "hard"), "--protocol", "dc", "--nets", "1",
+            "--epochs", "1", "--no-scores", "--no-tracking", "--png", str(tmp_path / "c.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "soft" in err[-1] and "unfair" in err[-1] and "--allow-mixed-labels" in err[-1]
+    assert main([*argv, "--allow-mixed-labels"]) == 0

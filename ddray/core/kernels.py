@@ -77,7 +77,7 @@ def warn_eager(reason: str) -> None:
 def _single_net_step(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
                      lr: torch.Tensor) -> Params:
     """The step for K = 1 with plain autograd: vmap's per-call overhead is not worth it for one net."""
-    graph = torch.is_grad_enabled() and (x.requires_grad or lr.requires_grad
+    graph = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or lr.requires_grad
                                          or any(v.requires_grad for v in params.values()))
     with torch.enable_grad():
         # θ₀ (no grad) becomes a fresh leaf; a θₜ inside the graph is used as it is.

@@ -124,7 +124,9 @@ class GradientMatching(_PerClass):
         self.net_lr, self.batch_size = net_lr, batch_size
         self.nets: dict[int, tuple[int, int, Params]] = {}  # net → (iteration, outer step, θ ready for it)
 
-    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int]) -> MetaGrad:
+    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int],
+                 labels: torch.Tensor | None = None) -> MetaGrad:
+        assert labels is None, "matching learns no labels (DistillConfig refuses --labels learned for it)"
         x_syn = images[0].detach()
         real = self.real.draw(step)
         g, loss = torch.zeros_like(images), 0.0
@@ -196,7 +198,9 @@ class DistributionMatching(_PerClass):
 
     chunk: int | None = None  # real images per forward (no graph is kept for them); None: by the cache
 
-    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int]) -> MetaGrad:
+    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int],
+                 labels: torch.Tensor | None = None) -> MetaGrad:
+        assert labels is None, "matching learns no labels (DistillConfig refuses --labels learned for it)"
         x_syn = images[0].detach()
         real = self.real.draw(step)
         g, loss = torch.zeros_like(images), 0.0

@@ -56,11 +56,13 @@ class DDObjective:
         return self.x_train[idx], attack_targets(self.y_train[idx], self.attack)
 
     def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int,
-                 nets: list[int]) -> MetaGrad:
-        """Σ over ``nets`` (indices within the meta-step) of ∂ℓ(x_real; θ_T)/∂(x̃, ρ)."""
+                 nets: list[int], labels: torch.Tensor | None = None) -> MetaGrad:
+        """Σ over ``nets`` (indices within the meta-step) of ∂ℓ(x_real; θ_T)/∂(x̃, ρ) — and ∂/∂z̃ when
+        ``labels`` are learned label logits z̃ (N, classes); None: the fixed hard labels."""
         params0 = self.sampler.sample([(DISTILL, step, k) for k in nets])
         x, y = self.real_batch(step)
-        return meta_gradient(self.model, params0, images, self.labels, raw_lrs, x, y, self.memory, self.kernels)
+        return meta_gradient(self.model, params0, images, self.labels if labels is None else labels, raw_lrs, x, y,
+                             self.memory, self.kernels)
 
     def to(self, device: torch.device) -> "DDObjective":
         """Keep the real data on ``device`` and hand θ₀ draws over there."""

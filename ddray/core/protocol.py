@@ -58,6 +58,7 @@ class ProtocolDC:
         batch_size: minibatch size [256]; a set smaller than this is one batch per epoch.
         dsa_strategy: DSA ops applied per image in training (see :mod:`ddray.core.augment`);
             None trains without augmentation.
+        label_loss: the loss on learned (soft) labels, ``ce`` or ``kl`` (:func:`soft_label_loss`).
     """
 
     epochs: int = 300
@@ -67,6 +68,7 @@ class ProtocolDC:
     weight_decay: float = 5e-4
     batch_size: int = 256
     dsa_strategy: str | None = DEFAULT_STRATEGY
+    label_loss: str = "ce"
 
     def __post_init__(self) -> None:
         for option, value in (("--eval-epochs", self.epochs), ("--eval-nets", self.nets),
@@ -80,6 +82,8 @@ class ProtocolDC:
             raise ValueError(f"ProtocolDC.weight_decay: invalid value {self.weight_decay!r}; must be >= 0")
         if self.dsa_strategy is not None:
             parse_strategy(self.dsa_strategy)
+        if self.label_loss not in ("ce", "kl"):
+            raise ValueError(f"--label-loss: invalid value {self.label_loss!r}; choose ce or kl")
 
 
 def _check_lr(option: str, lr: float) -> None:
@@ -93,19 +97,35 @@ def lr_at(epoch: int, protocol: ProtocolDC, lr: float | None = None) -> float:
     return base * 0.1 if epoch >= protocol.epochs // 2 else base
 
 
+def soft_label_loss(output: torch.Tensor, labels: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    """The training loss of a batch: cross-entropy for hard labels (B,); for label logits z̃ (B, classes),
+    the soft cross-entropy −Σ softmax(z̃)·log softmax(output) (``ce``) or KL(softmax(z̃) ‖ softmax(output))
+    (``kl``), both averaged over the batch. The two differ by the labels' entropy, a constant, so they
+    train alike; ``kl`` is the loss DD-Ranking and SRe2L/RDED report."""
+    if not labels.is_floating_point():
+        return F.cross_entropy(output, labels)
+    target = F.softmax(labels, dim=-1)
+    if kind == "kl":
+        return F.kl_div(F.log_softmax(output, dim=-1), target, reduction="batchmean")
+    if kind != "ce":
+        raise ValueError(f"--label-loss: invalid value {kind!r}; choose ce or kl")
+    return F.cross_entropy(output, target)
+
+
 def _flatten_steps(images: ImageSource, labels: torch.Tensor) -> tuple[ImageSource, torch.Tensor]:
-    """(N, C, H, W) or (S, N, C, H, W) with labels (N,) or (S·N,) → (S·N, C, H, W), (S·N,).
+    """(N, C, H, W) or (S, N, C, H, W) with labels — hard (N,) or (S·N,), or label logits (N, classes) or
+    (S·N, classes) — → (S·N, C, H, W) and one label row per image.
 
     A real training split (:class:`~ddray.core.images.Images`, (N, C, H, W)) passes as it is."""
     if isinstance(images, torch.Tensor) and images.dim() == 5:
         s, n = images.shape[:2]
         images = images.flatten(0, 1)
-        if labels.shape == (n,):
-            labels = labels.repeat(s)
-    if len(images.shape) != 4 or labels.shape != (len(images),):
+        if labels.shape[0] == n:
+            labels = labels.repeat(s, *[1] * (labels.dim() - 1))
+    if len(images.shape) != 4 or labels.shape[:1] != (len(images),) or labels.dim() > 2:
         raise ValueError(f"evaluate_protocol_dc: images must be (N, C, H, W) or (S, N, C, H, W) with labels "
-                         f"(N,); got images {tuple(images.shape)}, labels {tuple(labels.shape)}")
-    return images, labels.long()
+                         f"(N,) or (N, classes); got images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+    return images, labels if labels.is_floating_point() else labels.long()
 
 
 def train_one(model: nn.Module, images: ImageSource, labels: torch.Tensor, protocol: ProtocolDC,
@@ -130,7 +150,7 @@ def train_one(model: nn.Module, images: ImageSource, labels: torch.Tensor, proto
             x, y = images[idx], labels[idx]
             if protocol.dsa_strategy is not None:
                 x = augment(x, protocol.dsa_strategy, g_aug, siamese=False)
-            loss = F.cross_entropy(net(x), y)
+            loss = soft_label_loss(net(x), y, protocol.label_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -169,7 +189,8 @@ def evaluate_protocol_dc(model: nn.Module, images: torch.Tensor, labels: torch.T
     Args:
         model: template module (e.g. ConvNet); deep-copied per network, never modified.
         images: (N, C, H, W), or (S, N, C, H, W) synthetic batches whose S steps are pooled.
-        labels: (N,) int64 — per image of one step, repeated over S — or (S·N,).
+        labels: (N,) int64 — per image of one step, repeated over S — or (S·N,); or learned label
+            logits (N, classes) / (S·N, classes), trained on by ``protocol.label_loss``.
         x_test: (M, C, H, W) real test images; y_test: (M,) their labels.
         protocol: the training settings.
         seed: run seed; net i draws from the EVAL stream keyed (seed, i).

@@ -82,7 +82,10 @@ class TrajectoryMatching:
         expert = self.experts[e]
         return expert.at(t), expert.at(t + self.expert_epochs)
 
-    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int]) -> MetaGrad:
+    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int],
+                 labels: torch.Tensor | None = None) -> MetaGrad:
+        """Σ over ``nets`` of ∂L/∂(x̃, ρ) — and ∂/∂z̃ when ``labels`` are learned label logits z̃
+        (N, classes); None: the fixed hard labels."""
         starts, targets = zip(*(self.segment(step, k) for k in nets))
         theta0 = {n: v.to(images.device) for n, v in stack_params(list(starts)).items()}
         target = {n: v.to(images.device) for n, v in stack_params(list(targets)).items()}
@@ -94,10 +97,11 @@ class TrajectoryMatching:
             grads = {n: 2 * d / scale.view(-1, *[1] * (d.dim() - 1)) for n, d in diff.items()}
             return grads, float(loss.sum())
 
-        g = unroll_vjp(self.model, theta0, images, self.labels.to(images.device),
+        y = self.labels if labels is None else labels
+        g = unroll_vjp(self.model, theta0, images, y.to(images.device),
                        raw_lrs.repeat(self.syn_steps), outer, self.memory, self.transform(step), self.kernels,
                        self.rows(step, images.device))
-        return MetaGrad(g.images, g.raw_lrs.sum().reshape(1), g.loss, len(nets))
+        return MetaGrad(g.images, g.raw_lrs.sum().reshape(1), g.loss, len(nets), g.labels)
 
     def batches(self, step: int) -> list[torch.Tensor] | None:
         """B_0 … B_{syn_steps−1} of meta-step ``step``, sorted indices into the N images; None when every

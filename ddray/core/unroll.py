@@ -3,7 +3,8 @@
 Notation (Wang et al. 2018) and shapes:
 
     x̃      synthetic images, (S, N, C, H, W): S distill steps, N = M·classes images each
-    ỹ      their fixed hard labels, (N,) — the same for every step
+    ỹ      their labels, the same for every step: hard class indices (N,), or learned label
+           logits z̃ (N, classes) whose targets are softmax(z̃) (soft cross-entropy)
     η̃ₜ     step size of inner step t, η̃ = softplus(ρ) with raw ρ of shape (T,)
     θ₀     initial network parameters, a dict of (K, ...) tensors: K networks at once
     T      = S × E inner steps; step t uses batch x̃_(t mod S) and η̃ₜ
@@ -13,11 +14,11 @@ Notation (Wang et al. 2018) and shapes:
     θₜ₊₁   = θₜ − η̃ₜ ∇θ ℓ(Aₜ(x̃_(t mod S)[Rₜ]), ỹ[Rₜ]; θₜ)          (unrolled SGD)
     L      = 1/K Σₖ ℓ(x_real, y_real; θ_T⁽ᵏ⁾)                      (outer loss)
 
-The meta-gradient is (∂L/∂x̃, ∂L/∂ρ). It is computed in two parts, which is the
-chain rule written out: first the ordinary first-order gradient gₜ = ∂L/∂θ_T on
-the real batch (one network at a time: a large batch, compute-bound), then the
-vector-Jacobian product of the unroll with gₜ (all K networks at once through
-``torch.func.vmap``: small batches, overhead-bound). Memory modes:
+The meta-gradient is (∂L/∂x̃, ∂L/∂ρ), and ∂L/∂z̃ when the labels are learned. It is
+computed in two parts, which is the chain rule written out: first the ordinary
+first-order gradient gₜ = ∂L/∂θ_T on the real batch (one network at a time: a large
+batch, compute-bound), then the vector-Jacobian product of the unroll with gₜ (all K
+networks at once through ``torch.func.vmap``: small batches, overhead-bound). Memory modes:
 
 * ``full``: keep the whole unrolled graph; memory grows with T × K × (activations
   of one synthetic batch + parameters).
@@ -68,6 +69,11 @@ Transform = Callable[[int, torch.Tensor], torch.Tensor]  # (t, x̃_b[Rₜ]) → 
 Rows = Callable[[int], torch.Tensor]  # t → Rₜ, (n,) int64 indices into the N images (and labels)
 
 
+def targets(labels: torch.Tensor) -> torch.Tensor:
+    """What the inner loss trains towards: hard labels as they are, label logits z̃ as softmax(z̃)."""
+    return F.softmax(labels, dim=-1) if labels.is_floating_point() else labels
+
+
 def _pick_rows(rows: Rows | None, t: int, x: torch.Tensor,
                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Step t's rows of a batch (N, ...) and of its labels (N,): (x[Rₜ], y[Rₜ], Rₜ); (x, y, None)
@@ -83,7 +89,7 @@ def unroll(model: nn.Module, params0: Params, images: torch.Tensor, labels: torc
            step: StepFn | None = None, rows: Rows | None = None) -> Params:
     """θ_T from θ₀ (K-batched) by T = len(lrs) SGD steps on the synthetic batches.
 
-    Differentiable in ``images`` and ``lrs`` whenever they require grad.
+    Differentiable in ``images``, ``lrs`` and label logits whenever they require grad.
     ``order[t]`` picks the batch of step t (default t mod S); ``rows(t)`` picks the
     images of that batch, and their labels, that step t trains on (default all N);
     ``transform(t, x)`` (e.g. a seeded differentiable augmentation) is applied to
@@ -93,8 +99,9 @@ def unroll(model: nn.Module, params0: Params, images: torch.Tensor, labels: torc
     step = step or batched_step(model)
     order = order if order is not None else step_schedule(images.shape[0], len(lrs) // images.shape[0])
     p = params0
+    y_all = targets(labels)
     for t, b in enumerate(order):
-        x, y, _ = _pick_rows(rows, t, images[b], labels)
+        x, y, _ = _pick_rows(rows, t, images[b], y_all)
         p = step(p, x if transform is None else transform(t, x), y, lrs[t])
     return p
 
@@ -107,6 +114,7 @@ class MetaGrad:
     raw_lrs: torch.Tensor  # (T,)
     loss: float  # Σₖ ℓ(x_real; θ_T⁽ᵏ⁾)
     nets: int  # K
+    labels: torch.Tensor | None = None  # ∂/∂z̃ (N, classes) when the labels are learned logits
 
 
 def real_batch_grad(model: nn.Module, params: Params, x: torch.Tensor,
@@ -127,7 +135,7 @@ def meta_gradient(model: nn.Module, params0: Params, images: torch.Tensor, label
         model: template module (its own parameters are never used or changed).
         params0: θ₀ for K networks, dict of (K, ...) tensors; left untouched.
         images: x̃, (S, N, C, H, W).
-        labels: ỹ, (N,).
+        labels: ỹ, (N,) hard, or learned logits z̃ (N, classes) (then the result has ∂/∂z̃ too).
         raw_lrs: ρ, (T,); step sizes are softplus(ρ); T must be a multiple of S.
         x_real, y_real: the real batch (B, C, H, W), (B,). For an attack pass the
             relabelled targets.
@@ -165,6 +173,8 @@ def _unroll_vjp(model: nn.Module, params0: Params, images: torch.Tensor, labels:
                 step: StepFn, rows: Rows | None = None) -> MetaGrad:
     images = images.detach().requires_grad_()
     raw_lrs = raw_lrs.detach().requires_grad_()
+    learned = labels.is_floating_point()
+    labels = labels.detach().requires_grad_(learned)
     params0 = {k: v.detach() for k, v in params0.items()}
     k = next(iter(params0.values())).shape[0]
     if memory == "full":
@@ -172,9 +182,9 @@ def _unroll_vjp(model: nn.Module, params0: Params, images: torch.Tensor, labels:
             p_t = unroll(model, params0, images, labels, F.softplus(raw_lrs), transform=transform, step=step,
                          rows=rows)
             g_t, loss = outer(p_t)
-            g_img, g_raw = torch.autograd.grad(list(p_t.values()), [images, raw_lrs],
-                                               grad_outputs=list(g_t.values()))
-        return MetaGrad(g_img, g_raw, loss, k)
+            g = torch.autograd.grad(list(p_t.values()), [images, raw_lrs, *([labels] if learned else [])],
+                                    grad_outputs=list(g_t.values()))
+        return MetaGrad(g[0], g[1], loss, k, g[2] if learned else None)
     return _unroll_vjp_recompute(model, params0, images, labels, raw_lrs, outer, transform, step, rows)
 
 
@@ -186,31 +196,38 @@ def _unroll_vjp_recompute(model: nn.Module, params0: Params, images: torch.Tenso
     def batch(t: int, x: torch.Tensor) -> torch.Tensor:
         return x if transform is None else transform(t, x)
 
+    learned = labels.is_floating_point()
     # Forward: store θ₀…θ_{T−1} only (no graph).
     history = [params0]
     with torch.no_grad():
         lrs = F.softplus(raw_lrs)
+        y_all = targets(labels)
         for t, b in enumerate(order):
-            x, y, _ = _pick_rows(rows, t, images[b], labels)
+            x, y, _ = _pick_rows(rows, t, images[b], y_all)
             history.append(step(history[-1], batch(t, x), y, lrs[t]))
     g_theta, loss = outer(history.pop())
     g_img = torch.zeros_like(images)
     g_raw = torch.zeros_like(raw_lrs)
-    # Backward: re-run step t with a graph, pull gₜ₊₁ back to θₜ, x̃_b[Rₜ] and ρₜ.
+    g_lab = torch.zeros_like(labels) if learned else None
+    # Backward: re-run step t with a graph, pull gₜ₊₁ back to θₜ, x̃_b[Rₜ], ρₜ (and z̃).
     for t in reversed(range(len(order))):
         b = order[t]
         with torch.enable_grad():
             p = {n: v.requires_grad_() for n, v in history.pop().items()}
-            x, y, r_t = _pick_rows(rows, t, images[b].detach(), labels)
+            z = labels.detach().requires_grad_(learned)
+            x, y, r_t = _pick_rows(rows, t, images[b].detach(), targets(z))
             x = x.requires_grad_()
             r = raw_lrs[t].detach().requires_grad_()
             out = step(p, batch(t, x), y, F.softplus(r))
-            grads = torch.autograd.grad(list(out.values()), [*p.values(), x, r],
+            grads = torch.autograd.grad(list(out.values()), [*p.values(), x, r, *([z] if learned else [])],
                                         grad_outputs=list(g_theta.values()))
+        if g_lab is not None:
+            g_lab += grads[-1]
+            grads = grads[:-1]
         g_theta = dict(zip(p, grads[:-2]))
         if r_t is None:
             g_img[b] += grads[-2]
         else:
             g_img[b].index_add_(0, r_t, grads[-2])
         g_raw[t] += grads[-1]
-    return MetaGrad(g_img, g_raw, loss, len(next(iter(params0.values()))))
+    return MetaGrad(g_img, g_raw, loss, len(next(iter(params0.values()))), g_lab)

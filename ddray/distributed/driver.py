@@ -120,7 +120,7 @@ class Reporter:
     def evaluate(self, done: int, refs: list[Any]) -> dict[str, float]:
         """Held-out accuracy of the state in ``refs`` (after ``done`` meta-steps), trained on the workers."""
         versions: list[Version] = ray.get(refs)
-        state = RunState(done, _images(versions), _raw(versions), {}, self.config)
+        state = RunState(done, _images(versions), _raw(versions), {}, self.config, _labels(versions))
         snapshot = to_distilled(self.problem, synthetic(self.problem, state), done)
         return evaluate_snapshot(self.problem, snapshot, self.out, self.tracker, done,
                                  predictor=lambda job, chunks: self.fleet.predict(job, chunks, refs))
@@ -134,6 +134,14 @@ def _images(versions: list[Version]) -> Any:
     import torch
 
     return torch.from_numpy(np.concatenate([v.images for v in versions], axis=1))
+
+
+def _labels(versions: list[Version]) -> Any:
+    """Learned label logits z̃ of the versions (shard 0 carries them), None with hard labels."""
+    import torch
+
+    z = versions[0].labels
+    return None if z is None else torch.from_numpy(np.array(z, dtype=np.float32))
 
 
 def _raw(versions: list[Version]) -> Any:

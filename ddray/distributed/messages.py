@@ -3,7 +3,7 @@
 Every payload is a frozen dataclass of numpy arrays / tensors and plain numbers:
 
 * :class:`Version` — what a worker reads: a parameter-server shard's block of x̃ and
-  (shard 0) ρ after ``step`` updates;
+  (shard 0) ρ — and learned labels z̃ — after ``step`` updates;
 * :class:`GradShare` — what a worker sends back: the meta-gradient of one *chunk* of a
   meta-step's networks for one shard; the server sums the chunks in chunk order;
 * :class:`ShardState` — what a shard checkpoints and restores: its part of a
@@ -11,7 +11,7 @@ Every payload is a frozen dataclass of numpy arrays / tensors and plain numbers:
 
 Shards: with J shards, shard j owns a contiguous block of classes, i.e. the image
 columns ``images[:, lo:hi]`` of x̃ (S, N, C, H, W) — ỹ is class-major — and the matching
-moments of the outer optimiser; shard 0 also owns ρ (T,).
+moments of the outer optimiser; shard 0 also owns ρ (T,) and learned label logits z̃ (N, classes).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Version:
     step: int  # updates applied so far
     images: np.ndarray
     raw_lrs: np.ndarray | None
+    labels: np.ndarray | None = None  # shard 0 with learned labels: z̃ (N, classes)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class GradShare:
     raw_lrs: np.ndarray | None
     loss: float
     nets: int
+    labels: np.ndarray | None = None  # shard 0 with learned labels: ∂/∂z̃
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class ShardState:
     images: torch.Tensor  # (S, hi−lo, C, H, W)
     raw_lrs: torch.Tensor | None  # (T,) on shard 0
     optimizer: dict[str, Any]
+    labels: torch.Tensor | None = None  # z̃ (N, classes) on shard 0, with learned labels
 
 
 def _moments(optimizer: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -86,8 +89,9 @@ def slice_state(full: RunState, shard: Shard) -> ShardState:
                                           else v) for k, v in st.items()}
         elif shard.owns_lrs:
             opt["opt"]["state"][pid] = st
+    labels = full.labels.clone() if shard.owns_lrs and full.labels is not None else None
     return ShardState(full.step, full.images[:, shard.lo:shard.hi].clone(),
-                      full.raw_lrs.clone() if shard.owns_lrs else None, opt)
+                      full.raw_lrs.clone() if shard.owns_lrs else None, opt, labels)
 
 
 def merge_states(parts: list[ShardState], config: Config) -> RunState:
@@ -109,4 +113,5 @@ def merge_states(parts: list[ShardState], config: Config) -> RunState:
         if pid != 0:
             opt["opt"]["state"][pid] = st
     assert first.raw_lrs is not None, "merge_states: shard 0 owns ρ"
-    return RunState(first.step, torch.cat([p.images for p in parts], dim=1), first.raw_lrs, opt, config)
+    return RunState(first.step, torch.cat([p.images for p in parts], dim=1), first.raw_lrs, opt, config,
+                    first.labels)

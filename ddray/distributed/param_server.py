@@ -15,6 +15,7 @@ exactly what :func:`ddray.chunks.step_gradient` does in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,11 @@ class ParamServer:
         self.shard, self.nets, self.iterations = shard, d.nets, d.iterations
         self.max_staleness = config.cluster.max_staleness
         raw = state.raw_lrs if state.raw_lrs is not None else torch.zeros(0)
-        self.syn = SyntheticSet(state.images.clone(), torch.empty(0, dtype=torch.long), raw.clone(), d.layout[1])
+        # learned labels: shard 0 owns z̃, the others hold an empty stand-in (as for ρ) in the same optimiser layout
+        empty = torch.zeros(0) if d.labels == "learned" else torch.empty(0, dtype=torch.long)
+        labels = state.labels if state.labels is not None else empty
+        self.syn = SyntheticSet(state.images.clone(), labels.clone(), raw.clone(), d.layout[1])
+        self.owns_labels = self.shard.owns_lrs and self.syn.learns_labels
         self.opt = OuterOptimizer(self.syn, d.outer_lr, d.lr_decay, d.lr_decay_every, **optimizer_options(d))
         self.opt.load_state_dict(state.optimizer)
         self.step = state.step
@@ -60,12 +65,14 @@ class ParamServer:
 
     def version(self) -> Version:
         """The current (x̃ slice, ρ) as numpy arrays (ray.put copies them into the object store)."""
-        return Version(self.step, self.syn.images.numpy(), self.syn.raw_lrs.numpy() if self.shard.owns_lrs else None)
+        return Version(self.step, self.syn.images.numpy(), self.syn.raw_lrs.numpy() if self.shard.owns_lrs else None,
+                       self.syn.labels.numpy() if self.owns_labels else None)
 
     def state(self) -> ShardState:
         """This shard's part of the run state (tensors are copies)."""
         return ShardState(self.step, self.syn.images.clone(),
-                          self.syn.raw_lrs.clone() if self.shard.owns_lrs else None, self.opt.state_dict())
+                          self.syn.raw_lrs.clone() if self.shard.owns_lrs else None, self.opt.state_dict(),
+                          self.syn.labels.clone() if self.owns_labels else None)
 
     # -- sync: one update from the gradients of all chunks of a meta-step ------------------
 
@@ -81,23 +88,23 @@ class ParamServer:
         img = np.array(grads[0].images, dtype=np.float32, copy=True)
         for g in grads[1:]:
             np.add(img, g.images, out=img)
-        raw = None
-        if self.shard.owns_lrs:
-            raw = np.array(grads[0].raw_lrs, dtype=np.float32, copy=True)
-            for g in grads[1:]:
-                assert g.raw_lrs is not None, "ParamServer.apply: shard 0's gradients carry ρ"
-                np.add(raw, g.raw_lrs, out=raw)
+        raw = _sum([g.raw_lrs for g in grads]) if self.shard.owns_lrs else None
+        labels = _sum([g.labels for g in grads]) if self.owns_labels else None
         nets, loss = 0, 0.0
         for g in grads:
             nets, loss = nets + g.nets, loss + g.loss
         t1 = time.perf_counter()
-        stats = self._update(img, raw, nets, loss)
+        stats = self._update(img, raw, labels, nets, loss)
         stats.update(t_average=t1 - t0, t_adam=time.perf_counter() - t1)
         return stats
 
-    def _update(self, img: np.ndarray, raw: np.ndarray | None, nets: int, loss: float) -> dict[str, float]:
+    def _update(self, img: np.ndarray, raw: np.ndarray | None, labels: np.ndarray | None, nets: int,
+                loss: float) -> dict[str, float]:
         g_raw = torch.from_numpy(raw) / nets if raw is not None else torch.zeros(0)
-        self.opt.apply(torch.from_numpy(img) / nets, g_raw)
+        g_labels = torch.from_numpy(labels) / nets if labels is not None else None
+        if g_labels is None and self.syn.learns_labels:  # another shard owns z̃
+            g_labels = torch.zeros(0)
+        self.opt.apply(torch.from_numpy(img) / nets, g_raw, g_labels)
         self.step += 1
         stats = {"step": float(self.step), "outer_loss": loss / nets, "outer_lr": self.opt.lr, "nets": float(nets)}
         if self.shard.owns_lrs:
@@ -127,7 +134,7 @@ class ParamServer:
         if sum(g.nets for g, _ in self._pending) >= self.nets:
             pending, self._pending = self._pending, []
             # renumber: the pushes of one update are its chunks, in arrival order
-            chunks = [GradShare(self.step, c, g.images, g.raw_lrs, g.loss, g.nets) for c, (g, _) in enumerate(pending)]
+            chunks = [dataclasses.replace(g, step=self.step, chunk=c) for c, (g, _) in enumerate(pending)]
             stats = self.apply(chunks)
             st = [s for _, s in pending]
             stats.update(staleness_mean=float(np.mean(st)), staleness_max=float(max(st)),
@@ -140,6 +147,16 @@ class ParamServer:
         """Stats of the async updates applied since the last call."""
         out, self._stats = self._stats, []
         return out
+
+
+def _sum(parts: list[np.ndarray | None]) -> np.ndarray:
+    """Σ of the chunks' arrays in chunk order (float32, as one process adds them)."""
+    arrays = [p for p in parts if p is not None]
+    assert len(arrays) == len(parts), "ParamServer.apply: shard 0's gradients carry ρ (and z̃)"
+    total = np.array(arrays[0], dtype=np.float32, copy=True)
+    for p in arrays[1:]:
+        np.add(total, p, out=total)
+    return total
 
 
 # -- the Ray shell -----------------------------------------------------------------------------
@@ -264,5 +281,5 @@ class ParamServerActor:
         if expected_step is not None and {p.step for p in parts} != {expected_step}:
             return None
         if expected_step is None:
-            parts = [ShardState(parts[0].step, p.images, p.raw_lrs, p.optimizer) for p in parts]
+            parts = [dataclasses.replace(p, step=parts[0].step) for p in parts]
         return str(save_state(self.storage, merge_states(parts, self.config)))

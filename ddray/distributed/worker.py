@@ -36,10 +36,16 @@ Chunk = tuple[int, list[int]]  # (chunk index, the net indices in it)
 
 
 def slice_grads(step: int, chunk: int, g_images: np.ndarray, g_raw: np.ndarray, loss: float, nets: int,
-                layout: list[Shard]) -> list[GradShare]:
-    """One chunk's gradient as one :class:`GradShare` per shard: its block of image columns (ρ for shard 0)."""
+                layout: list[Shard], g_labels: np.ndarray | None = None) -> list[GradShare]:
+    """One chunk's gradient as one :class:`GradShare` per shard: its block of image columns (ρ, and learned
+    labels' ∂/∂z̃, for shard 0)."""
     return [GradShare(step, chunk, np.ascontiguousarray(g_images[:, s.lo:s.hi]), g_raw if s.owns_lrs else None,
-                      loss, nets) for s in layout]
+                      loss, nets, g_labels if s.owns_lrs else None) for s in layout]
+
+
+def version_labels(versions: list[Version]) -> np.ndarray | None:
+    """The learned label logits z̃ of a version (shard 0 carries them), None with hard labels."""
+    return versions[0].labels
 
 
 def full_images(versions: list[Version]) -> np.ndarray:
@@ -118,11 +124,13 @@ class MetaGradWorker:
                                f"{[v.step for v in versions]}")
         images = torch.from_numpy(full_images(versions)).to(self.device)
         raw = torch.from_numpy(np.array(versions[0].raw_lrs, dtype=np.float32)).to(self.device)
+        z = version_labels(versions)
+        labels = None if z is None else torch.from_numpy(np.array(z, dtype=np.float32)).to(self.device)
         per_shard: list[list[GradShare]] = [[] for _ in self.layout]
         for c, nets in chunks:
-            g = chunk_gradient(self.objective, images, raw, step, c, nets, self.config.run.seed)
+            g = chunk_gradient(self.objective, images, raw, step, c, nets, self.config.run.seed, labels)
             parts = slice_grads(step, c, g.images.detach().cpu().numpy(), g.raw_lrs.detach().cpu().numpy(), g.loss,
-                                g.nets, self.layout)
+                                g.nets, self.layout, None if g.labels is None else g.labels.detach().cpu().numpy())
             for j, part in enumerate(parts):
                 per_shard[j].append(part)
         return per_shard
@@ -138,7 +146,8 @@ class MetaGradWorker:
 
         images = torch.from_numpy(full_images(versions))
         raw = torch.from_numpy(np.array(versions[0].raw_lrs, dtype=np.float32))
-        state = RunState(versions[0].step, images, raw, {}, self.config)
+        z = version_labels(versions)
+        state = RunState(versions[0].step, images, raw, {}, self.config, None if z is None else torch.from_numpy(z))
         d = to_distilled(self.problem, synthetic(self.problem, state), state.step)
         return predict_nets(self.problem, d, job, ids).cpu().numpy()
 

@@ -16,6 +16,7 @@ import torch
 
 from dist_support import named_actor, tiny
 
+from ddray.artifact import load_distilled
 from ddray.checkpoint import list_checkpoints
 from ddray.distill import DistillResult, distill
 from ddray.distributed.driver import distill_ray
@@ -245,3 +246,23 @@ def test_inside_a_tune_like_trial_group(straight: DistillResult, tmp_path: Path)
         remove_placement_group(group)
     assert set(placement_group_table()) - before == {group.id.hex()}  # no group of its own
     assert torch.equal(images, straight.distilled.images) and torch.equal(lrs, straight.distilled.lrs)
+
+
+def test_learned_labels_through_ray_equal_local_and_resume_bitwise(ray_local: Any, tmp_path: Path,
+                                                                   one_thread: None) -> None:
+    """--labels learned: shard 0 owns the label logits beside ρ; sharded Ray, --local and a --local run
+    continued on Ray give the same images, step sizes and labels, bit for bit."""
+    learned = dict(labels="learned", lr_labels=0.05)
+    ray_run = distill_ray(tiny(tmp_path / "ray", shards=2, **learned), progress=False)
+    local = distill(tiny(tmp_path / "local", **learned), progress=False)
+    distill(tiny(tmp_path / "cut", iterations=3, **learned), progress=False)
+    resumed = distill_ray(tiny(tmp_path / "cut", **learned), progress=False, resume=tmp_path / "cut")
+    z = ray_run.distilled.label_logits
+    assert z is not None and z.shape == (10, 10)
+    for other in (local, resumed):
+        assert same(ray_run, other) and torch.equal(z, other.distilled.label_logits)
+    from ddray.core.synthetic import label_logits
+
+    assert not torch.equal(z, label_logits(torch.arange(10), 10))  # they were learned
+    saved = load_distilled(ray_run.out)
+    assert saved.label_kind == "learned" and torch.equal(saved.label_logits, z)
