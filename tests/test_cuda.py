@@ -15,6 +15,7 @@ from ddray.core.unroll import meta_gradient
 from ddray.problem import build_problem
 
 sys.path.insert(0, str(Path(__file__).parent / "core"))
+from test_methods import _mtt  # noqa: E402
 from test_unroll import _problem  # noqa: E402
 
 pytestmark = pytest.mark.cuda
@@ -34,6 +35,21 @@ def test_meta_gradient_on_the_gpu_equals_the_cpu_in_float64(memory: str) -> None
                         y.to(CUDA), memory)
     torch.testing.assert_close(got.images.cpu(), want.images, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(got.raw_lrs.cpu(), want.raw_lrs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory,strategy", [("full", None), ("recompute", "color_crop_flip")])
+def test_mtt_meta_gradient_on_the_gpu_equals_the_cpu_in_float64(memory: str, strategy: str | None) -> None:
+    """MTT as a GPU worker runs it (``.to(cuda)``: the experts stay on the CPU, each call moves its
+    two snapshots), DSA on the student steps included."""
+    cpu, images, raw = _mtt(memory, strategy)
+    want = cpu(images, raw, 2, [0, 1])
+    gpu, _, _ = _mtt(memory, strategy)
+    gpu.model.to(CUDA)
+    got = gpu.to(CUDA)(images.to(CUDA), raw.to(CUDA), 2, [0, 1])
+    assert got.images.device.type == "cuda"
+    torch.testing.assert_close(got.images.cpu(), want.images, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.raw_lrs.cpu(), want.raw_lrs, rtol=1e-9, atol=1e-12)
+    assert got.loss == pytest.approx(want.loss, rel=1e-9)
 
 
 @pytest.mark.skipif(compile_unavailable("cuda") is not None, reason="torch.compile unavailable on CUDA")

@@ -253,7 +253,7 @@ def test_trajectory_at() -> None:
         t.at(-1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_training_on_cuda_stores_cpu_trajectories(small: Dataset, tmp_path: Path) -> None:
     train_experts(small, replace(FAST, epochs=1), 1, tmp_path, progress=False, device="cuda")
     (traj,), meta = load_experts(tmp_path, "convnet", (1, 8, 8), 10)

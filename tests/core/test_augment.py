@@ -189,7 +189,7 @@ def test_bad_params() -> None:
         apply_aug(x[0], FIXED["flip"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 def test_cuda() -> None:
     x = torch.randn(4, 3, 8, 8, generator=_g(18))
     for op in OPS:
