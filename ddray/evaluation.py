@@ -123,7 +123,8 @@ def evaluate_distilled(problem: Problem, d: Distilled, nets: int, shuffled: bool
     default they are computed here, in the same chunks, so both give the same result.
     ``train_on``, ``hard_labels``: see :class:`EvalJob`.
     """
-    job = dataclasses.replace(eval_job(problem, nets, shuffled, protocol), train_on=train_on, hard_labels=hard_labels)
+    job = dataclasses.replace(eval_job(problem, nets, shuffled, protocol), train_on=train_on,
+                              hard_labels=hard_labels)
     chunks = eval_chunks(job, workers or problem.config.cluster.max_workers)
     preds = predictor(job, chunks) if predictor else [predict_nets(problem, d, job, ids) for ids in chunks]
     return summarise(torch.cat([p.cpu() for p in preds]), problem.data.y_test.cpu(), problem.attack)

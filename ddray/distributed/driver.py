@@ -34,7 +34,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from tqdm import tqdm
@@ -44,14 +43,13 @@ from ddray.data import Dataset
 from ddray.distill import (DistillResult, begin, evaluate_snapshot, finish, publish, run_dir, start_state,
                            storage_location, synthetic)
 from ddray.distributed.fleet import Fleet, Round
-from ddray.distributed.messages import Version
+from ddray.distributed.messages import Version, synthetic_of
 from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes, connect, current_group,
                                          trial_layout, worker_resources)
 from ddray.distributed.pool import call_mapper, is_loss
 from ddray.distributed.shards import shard_layout
 from ddray.evaluation import run_baselines
 from ddray.problem import Problem, build_problem, to_distilled
-from ddray.state import RunState
 from ddray.tracking import NullTracker, Tracker
 
 log = logging.getLogger("ddray")
@@ -120,34 +118,13 @@ class Reporter:
     def evaluate(self, done: int, refs: list[Any]) -> dict[str, float]:
         """Held-out accuracy of the state in ``refs`` (after ``done`` meta-steps), trained on the workers."""
         versions: list[Version] = ray.get(refs)
-        state = RunState(done, _images(versions), _raw(versions), {}, self.config, _labels(versions))
-        snapshot = to_distilled(self.problem, synthetic(self.problem, state), done)
+        snapshot = to_distilled(self.problem, synthetic_of(versions, self.problem), done)
         return evaluate_snapshot(self.problem, snapshot, self.out, self.tracker, done,
                                  predictor=lambda job, chunks: self.fleet.predict(job, chunks, refs))
 
     def seconds_per_step(self) -> float:
         self.bar.close()
         return (time.perf_counter() - self.t0) / max(1, self.config.distill.iterations - self.start)
-
-
-def _images(versions: list[Version]) -> Any:
-    import torch
-
-    return torch.from_numpy(np.concatenate([v.images for v in versions], axis=1))
-
-
-def _labels(versions: list[Version]) -> Any:
-    """Learned label logits z̃ of the versions (shard 0 carries them), None with hard labels."""
-    import torch
-
-    z = versions[0].labels
-    return None if z is None else torch.from_numpy(np.array(z, dtype=np.float32))
-
-
-def _raw(versions: list[Version]) -> Any:
-    import torch
-
-    return torch.from_numpy(np.array(versions[0].raw_lrs, dtype=np.float32))
 
 
 def checkpoint_due(config: Config, done: int) -> bool:

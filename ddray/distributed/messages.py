@@ -28,6 +28,9 @@ from ddray.state import RunState
 if TYPE_CHECKING:  # imported where states are sliced, so that simulated workers never load torch
     import torch
 
+    from ddray.core.synthetic import SyntheticSet
+    from ddray.problem import Problem
+
 
 @dataclass(frozen=True)
 class Version:
@@ -67,6 +70,22 @@ class ShardState:
     raw_lrs: torch.Tensor | None  # (T,) on shard 0
     optimizer: dict[str, Any]
     labels: torch.Tensor | None = None  # z̃ (N, classes) on shard 0, with learned labels
+
+
+def synthetic_of(versions: list[Version], problem: "Problem") -> "SyntheticSet":
+    """The synthetic set the shards' ``versions`` of one step hold (copies, on the CPU): x̃ from every shard's
+    columns, ρ and learned labels z̃ from shard 0 (hard labels: the run's class labels)."""
+    import torch
+
+    from ddray.core.synthetic import SyntheticSet, class_labels
+
+    d = problem.config.distill
+    images = torch.from_numpy(np.concatenate([v.images for v in versions], axis=1))
+    raw = torch.from_numpy(np.array(versions[0].raw_lrs, dtype=np.float32))
+    z = versions[0].labels
+    labels = (torch.from_numpy(np.array(z, dtype=np.float32)) if z is not None
+              else class_labels(problem.data.num_classes, d.ipc))
+    return SyntheticSet(images, labels, raw, d.layout[1])
 
 
 def _moments(optimizer: dict[str, Any]) -> dict[int, dict[str, Any]]:

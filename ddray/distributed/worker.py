@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ddray.distributed.messages import GradShare, Version
+from ddray.distributed.messages import GradShare, Version, synthetic_of
 from ddray.distributed.shards import Shard
 
 if TYPE_CHECKING:
@@ -42,15 +42,6 @@ def slice_grads(step: int, chunk: int, g_images: np.ndarray, g_raw: np.ndarray, 
     return [GradShare(step, chunk, np.ascontiguousarray(g_images[:, s.lo:s.hi]), g_raw if s.owns_lrs else None,
                       loss, nets, g_labels if s.owns_lrs else None) for s in layout]
 
-
-def version_labels(versions: list[Version]) -> np.ndarray | None:
-    """The learned label logits z̃ of a version (shard 0 carries them), None with hard labels."""
-    return versions[0].labels
-
-
-def full_images(versions: list[Version]) -> np.ndarray:
-    """x̃ (S, N, C, H, W) from the shards' versions (shard order)."""
-    return np.concatenate([v.images for v in versions], axis=1)
 
 
 def mapping_of(address: int) -> str | None:
@@ -122,10 +113,9 @@ class MetaGradWorker:
         if any(v.step != step for v in versions):
             raise RuntimeError(f"worker {self.index}: meta-step {step} was given versions "
                                f"{[v.step for v in versions]}")
-        images = torch.from_numpy(full_images(versions)).to(self.device)
-        raw = torch.from_numpy(np.array(versions[0].raw_lrs, dtype=np.float32)).to(self.device)
-        z = version_labels(versions)
-        labels = None if z is None else torch.from_numpy(np.array(z, dtype=np.float32)).to(self.device)
+        syn = synthetic_of(versions, self.problem)
+        images, raw = syn.images.to(self.device), syn.raw_lrs.to(self.device)
+        labels = syn.labels.to(self.device) if syn.learns_labels else None
         per_shard: list[list[GradShare]] = [[] for _ in self.layout]
         for c, nets in chunks:
             g = chunk_gradient(self.objective, images, raw, step, c, nets, self.config.run.seed, labels)
@@ -137,18 +127,10 @@ class MetaGradWorker:
 
     def predict(self, job: "EvalJob", ids: list[int], versions: list[Version]) -> np.ndarray:
         """Held-out networks ``ids`` trained on the set of ``versions`` → test predictions (len(ids), M)."""
-        import torch
-
-        from ddray.distill import synthetic
-        from ddray.problem import to_distilled
         from ddray.evaluation import predict_nets
-        from ddray.state import RunState
+        from ddray.problem import to_distilled
 
-        images = torch.from_numpy(full_images(versions))
-        raw = torch.from_numpy(np.array(versions[0].raw_lrs, dtype=np.float32))
-        z = version_labels(versions)
-        state = RunState(versions[0].step, images, raw, {}, self.config, None if z is None else torch.from_numpy(z))
-        d = to_distilled(self.problem, synthetic(self.problem, state), state.step)
+        d = to_distilled(self.problem, synthetic_of(versions, self.problem), versions[0].step)
         return predict_nets(self.problem, d, job, ids).cpu().numpy()
 
 
