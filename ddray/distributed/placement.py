@@ -68,6 +68,14 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                          f"({e.strerror or type(e).__name__}; gave up after at most {timeout:.0f} s)") from None
 
 
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_auth_default(record: logging.LogRecord) -> bool:
+    """Drops Ray's warning that a new local cluster has token authentication on by default."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def connect(address: str | None) -> bool:
     """Connect to ``address`` / $RAY_ADDRESS, or start a local Ray. True if this call initialised Ray."""
     import ray
@@ -77,6 +85,12 @@ def connect(address: str | None) -> bool:
     addr = address or os.environ.get("RAY_ADDRESS") or None
     if addr:
         check_reachable(addr)
+    elif "RAY_AUTH_MODE" not in os.environ:
+        # ddray's own private cluster keeps Ray's default, token authentication; ddray says so once in its
+        # words instead of Ray's warning about it
+        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_quiet_auth_default)
+        logging.getLogger("ddray").info("starting a private local Ray for this run (token authentication on, "
+                                        "Ray's default; RAY_AUTH_MODE=disabled turns it off)")
     try:  # "local": never attach to another cluster this machine happens to run
         ray.init(address=addr or "local", logging_level=logging.WARNING, log_to_driver=True,
                  include_dashboard=None if addr else False)  # a private local Ray needs no dashboard
