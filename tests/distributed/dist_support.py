@@ -26,3 +26,34 @@ def named_actor(kind: str) -> tuple[Any, str]:
     names = sorted((n for n in ray.util.list_named_actors() if f"/{kind}." in n),
                    key=lambda n: int(n.rsplit(".", 1)[1]))
     return ray.get_actor(names[-1]), names[-1]
+
+
+
+# Run in a process, this makes every ddray network's forward raise there (Ray's worker processes import
+# ddray afresh and are untouched): a command that still succeeds trained and evaluated nothing in it.
+NO_FORWARD_HERE = """
+from ddray.core import models
+
+def _forward(self, *args, **kwargs):
+    raise AssertionError(f"{type(self).__name__}.forward ran in the driver process")
+
+for _cls in (models.LeNet, models.AlexCifarNet, models.ConvNet):
+    _cls.forward = _forward
+"""
+
+
+def no_forward_here(monkeypatch: Any, inference: bool = False) -> None:
+    """:data:`NO_FORWARD_HERE` in this process, undone by ``monkeypatch`` at the end of the test; with
+    ``inference``, forwards without autograd (predictions) may still run here, training may not."""
+    import torch
+
+    from ddray.core import models
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if inference and not torch.is_grad_enabled():
+            return original[type(self)](self, *args, **kwargs)
+        raise AssertionError(f"{type(self).__name__}.forward ran in the driver process")
+
+    original = {cls: cls.forward for cls in (models.LeNet, models.AlexCifarNet, models.ConvNet)}
+    for cls in original:
+        monkeypatch.setattr(cls, "forward", forward)

@@ -1,5 +1,6 @@
 """Commands whose jobs run on Ray workers (`--workers N`): evaluation, experts, pretraining, baselines.
-Each gives exactly what the same command gives in one process, and stays resumable."""
+Each gives exactly what the same command gives in one process, and stays resumable. While a command runs
+on the workers, every network's forward raises in this process: the jobs cannot have run here."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_support import tiny
+from dist_support import no_forward_here, tiny
 
 from ddray.cli import main
 from ddray.distill import distill
@@ -27,7 +28,8 @@ def distilled(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_evaluate_on_workers_equals_evaluate_here(distilled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_on_workers_equals_evaluate_here(distilled: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Two chunks of 3 networks on two workers = the same two chunks trained here, with one thread each."""
     from ddray.artifact import load_distilled
     from ddray.evaluation import evaluate_distilled, problem_for
@@ -39,15 +41,19 @@ def test_evaluate_on_workers_equals_evaluate_here(distilled: Path, capsys: pytes
         here = evaluate_distilled(problem_for(d), d, 6, workers=2)
     finally:
         torch.set_num_threads(n)
+    no_forward_here(monkeypatch)
     assert main(["evaluate", str(distilled), "--nets", "6", *POOL, "--json", "--no-tracking"]) == 0
     remote = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (remote["mean"], remote["std"], remote["n"]) == (here.mean, here.std, 6)
 
 
-def test_experts_in_parallel_equal_the_sequential_ones_and_resume(tmp_path: Path) -> None:
+def test_experts_in_parallel_equal_the_sequential_ones_and_resume(ray_local: Any, tmp_path: Path, one_thread: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experts trained here with one torch thread, as on a 1-CPU worker."""
     flags = ["--model", "convnet", "--width", "8", "--num-experts", "3", "--train-epochs", "1", "--no-dsa",
              "--dataset", "digits", *COMMON]
     assert main(["experts", *flags, "--out", str(tmp_path / "here")]) == 0
+    no_forward_here(monkeypatch)
     assert main(["experts", *flags, "--num-experts", "2", "--out", str(tmp_path / "ray"), *POOL]) == 0
     first = (tmp_path / "ray" / "expert-00000.safetensors").stat().st_mtime_ns
     assert main(["experts", *flags, "--out", str(tmp_path / "ray"), *POOL]) == 0  # resumes: trains expert 2 only
@@ -61,9 +67,12 @@ def test_experts_in_parallel_equal_the_sequential_ones_and_resume(tmp_path: Path
                                                                       .read_text())["test_acc"]
 
 
-def test_pretrain_in_parallel_equals_the_sequential_pool(tmp_path: Path) -> None:
+def test_pretrain_in_parallel_equals_the_sequential_pool(ray_local: Any, tmp_path: Path, one_thread: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool trained here with one torch thread, as on a 1-CPU worker."""
     flags = ["--dataset", "digits", "--image-size", "28", "--nets", "3", "--epochs", "1", *COMMON]
     assert main(["pretrain", *flags, "--out", str(tmp_path / "here")]) == 0
+    no_forward_here(monkeypatch, inference=True)  # the networks train on the workers; their test accuracy is here
     assert main(["pretrain", *flags, "--out", str(tmp_path / "ray"), *POOL]) == 0
     for i in range(3):
         a = load_file(str(tmp_path / "here" / f"net-{i:03d}.safetensors"))
@@ -72,7 +81,8 @@ def test_pretrain_in_parallel_equals_the_sequential_pool(tmp_path: Path) -> None
 
 
 def test_a_baseline_on_a_worker_equals_the_one_made_here(distilled: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     flags = ["--dataset", "mnist5k", "--steps", "2", "--epochs", "1", "--eval-nets", "2", "--method", "average",
              "--no-tracking"]
     n = torch.get_num_threads()
@@ -82,5 +92,6 @@ def test_a_baseline_on_a_worker_equals_the_one_made_here(distilled: Path, tmp_pa
     finally:
         torch.set_num_threads(n)
     here = capsys.readouterr().out.splitlines()[0]
+    no_forward_here(monkeypatch)
     assert main(["baseline", *flags, "--out", str(tmp_path / "ray"), *POOL]) == 0
     assert capsys.readouterr().out.splitlines()[0] == here and here.startswith("baseline average:")
