@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from deploy_support import K8S, MIN_KUSTOMIZE, NO_KUSTOMIZE, OVERLAYS, Doc, Kustomize, find_kustomize, render
+from deploy_support import (
+    K8S, MIN_KUSTOMIZE, NO_KUSTOMIZE, OVERLAYS, VARIANTS, Doc, Kustomize, find_kustomize, render, render_variant,
+)
 
 
 @pytest.fixture(scope="session")
@@ -18,15 +22,22 @@ def kustomize() -> Kustomize:
 
 @pytest.fixture(scope="session")
 def renders(kustomize: Kustomize) -> dict[str, tuple[list[Doc], str]]:
-    """overlay name → (rendered documents, kustomize's stderr)."""
+    """overlay name → (rendered documents, kustomize's stderr): the overlays exactly as shipped."""
     return {o: render(kustomize, K8S / "overlays" / o) for o in OVERLAYS}
 
 
-@pytest.fixture(params=OVERLAYS)
+@pytest.fixture(scope="session")
+def variants(kustomize: Kustomize, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[Doc], str]]:
+    """VARIANTS name → (rendered documents, kustomize's stderr): the overlays as a user deploys them."""
+    workdir: Path = tmp_path_factory.mktemp("variants")
+    return {name: render_variant(kustomize, v, workdir) for name, v in VARIANTS.items()}
+
+
+@pytest.fixture(params=list(VARIANTS))
 def overlay(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
-def docs(renders: dict[str, tuple[list[Doc], str]], overlay: str) -> list[Doc]:
-    return renders[overlay][0]
+def docs(variants: dict[str, tuple[list[Doc], str]], overlay: str) -> list[Doc]:
+    return variants[overlay][0]

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,41 @@ def render(kz: Kustomize, directory: Path) -> tuple[list[Doc], str]:
         raise AssertionError(f"{' '.join(kz.build_cmd(directory))} failed:\n{proc.stderr}")
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     return docs, proc.stderr
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An overlay with opt-in components and patches added, as docs/kubernetes.md tells a user to."""
+
+    overlay: str
+    components: tuple[str, ...] = ()  # names under k8s/components/
+    patches: tuple[Doc, ...] = ()  # entries of the kustomization's `patches:`
+
+
+# The gpu overlay's full-MNIST Tune search, commented out in its kustomization.yaml.
+TUNE_MNIST_PAPER: Doc = {"path": "tune-mnist-paper.yaml", "target": {"kind": "RayJob", "name": "ddray-tune"}}
+
+# What the policy, render and entrypoint tests check. The gpu overlay ships without Secrets (the user
+# creates them, deploy/preflight.sh checks): components/example-secrets stands in for them here.
+VARIANTS: dict[str, Variant] = {
+    "cpu-dev": Variant("cpu-dev"),
+    "gpu": Variant("gpu", ("example-secrets",)),
+    "gpu+data": Variant("gpu", ("example-secrets", "data-rwx"), (TUNE_MNIST_PAPER,)),
+}
+
+
+def render_variant(kz: Kustomize, variant: Variant, workdir: Path) -> tuple[list[Doc], str]:
+    """Render ``variant`` from a copy of k8s/ in a fresh folder under ``workdir`` (the repository stays untouched)."""
+    if not variant.components and not variant.patches:
+        return render(kz, K8S / "overlays" / variant.overlay)
+    copy = Path(tempfile.mkdtemp(dir=workdir)) / "k8s"
+    shutil.copytree(K8S, copy)
+    directory = copy / "overlays" / variant.overlay
+    doc = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    doc["components"] = list(doc.get("components", [])) + [f"../../components/{c}" for c in variant.components]
+    doc["patches"] = list(doc.get("patches", [])) + list(variant.patches)
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return render(kz, directory)
 
 
 # --------------------------------------------------------------------------- objects

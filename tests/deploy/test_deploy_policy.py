@@ -311,6 +311,20 @@ def test_ray_pods_admit_ray_pods_submitters_the_operator_and_prometheus(docs: li
                 assert peer == {"namespaceSelector": MONITORING_NS} and ports == [8080], (pod.where, peer)
 
 
+def test_only_the_monitoring_component_admits_prometheus(variants: dict[str, tuple[list[Doc], str]]) -> None:
+    """The namespace `monitoring` gets in through the NetworkPolicies that components/monitoring adds
+    (and its kustomization.yaml names), nowhere else."""
+    from deploy_support import K8S
+
+    named = set(re.findall(r"monitoring-scrape[\w-]*", (K8S / "components/monitoring/kustomization.yaml").read_text()))
+    for name, (docs, _) in variants.items():
+        admitting = {p["metadata"]["name"] for p in by_kind(docs, "NetworkPolicy")
+                     if any(peer.get("namespaceSelector") == MONITORING_NS
+                            for rule in p["spec"].get("ingress", []) for peer in rule.get("from", []))}
+        monitored = bool(by_kind(docs, "PodMonitor"))
+        assert admitting == (named if monitored else set()), f"{name}: {admitting}, the component names {named}"
+
+
 def test_ray_token_authentication_is_on(docs: list[Doc]) -> None:
     """KubeRay's authOptions: a generated token, required by the GCS, the dashboard and the job API."""
     for where, spec in ray_cluster_specs(docs):
@@ -390,6 +404,52 @@ def test_mlflow_uris_point_at_the_rendered_services(docs: list[Doc]) -> None:
     tracking = urlparse(configmap_data(docs, "ddray-env")["MLFLOW_TRACKING_URI"])
     assert tracking.hostname == "mlflow"
     service_port("mlflow", tracking.port)
+
+
+def test_metrics_user_is_no_admin(docs: list[Doc]) -> None:
+    """Job/mlflow-users, run against a stand-in for MLflow's user API that records the calls: ddray and
+    metrics are created (metrics existing already: it gets its password again) and both are left
+    without admin rights, an earlier admin metrics user included. The server lets such a user read
+    /metrics (MLFLOW_BASIC_AUTH_FAIL_CLOSED false; tests/e2e scrape it as that user for real)."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    calls: list[tuple[str, str, Doc]] = []
+
+    class MlflowStandIn(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            calls.append((self.command, self.path, body))
+            exists = self.path.endswith("/users/create") and body.get("username") == "metrics"
+            self.send_response(400 if exists else 200)
+            self.end_headers()
+            self.wfile.write(b'{"error_code": "RESOURCE_ALREADY_EXISTS"}' if exists else b"{}")
+
+        do_GET = do_POST = do_PATCH = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MlflowStandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        job = one(docs, "Job", "mlflow-users")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value", "x") for e in job["env"]}
+        env.update(MLFLOW_URL=f"http://127.0.0.1:{server.server_address[1]}", DDRAY_USERNAME="ddray",
+                   METRICS_USERNAME="metrics", PATH="/usr/bin:/bin")
+        assert job["command"][:2] == ["python", "-c"]
+        proc = subprocess.run([sys.executable, "-c", job["command"][2]], env=env, capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    admin = {body["username"]: body["is_admin"] for method, path, body in calls if path.endswith("/update-admin")}
+    assert admin == {"ddray": False, "metrics": False}, calls
+    assert ("PATCH", "/api/2.0/mlflow/users/update-password", {"username": "metrics", "password": "x"}) in calls
+    server_env = container_env(_mlflow_container(docs), docs)
+    assert server_env.get("MLFLOW_BASIC_AUTH_FAIL_CLOSED") == "false", "only admins could read /metrics"
 
 
 def test_stores_keep_their_data_in_volume_claims(docs: list[Doc]) -> None:
@@ -502,16 +562,57 @@ def test_gpu_overlay_can_place_what_its_distillation_asks_for(renders: dict[str,
     assert not any("gpu" in r for r in head.get("limits", {})), "GPU on the head"
 
 
-def test_data_volume_is_shared_where_pods_spread(renders: dict[str, tuple[list[Doc], str]]) -> None:
-    """Ray pods on several GPU nodes read the data volume at once: ReadWriteMany there."""
-    pvc = one(renders["gpu"][0], "PersistentVolumeClaim", "ddray-data")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+# What the GPU pods must fit: the allocatable resources of the common 8-vCPU/32-GiB GPU nodes
+# (g5.2xlarge, g6.2xlarge, g2-standard-8, …; docs/kubernetes.md, "GPU nodes") after their DaemonSets.
+GPU_NODE_ALLOCATABLE = {"cpu": 7.5, "memory": 29 * 2**30}
 
 
-def test_pod_monitors_scrape_ports_that_exist_and_are_admitted(renders: dict[str, tuple[list[Doc], str]]) -> None:
-    docs = renders["gpu"][0]
+def _pod_requests(pod: PodSpec, extra: list[Doc] = []) -> dict[str, float]:  # noqa: B006
+    """What the scheduler reserves for a pod: the sum over its containers (plus ``extra``, containers
+    KubeRay adds), or its largest init container, whichever is larger — per resource."""
+    out: dict[str, float] = {}
+    for r, q in (("cpu", cpu_cores), ("memory", mem_bytes)):
+        main = sum(q(c.get("resources", {}).get("requests", {}).get(r, 0)) for c in pod.spec["containers"] + extra)
+        init = max((q(c.get("resources", {}).get("requests", {}).get(r, 0))
+                    for c in pod.spec.get("initContainers", [])), default=0.0)
+        out[r] = max(main, init)
+    return out
+
+
+def test_gpu_pods_fit_the_common_gpu_nodes(variants: dict[str, tuple[list[Doc], str]]) -> None:
+    """Every Ray pod of the gpu overlay — a GPU worker, or the head with its autoscaler sidecar — fits
+    GPU_NODE_ALLOCATABLE (the bug this replaces: 8 CPU / 32 GiB requested, which no such node has)."""
+    docs = variants["gpu"][0]
+    gpu_pods = 0
+    for where, spec in ray_cluster_specs(docs):
+        sidecar = [{"resources": spec.get("autoscalerOptions", {}).get("resources", {})}] \
+            if spec.get("enableInTreeAutoscaling") else []
+        for pod in pod_specs([{"kind": "RayCluster", "metadata": {"name": where}, "spec": spec}]):
+            req = _pod_requests(pod, sidecar if pod.role == "head" else [])
+            for r, room in GPU_NODE_ALLOCATABLE.items():
+                assert req[r] <= room, f"{where} {pod.role}: requests {req[r]:.3g} {r}, a GPU node has {room:.3g}"
+            gpus = pod.spec["containers"][0]["resources"].get("limits", {}).get("nvidia.com/gpu")
+            gpu_pods += bool(gpus)
+    assert gpu_pods == 3, "one GPU group in RayCluster/ddray and in each RayJob"
+
+
+def test_no_read_write_many_claim_unless_a_component_adds_it(renders: dict[str, tuple[list[Doc], str]],
+                                                            variants: dict[str, tuple[list[Doc], str]]) -> None:
+    """ReadWriteMany (which the clouds' default storage classes lack) only with components/data-rwx."""
+    for name, (docs, _) in {**renders, **variants}.items():
+        rwx = {d["metadata"]["name"] for d in by_kind(docs, "PersistentVolumeClaim")
+               if "ReadWriteMany" in d["spec"]["accessModes"]}
+        rwx |= {t["metadata"]["name"] for s in by_kind(docs, "StatefulSet")
+                for t in s["spec"].get("volumeClaimTemplates", []) if "ReadWriteMany" in t["spec"]["accessModes"]}
+        assert rwx == ({"ddray-data"} if name == "gpu+data" else set()), f"{name}: {rwx}"
+
+
+def test_pod_monitors_scrape_ports_that_exist_and_are_admitted(variants: dict[str, tuple[list[Doc], str]]) -> None:
+    docs = variants["gpu"][0]
     monitors = by_kind(docs, "PodMonitor")
     assert {m["metadata"]["name"] for m in monitors} == {"ddray-ray", "ddray-mlflow"}
+    for m in monitors:  # kube-prometheus-stack's default podMonitorSelector: release=<its Helm release>
+        assert m["metadata"]["labels"].get("release") == "kube-prometheus-stack", m["metadata"]["name"]
     secrets = {base_name(s): s for s in by_kind(docs, "Secret")}
     for m in monitors:
         pods = [p for p in _workloads(docs) if selector_matches(m["spec"]["selector"], p.labels)]

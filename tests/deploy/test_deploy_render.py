@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from deploy_support import (
-    CRD_SCHEMAS, K8S, KUBERNETES_VERSION, Doc, Kustomize, base_name, by_kind, crd_errors, one, pod_specs,
-    ray_cluster_specs, render,
+    CRD_SCHEMAS, K8S, KUBERNETES_VERSION, Doc, Kustomize, base_name, by_kind, crd_errors, mount_for, one,
+    pod_specs, ray_cluster_specs, render,
 )
 
 CORE_KINDS = {"Namespace", "ConfigMap", "Secret", "Service", "PersistentVolumeClaim", "Deployment",
@@ -29,12 +29,16 @@ def test_every_yaml_under_k8s_parses() -> None:
         assert any(d is not None for d in docs), f"{f}: empty"
 
 
-def test_overlays_render_cleanly(renders: dict[str, tuple[list[Doc], str]]) -> None:
-    for overlay, (docs, stderr) in renders.items():
+def test_overlays_render_cleanly(renders: dict[str, tuple[list[Doc], str]],
+                                 variants: dict[str, tuple[list[Doc], str]]) -> None:
+    # Secrets and volume claims may come from outside the overlay (the user, opt-in components)
+    required = CORE_KINDS - {"Secret", "PersistentVolumeClaim"} | RAY_KINDS
+    rendered = {**renders, **{f"{name} (with its opt-in components)": r for name, r in variants.items()}}
+    for overlay, (docs, stderr) in rendered.items():
         # deprecated fields (patchesStrategicMerge, commonLabels, bases, …) make kustomize warn
         assert "warning" not in stderr.lower(), f"{overlay}: kustomize warned:\n{stderr}"
         kinds = {d["kind"] for d in docs}
-        assert CORE_KINDS | RAY_KINDS <= kinds, f"{overlay}: missing kinds {CORE_KINDS | RAY_KINDS - kinds}"
+        assert required <= kinds, f"{overlay}: missing kinds {required - kinds}"
         extra = kinds - CORE_KINDS - RAY_KINDS - MONITORING_KINDS
         assert not extra, f"{overlay}: unexpected kinds {extra}"
 
@@ -180,8 +184,10 @@ def test_staged_apply_labels(docs: list[Doc]) -> None:
     Ray workload with -l ddray.io/workload=<name>: only the Ray objects carry it."""
     labelled = {f"{d['kind']}/{base_name(d)}": d["metadata"].get("labels", {}).get("ddray.io/workload")
                 for d in docs if "ddray.io/workload" in d["metadata"].get("labels", {})}
-    assert labelled == {"RayCluster/ddray": "raycluster", "RayJob/ddray-distill": "distill",
-                        "RayJob/ddray-tune": "tune", "Job/ddray-data-fill": "data"}
+    expected = {"RayCluster/ddray": "raycluster", "RayJob/ddray-distill": "distill", "RayJob/ddray-tune": "tune"}
+    if by_kind(docs, "Job") and any(j["metadata"]["name"] == "ddray-data-fill" for j in by_kind(docs, "Job")):
+        expected["Job/ddray-data-fill"] = "data"  # k8s/components/data-rwx
+    assert labelled == expected
 
 
 def test_pvc_storage_component_puts_storage_on_the_shared_volume(kustomize: Kustomize, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -206,3 +212,88 @@ def test_pvc_storage_component_puts_storage_on_the_shared_volume(kustomize: Kust
     for pod in pods:
         found = mount_for(storage + "/x", pod.spec["containers"][0], pod.spec)
         assert found and found[1].get("persistentVolumeClaim", {}).get("claimName") == "ddray-storage", pod.where
+
+
+# --------------------------------------------------------------------------- opt-in components
+
+
+def _claims(docs: list[Doc]) -> dict[str, list[str]]:
+    """Every volume claim the objects create (PVCs and StatefulSet claim templates) → its access modes."""
+    claims = {f"PersistentVolumeClaim/{d['metadata']['name']}": d["spec"]["accessModes"]
+              for d in by_kind(docs, "PersistentVolumeClaim")}
+    for sts in by_kind(docs, "StatefulSet"):
+        for t in sts["spec"].get("volumeClaimTemplates", []):
+            claims[f"StatefulSet/{sts['metadata']['name']} claim {t['metadata']['name']}"] = t["spec"]["accessModes"]
+    return claims
+
+
+def test_gpu_overlay_needs_no_read_write_many_volume(renders: dict[str, tuple[list[Doc], str]]) -> None:
+    """The default classes of EKS, GKE and AKS cannot provide ReadWriteMany: as shipped, no claim asks
+    for it and no Ray pod mounts the data volume, so a cluster with only those classes runs mnist5k."""
+    for overlay, (docs, _) in renders.items():
+        rwx = {name for name, modes in _claims(docs).items() if "ReadWriteMany" in modes}
+        assert not rwx, f"{overlay}: ReadWriteMany claims {rwx}"
+        for pod in pod_specs(docs):
+            claims = {v["persistentVolumeClaim"]["claimName"] for v in pod.spec.get("volumes", [])
+                      if "persistentVolumeClaim" in v}
+            assert "ddray-data" not in claims, f"{overlay}: {pod.where} mounts ddray-data"
+
+
+def test_data_component_mounts_the_shared_volume_in_every_ray_pod(variants: dict[str, tuple[list[Doc], str]]) -> None:
+    """k8s/components/data-rwx: the ReadWriteMany claim, read-only at /data in every Ray pod of every
+    cluster (the RayJobs' copies included), and the Job that fills it."""
+    docs = variants["gpu+data"][0]
+    assert _claims(docs)["PersistentVolumeClaim/ddray-data"] == ["ReadWriteMany"]
+    one(docs, "Job", "ddray-data-fill")
+    ray_pods = [p for p in pod_specs(docs) if p.role in ("head", "worker")]
+    assert {p.where.split(" ")[0] for p in ray_pods} == {"RayCluster/ddray", "RayJob/ddray-distill", "RayJob/ddray-tune"}
+    for pod in ray_pods:
+        found = mount_for("/data/mnist", pod.spec["containers"][0], pod.spec)
+        assert found and found[1].get("persistentVolumeClaim", {}).get("claimName") == "ddray-data", pod.where
+        assert found[0].get("readOnly") and found[1]["persistentVolumeClaim"].get("readOnly"), pod.where
+
+
+def test_gpu_overlay_ships_no_credentials(renders: dict[str, tuple[list[Doc], str]]) -> None:
+    """The example Secrets are opt-in there (commented out); cpu-dev, for throw-away clusters, keeps them."""
+    assert not by_kind(renders["gpu"][0], "Secret")
+    assert {base_name(s) for s in by_kind(renders["cpu-dev"][0], "Secret")} == expected_secrets(renders["cpu-dev"][0])
+
+
+def expected_secrets(docs: list[Doc]) -> set[str]:
+    """The Secrets the objects read: pod volumes, env, envFrom, image pulls, PodMonitor logins."""
+    names: set[str] = set()
+    for pod in pod_specs(docs):
+        names |= {v["secret"]["secretName"] for v in pod.spec.get("volumes", []) if "secret" in v}
+        names |= {s["name"] for s in pod.spec.get("imagePullSecrets", [])}
+        for c in pod.all_containers:
+            names |= {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
+            names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                      if "secretKeyRef" in e.get("valueFrom", {})}
+    for m in by_kind(docs, "PodMonitor"):
+        for ep in m["spec"]["podMetricsEndpoints"]:
+            names |= {part["name"] for part in ep.get("basicAuth", {}).values()}
+    return {re.sub(r"-[a-z0-9]{10}$", "", n) for n in names}
+
+
+def test_example_secrets_stand_in_for_exactly_the_secrets_the_gpu_overlay_reads(
+        renders: dict[str, tuple[list[Doc], str]], variants: dict[str, tuple[list[Doc], str]]) -> None:
+    """What docs/kubernetes.md tells the user to create (step 4) is what the gpu overlay reads, and what
+    components/example-secrets generates in the tests' stand-in for them."""
+    from deploy_support import REPO
+
+    wanted = expected_secrets(renders["gpu"][0])
+    assert {base_name(s) for s in by_kind(variants["gpu"][0], "Secret")} == wanted
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    created = set(re.findall(r"create secret generic ([\w-]+)", guide))
+    assert created == wanted, f"docs/kubernetes.md creates {sorted(created)}, the overlay reads {sorted(wanted)}"
+
+
+def test_image_pull_secret_component_reaches_every_pod(kustomize: Kustomize, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from deploy_support import Variant, render_variant
+
+    docs, stderr = render_variant(kustomize, Variant("gpu", ("image-pull-secret",)), tmp_path)
+    assert "warning" not in stderr.lower(), stderr
+    pods = list(pod_specs(docs))
+    assert {p.role for p in pods} == {"head", "worker", "submitter", "pod"}
+    for pod in pods:
+        assert pod.spec.get("imagePullSecrets") == [{"name": "ddray-registry"}], pod.where
