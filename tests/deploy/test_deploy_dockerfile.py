@@ -40,7 +40,35 @@ def test_base_image_is_the_official_ray_image_of_the_pinned_ray_without_cuda() -
         [image] = resolve_from(ins, {"VARIANT": variant})
         assert image == f"rayproject/ray:{ray}-py311-cpu", f"{image}: not Ray {ray}'s CPU image"
     assert "${RAY_VERSION}" in DDRAY.read_text(), "the smoke test must check the installed Ray"
-    assert "download.pytorch.org/whl/cpu" in DDRAY.read_text(), "the cpu variant must take CPU torch wheels"
+
+
+def _arg_default(name: str) -> str:
+    [default] = [i.args.partition("=")[2].strip('"') for i in parse_dockerfile(DDRAY)
+                 if i.cmd == "ARG" and i.args.partition("=")[0] == name]
+    return default
+
+
+def test_gpu_variant_takes_a_cuda_12_build_of_torch() -> None:
+    """CUDA 13 wheels (PyPI's default torch) need NVIDIA driver >= 580; a CUDA 12.x build runs on any
+    driver >= 525.60.13, what the clouds' GPU node images ship. The cpu variant takes CPU wheels."""
+    assert _arg_default("VARIANT") == "gpu"
+    assert re.fullmatch(r"cu12\d", _arg_default("TORCH_CUDA")), _arg_default("TORCH_CUDA")
+    [install] = [i.args for i in parse_dockerfile(DDRAY) if i.cmd == "RUN" and "pip install" in i.args]
+    assert 'torch_index=cpu; else torch_index="$TORCH_CUDA"' in install, install
+    assert '--extra-index-url "https://download.pytorch.org/whl/$torch_index"' in install, install
+
+
+def test_the_pins_leave_the_cuda_libraries_to_torch() -> None:
+    """deploy/constraints.txt pins PyPI's CUDA 13 libraries; the image installs with those lines dropped
+    (the torch wheel pins its own), and everything else pinned, torch included."""
+    [install] = [i.args for i in parse_dockerfile(DDRAY) if i.cmd == "RUN" and "pip install" in i.args]
+    m = re.search(r"grep -v -E '([^']+)' /tmp/ddray-src/constraints.txt > (\S+)", install)
+    assert m and f"-c {m.group(2)}" in install, install
+    lines = [ln for ln in CONSTRAINTS.read_text().splitlines() if ln and not ln.startswith("#")]
+    kept = {ln.partition("==")[0] for ln in lines if not re.search(m.group(1), ln)}
+    dropped = {ln.partition("==")[0] for ln in lines} - kept
+    assert {"torch", "torchvision", "triton", "ray"} <= kept
+    assert dropped and all(n.startswith(("nvidia-", "cuda-")) for n in dropped), dropped
 
 
 @DOCKERFILES
@@ -82,7 +110,8 @@ def test_installs_ddray_from_the_copied_context_and_smoke_tests_it() -> None:
     install = [r for r in runs if "pip install" in r]
     assert len(install) == 1, install
     assert "--no-cache-dir" in install[0] and " -e " not in install[0] and "--editable" not in install[0]
-    assert "-c /tmp/ddray-src/constraints.txt" in install[0], "install without the pins"
+    assert "/tmp/ddray-src/constraints.txt" in install[0] and " -c /tmp/ddray-src/" in install[0], \
+        "install without the pins"
     # `ddray --help` runs after the install, in the same image
     assert "ddray --help" in install[0] or any("ddray --help" in r for r in runs[runs.index(install[0]):])
 
