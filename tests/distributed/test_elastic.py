@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 
+from dist_support import NO_FORWARD_HERE
+
 from ddray.artifact import load_distilled
 
 pytestmark = pytest.mark.slow
@@ -88,10 +90,16 @@ def nodes(cluster: Any) -> Iterator[Callable[[int], list[Any]]]:
              lambda: not any(n["NodeID"] in gone and n["Alive"] for n in ray.nodes()))
 
 
-def start(cluster: Any, tmp: Path, *argv: str, name: str = "run", **env: str) -> subprocess.Popen[str]:
-    """`ddray distill --address <cluster>` as a user's process; stderr (ddray's log lines) goes to a file."""
+def start(cluster: Any, tmp: Path, *argv: str, name: str = "run", progress: bool = False,
+          no_forward_here: bool = False, **env: str) -> subprocess.Popen[str]:
+    """`ddray distill --address <cluster>` as a user's process; stderr (ddray's log lines, and with
+    ``progress`` its progress bar) goes to a file. ``no_forward_here``: every network's forward raises
+    in that process (not in the workers), so the run succeeds only if it trained nothing there."""
     err = open(tmp / f"{name}.stderr", "w")
-    return subprocess.Popen([sys.executable, "-m", "ddray.cli", "distill", *FLAGS, *argv, "--address",
+    flags = [f for f in FLAGS if not (progress and f == "--no-progress")]
+    cli = ["-c", f"{NO_FORWARD_HERE}\nimport sys\nfrom ddray.cli import main\nsys.exit(main(sys.argv[1:]))"] \
+        if no_forward_here else ["-m", "ddray.cli"]
+    return subprocess.Popen([sys.executable, *cli, "distill", *flags, *argv, "--address",
                              cluster.address, "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"],
                             env={**ENV, **env}, cwd=tmp, stdout=subprocess.DEVNULL, stderr=err, text=True)
 
@@ -150,23 +158,91 @@ def test_a_node_killed_mid_run_the_run_finishes_with_the_local_bits(
         cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
     """`--workers 1:2`, the node of worker 0 and the parameter server killed without warning: the fleet
     shrinks to one worker, the server is rebuilt from its checkpoint on the other node, the run finishes."""
-    from ray.util.state import list_actors
-
     run = ["--workers", "1:2", "--iterations", "60", "--checkpoint-every", "10"]
     two = nodes(2)
     out = tmp_path / "out"
     proc = start(cluster, tmp_path, *run, "--out", str(out))
     wait_for("two workers and a checkpoint", lambda: "2 alive" in log(tmp_path) and checkpoints(out), proc)
-    ps_node = next(a.node_id for a in list_actors(address=cluster.state_api, filters=[
-        ("class_name", "=", "ParamServerActor"), ("state", "=", "ALIVE")]))
-    victim = next(n for n in two if n.node_id == ps_node)
+    victim = next(n for n in two if n.node_id == ps_node(cluster))
     killed_at = max(checkpoints(out))
     cluster.remove_node(victim, allow_graceful=False)
     assert finish(proc) == 0, log(tmp_path)
     text = log(tmp_path)
-    assert "parameter-server shard 0 lost" in text and "1 alive" in text
+    assert "parameter-server shard 0 lost" in text
+    assert re.search(r"ddray: worker \d lost \([^\n]*\); 1 alive, its work moves to the others", text)
     rolled = [int(m) for m in re.findall(r"rolled back to the checkpoint of meta-step (\d+)", text)]
     assert len(rolled) == 1 and rolled[0] >= killed_at and rolled[0] % 10 == 0  # the newest one at the kill
+    assert same(load_distilled(out), local_reference(*run))
+
+
+def ps_node(cluster: Any) -> str:
+    """The node of the run's (one) parameter server."""
+    from ray.util.state import list_actors
+
+    return next(a.node_id for a in list_actors(address=cluster.state_api, filters=[
+        ("class_name", "=", "ParamServerActor"), ("state", "=", "ALIVE")]))
+
+
+def bars(text: str, total: int) -> list[tuple[int, dict[str, str]]]:
+    """(meta-steps done, postfix) of each progress-bar frame that tqdm wrote into ``text``."""
+    frames = re.finditer(rf"distill \(ray\):[^\r\n]*?\| *(\d+)/{total} \[[^\]\r\n]*?, ([a-z_]+=[^\]\r\n]*)\]", text)
+    return [(int(m[1]), dict(kv.split("=", 1) for kv in m[2].split(", "))) for m in frames]
+
+
+def test_a_lost_node_replaced_the_fleet_grows_back_to_max_with_the_local_bits(
+        cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
+    """`--workers 1:2`: the node of a worker (not the server's) dies, the fleet shrinks to one worker; a new
+    node joins, Ray restarts the lost worker there and the fleet is back at MAX; the progress bar shows
+    alive=1 after the loss and alive=2, restarts=1 at the end."""
+    total = 1000  # ~20 steps/s here, and a worker needs ~15 s to come back on a new node
+    run = ["--workers", "1:2", "--iterations", str(total), "--checkpoint-every", "250"]
+    two = nodes(2)
+    out = tmp_path / "out"
+    proc = start(cluster, tmp_path, *run, "--out", str(out), progress=True)
+    wait_for("two workers at work", lambda: "2 alive" in log(tmp_path) and bool(bars(log(tmp_path), total)), proc)
+    victim = next(n for n in two if n.node_id != ps_node(cluster))
+    cluster.remove_node(victim, allow_graceful=False)
+    lost = r"ddray: worker (\d) lost \([^\n]*\); 1 alive, its work moves to the others"
+    wait_for("the loss", lambda: re.search(lost, log(tmp_path)) is not None, proc)
+    nodes(1)
+    assert finish(proc) == 0, log(tmp_path)
+    text = log(tmp_path)
+    loss = re.search(lost, text)
+    assert loss and re.search(rf"ddray: worker {loss[1]} is back on node \w+ \(pid \d+\); 2 alive",
+                              text[loss.end():]), text
+    frames = [(n, p["alive"], p["restarts"]) for n, p in bars(text, total)]
+    assert ("1", "0") in {f[1:] for f in frames} and frames[-1] == (total, "2", "1"), frames
+    assert same(load_distilled(out), local_reference(*run))
+
+
+def test_a_run_below_min_mid_run_stops_with_its_checkpoint_and_the_command_that_continues_it(
+        cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
+    """`--workers 2` (MIN = MAX = 2), the node of a worker (not the server's) killed mid-run: after
+    --placement-timeout the run stops, writes a checkpoint of the step it reached and prints the command
+    that continues it; that command, once a node has joined, finishes with the --local bits."""
+    total = 400
+    run = ["--workers", "2", "--iterations", str(total), "--checkpoint-every", "1000", "--placement-timeout", "30"]
+    two = nodes(2)
+    out = tmp_path / "out"
+    proc = start(cluster, tmp_path, *run, "--out", str(out), progress=True)
+    wait_for("a few meta-steps", lambda: any(n >= 5 for n, _ in bars(log(tmp_path), total)), proc)
+    victim = next(n for n in two if n.node_id != ps_node(cluster))
+    cluster.remove_node(victim, allow_graceful=False)
+    assert finish(proc) == 1, log(tmp_path)
+    text = log(tmp_path)
+    stopped = re.search(r"ddray distill: error: --placement-timeout 30: only 1 of the 2 worker\(s\) needed answered "
+                        r"for 30 s; the cluster has [^\n]*; the run stopped, its checkpoint is (\S+); when the cluster "
+                        r"has room again continue it with `ddray distill --resume auto --out (\S+)` \(with the same "
+                        r"flags\)\n", text)
+    assert stopped and Path(stopped[2]) == out, text
+    step = int(re.fullmatch(r"step-(\d{8})\.pt", Path(stopped[1]).name)[1])  # type: ignore[index]
+    assert Path(stopped[1]).is_file() and checkpoints(out) == [step] and 5 <= step < total
+    assert not (out / "meta.json").exists()
+
+    nodes(1)
+    again = start(cluster, tmp_path, *run, "--resume", "auto", "--out", stopped[2], name="again")
+    assert finish(again) == 0, log(tmp_path, "again")
+    assert f"from its checkpoint at meta-step {step} of {total}" in log(tmp_path, "again")
     assert same(load_distilled(out), local_reference(*run))
 
 
@@ -243,8 +319,9 @@ def test_without_capacity_it_fails_at_the_timeout_naming_request_and_cluster(
 
 def test_nothing_runs_on_the_head_and_mid_run_evaluation_matches_local(
         cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
-    """Workers, servers and every evaluation (each --eval-every snapshot, the final one) off the head;
-    the eval_acc_mean history on Ray, on both transports, is the --local one."""
+    """Workers, servers and every evaluation (each --eval-every snapshot, the final one) off the head and
+    off the driver (whose networks' forward raises); the eval_acc_mean history on Ray, on both transports,
+    is the --local one: the predictions came back from the workers."""
     from mlflow.tracking import MlflowClient
     from ray.util.state import list_actors, list_tasks
 
@@ -255,7 +332,7 @@ def test_nothing_runs_on_the_head_and_mid_run_evaluation_matches_local(
     for transport in ("objects", "compiled"):
         out = tmp_path / transport
         proc = start(cluster, tmp_path, *run, "--out", str(out), "--experiment", transport, name=transport,
-                     DDRAY_TRANSPORT=transport)
+                     no_forward_here=True, DDRAY_TRANSPORT=transport)
         assert finish(proc) == 0, log(tmp_path, transport)
         assert same(load_distilled(out), local_reference(*run))
         client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
