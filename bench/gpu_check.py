@@ -8,9 +8,14 @@ Steps (each is run, timed and recorded even if an earlier one failed):
 2. ``core`` — one DD meta-step (default MNIST-5k config) on the GPU at K = 1, 8, 32,
    eager and ``--compile``: median seconds of 5 meta-steps after 2 warm-up ones
    (CUDA-synchronised), and the compiled/eager ratio;
-3. ``shared-gpu`` — ``ddray distill --workers 2 --gpus-per-worker 0.5`` (two workers on one GPU);
+3. ``shared-gpu`` — ``ddray distill --workers 2 --gpus-per-worker 0.5`` (two workers on one GPU),
+   ``one-gpu`` — the same seed on one worker, and ``shared-vs-one`` — the two sets agree (to float
+   rounding: two chunks are summed where one worker computes one);
 4. ``dc``, ``dm``, ``mtt`` — short runs of each method on the GPU workers (ConvNet width 32;
-   MTT on tiny experts made first).
+   MTT on tiny experts made first);
+5. ``cifar10-dm`` — a short DM run on CIFAR-10 from the archive ``../shared/gpu/pack.sh --cifar``
+   carries (``.device/cifar10-jpeg.tar.gz``; ``--cifar PATH`` for another); without it, on MNIST-5k,
+   and the step's name says so (``mnist5k-dm``).
 
 Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (default ``runs/gpu-check``), both
 naming the card, the driver and torch's CUDA version; exits 1 if a step failed. Without a
@@ -85,19 +90,29 @@ def ddray(*args: str) -> list[str]:
     return [sys.executable, "-c", "from ddray.cli import main; raise SystemExit(main())", *args]
 
 
-def plan(work: Path, quick: bool) -> list[Step]:
-    """The steps, in order (``quick``: fewer meta-steps and K up to 8)."""
+CIFAR = ROOT / ".device" / "cifar10-jpeg.tar.gz"
+
+
+def plan(work: Path, quick: bool, cifar: Path | None = CIFAR) -> list[Step]:
+    """The steps, in order (``quick``: fewer meta-steps and K up to 8; ``cifar``: the CIFAR-10 archive, if any)."""
     iters = "4" if quick else "20"
-    run = ["--no-tracking", "--no-progress", "--eval-nets", "2"]
+    run = ["--no-tracking", "--no-progress", "--eval-nets", "2", "--no-scores"]
     method_iters = "2" if quick else "5"
     experts = work / "experts"
+    shared = ["--nets", "4", "--iterations", iters, "--seed", "0", *run]
+    data = (["--dataset", "imagefolder", "--data-root", str(cifar), "--cache-dir", str(work / "cache")]
+            if cifar is not None and cifar.exists() else [])
     steps = [
         Step("cuda-tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                             str(ROOT / "tests")]),
         Step("core", [sys.executable, str(Path(__file__).resolve()), "--core",
                       json.dumps([1, 8] if quick else [1, 8, 32])]),
-        Step("shared-gpu", ddray("distill", "--workers", "2", "--gpus-per-worker", "0.5", "--nets", "4",
-                                 "--iterations", iters, "--out", str(work / "shared"), *run)),
+        Step("shared-gpu", ddray("distill", "--workers", "2", "--gpus-per-worker", "0.5", *shared,
+                                 "--out", str(work / "shared"))),
+        Step("one-gpu", ddray("distill", "--workers", "1", "--gpus-per-worker", "1", *shared,
+                              "--out", str(work / "one"))),
+        Step("shared-vs-one", [sys.executable, str(Path(__file__).resolve()), "--compare", str(work / "shared"),
+                               str(work / "one")]),
         Step("dc", ddray("distill", "--method", "dc", *CONVNET, "--iterations", method_iters,
                          "--out", str(work / "dc"), *run, *METHOD_EVAL)),
         Step("dm", ddray("distill", "--method", "dm", *CONVNET, "--iterations", method_iters,
@@ -106,8 +121,24 @@ def plan(work: Path, quick: bool) -> list[Step]:
                                   "--out", str(experts), "--no-tracking", "--no-progress")),
         Step("mtt", ddray("distill", "--method", "mtt", *CONVNET, "--experts", str(experts), "--max-start-epoch",
                           "2", "--iterations", method_iters, "--out", str(work / "mtt"), *run, *METHOD_EVAL)),
+        Step("cifar10-dm" if data else "mnist5k-dm",
+             ddray("distill", "--method", "dm", *CONVNET, *data, "--ipc", "10", "--iterations", method_iters,
+                   "--out", str(work / "cifar"), *run, *METHOD_EVAL)),
     ]
     return steps
+
+
+def compare(a: Path, b: Path, rtol: float = 1e-3, atol: float = 1e-5) -> dict[str, Any]:
+    """The two distilled sets agree to float rounding (images and step sizes): the largest differences."""
+    import torch
+
+    from ddray.artifact import load_distilled
+
+    x, y = load_distilled(a), load_distilled(b)
+    torch.testing.assert_close(x.images, y.images, rtol=rtol, atol=atol)
+    torch.testing.assert_close(x.lrs, y.lrs, rtol=rtol, atol=atol)
+    return {"max |Δ image|": float((x.images - y.images).abs().max()),
+            "max |Δ step size|": float((x.lrs - y.lrs).abs().max())}
 
 
 def run_step(step: Step, timeout: float) -> Step:
@@ -173,7 +204,8 @@ def write_results(out: Path, info: dict[str, Any], steps: list[Step]) -> tuple[P
     figs = {k: v for s in steps for k, v in s.figures.items()}
     if figs:
         lines += ["", "| core (DD meta-step, default config) | value |", "| --- | ---: |"]
-        lines += [f"| {k} | {v:.2f}× |" if k.endswith("/eager") else f"| {k} | {1000 * v:.1f} ms |"
+        lines += [f"| {k} | {v:.2f}× |" if k.endswith("/eager") else
+                  f"| {k} | {v:.2e} |" if k.startswith("max") else f"| {k} | {1000 * v:.1f} ms |"
                   for k, v in figs.items()]
     failed = [s for s in steps if s.ok is False]
     for s in failed:
@@ -188,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-check", help="where the results files go")
     ap.add_argument("--quick", action="store_true", help="fewer meta-steps, K up to 8")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per step")
+    ap.add_argument("--cifar", type=Path, default=CIFAR, help="the CIFAR-10 archive (default: pack.sh --cifar's)")
     ap.add_argument("--core", help=argparse.SUPPRESS)  # inside the core step: JSON list of K
+    ap.add_argument("--compare", nargs=2, type=Path, help=argparse.SUPPRESS)  # inside shared-vs-one
     args = ap.parse_args(argv)
+    if args.compare:
+        print("CORE " + json.dumps(compare(*args.compare)), flush=True)
+        return 0
     reason = no_gpu_reason()
     if reason:
         print(reason, file=sys.stderr)
@@ -201,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu-check on {info['gpus']} × {info['gpu']} (driver {info['driver']}, CUDA {info['cuda']})", flush=True)
     steps = []
     with tempfile.TemporaryDirectory(prefix="ddray-gpu-check-") as tmp:
-        for step in plan(Path(tmp), args.quick):
+        for step in plan(Path(tmp), args.quick, args.cifar):
             steps.append(run_step(step, args.timeout))
             print(f"  {step.name:12s} {'pass' if step.ok else 'FAIL'}  {step.seconds:6.1f} s", flush=True)
     js, md = write_results(args.out, info, steps)

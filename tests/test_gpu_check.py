@@ -28,12 +28,14 @@ def test_refuses_at_once_without_a_gpu(tmp_path: Path) -> None:
 
 
 def test_plan_covers_the_checks_in_order(tmp_path: Path) -> None:
-    steps = gpu_check.plan(tmp_path, quick=False)
-    assert [s.name for s in steps] == ["cuda-tests", "core", "shared-gpu", "dc", "dm", "mtt-experts", "mtt"]
+    steps = gpu_check.plan(tmp_path, quick=False, cifar=None)
+    assert [s.name for s in steps] == ["cuda-tests", "core", "shared-gpu", "one-gpu", "shared-vs-one", "dc", "dm",
+                                       "mtt-experts", "mtt", "mnist5k-dm"]
     cmd = {s.name: s.command for s in steps}
     tests = cmd["cuda-tests"]
     assert tests[1:3] == ["-m", "pytest"] and tests[tests.index("cuda") - 1] == "-m"
-    assert json.loads(cmd["core"][-1]) == [1, 8, 32] and json.loads(gpu_check.plan(tmp_path, True)[1].command[-1]) == [1, 8]
+    assert json.loads(cmd["core"][-1]) == [1, 8, 32]
+    assert json.loads(gpu_check.plan(tmp_path, True, None)[1].command[-1]) == [1, 8]
     shared = cmd["shared-gpu"]
     assert shared[shared.index("--workers") + 1] == "2" and shared[shared.index("--gpus-per-worker") + 1] == "0.5"
     for m in ("dc", "dm", "mtt"):
@@ -42,8 +44,35 @@ def test_plan_covers_the_checks_in_order(tmp_path: Path) -> None:
     # every ddray command is one the CLI accepts (the flag the elastic fleet adds aside)
     from ddray.cli import build_parser
 
-    for name in ("dc", "dm", "mtt", "mtt-experts"):
+    for name in ("dc", "dm", "mtt", "mtt-experts", "shared-gpu", "one-gpu", "mnist5k-dm"):
         build_parser().parse_args(cmd[name][3:])
+    # the shared-GPU run and the one-worker run differ only in their workers, and are compared
+    def flags(command: list[str]) -> dict[str, str]:
+        return {a: b for a, b in zip(command[3:], command[4:]) if a.startswith("--") and not b.startswith("--")}
+
+    one, two = flags(cmd["one-gpu"]), flags(shared)
+    assert {k: v for k, v in one.items() if two.get(k) != v} == {"--workers": "1", "--gpus-per-worker": "1",
+                                                                 "--out": str(tmp_path / "one")}
+    assert one["--seed"] == two["--seed"] == "0" and one.keys() == two.keys()
+    assert cmd["shared-vs-one"][-2:] == [str(tmp_path / "shared"), str(tmp_path / "one")]
+    # with the CIFAR-10 archive pack.sh --cifar carries, the DM run reads it
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(b"")
+    dm = gpu_check.plan(tmp_path, quick=True, cifar=archive)[-1]
+    assert dm.name == "cifar10-dm" and dm.command[dm.command.index("--data-root") + 1] == str(archive)
+
+
+def test_shared_vs_one_compares_the_two_sets(tmp_path: Path) -> None:
+    from ddray.artifact import Distilled, save_distilled
+
+    images, lrs = torch.randn(2, 10, 1, 4, 4), torch.full((4,), 0.02)
+    save_distilled(tmp_path / "a", Distilled(images, torch.arange(10), lrs))
+    save_distilled(tmp_path / "b", Distilled(images + 1e-7, torch.arange(10), lrs))
+    save_distilled(tmp_path / "c", Distilled(images + 0.1, torch.arange(10), lrs))
+    figures = gpu_check.compare(tmp_path / "a", tmp_path / "b")
+    assert 0 < figures["max |Δ image|"] < 1e-6 and figures["max |Δ step size|"] == 0
+    with pytest.raises(AssertionError):
+        gpu_check.compare(tmp_path / "a", tmp_path / "c")
 
 
 def test_a_step_records_pass_fail_time_and_figures() -> None:
