@@ -112,10 +112,13 @@ def test_metrics_are_exposed_to_the_metrics_user(platform: Platform) -> None:
 def test_host_header_check_of_the_real_server(platform: Platform, host: str, accepted: bool) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", platform.mlflow.port, timeout=30)
     conn.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
-    status = conn.getresponse().status
+    response = conn.getresponse()
+    status, body = response.status, response.read().decode()
     conn.close()
-    # accepted: the request reaches the login check (401); rejected: the Host check answers first
-    assert (status == 401) == accepted, f"Host: {host} → HTTP {status}"
+    # accepted: the request reaches the login check (401); rejected: the Host check answers first (403)
+    assert status == (401 if accepted else 403), f"Host: {host} → HTTP {status}: {body[:200]}"
+    if not accepted:
+        assert body == "Invalid Host header - possible DNS rebinding attack detected"
 
 
 @pytest.mark.slow  # two Ray runs
