@@ -25,8 +25,34 @@ def test_guide_walks_through_every_step() -> None:
                    "kubectl apply -k k8s/overlays/cpu-dev -l '!ddray.io/workload'",
                    "-l ddray.io/workload=distill", "-l ddray.io/workload=tune",
                    "port-forward svc/mlflow 5000:5000", "create secret generic",
-                   "k8s/overlays/gpu"):
+                   "k8s/overlays/gpu", "deploy/preflight.sh k8s/overlays/cpu-dev",
+                   "deploy/preflight.sh k8s/overlays/gpu"):
         assert needle in text, f"docs/kubernetes.md lacks {needle!r}"
+
+
+def test_guide_answers_what_stops_a_cloud_user() -> None:
+    """The prerequisites and the GPU section name what a cloud cluster needs (issue 18)."""
+    text = GUIDE.read_text()
+    prerequisites = text[text.index("## 1. What you need"):text.index("## 2.")]
+    for needle in ("`kustomize` binary", "imagePullSecrets", "node autoscaler", "525.60.13"):
+        assert needle in prerequisites, f"the prerequisites lack {needle!r}"
+    gpu = text[text.index("## GPU nodes"):text.index("## Data")]
+    for needle in ("g5.2xlarge", "g2-standard-8", "Standard_NC8as_T4_v3", "7 CPU and 26 GiB",
+                   "k8s.io/cluster-autoscaler/node-template/resources/nvidia.com/gpu",
+                   "k8s.io/cluster-autoscaler/node-template/label/", "min-nodes 0", "min-count 0"):
+        assert needle in gpu, f"docs/kubernetes.md, GPU nodes, lacks {needle!r}"
+
+
+def test_guide_loads_every_image_into_minikube_and_tells_the_truth_about_pull_failures() -> None:
+    """An unloaded submitter image is not caught by preRunningDeadlineSeconds: the RayJob is Running once
+    KubeRay created the submitter Job, and waits until activeDeadlineSeconds."""
+    text = GUIDE.read_text()
+    for image in ("ddray:0.1.0-cpu", "ddray-submitter:2.60.0", "ddray-mlflow:3.17.2"):
+        assert f"minikube image load {image}" in text, image
+    waits = text[text.index("**What you see while it waits.**"):]
+    waits = waits[:waits.index("\n- ") if "\n- " in waits else len(waits)]
+    assert "ImagePullBackOff" in waits and "activeDeadlineSeconds" in waits and "preflight" in waits
+    assert not re.search(r"image that cannot be pulled[^.]*15 minutes", text)
 
 
 def test_guide_port_forwards_to_rendered_services(renders: dict[str, tuple[list[Doc], str]]) -> None:
