@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 try:
     import yaml
@@ -92,11 +92,12 @@ def kubectl(*args: str, stdin: str | None = None) -> str:
 def get(*args: str) -> Doc | None:
     """``kubectl get … -o json`` as a dict; None when the object does not exist."""
     try:
-        return json.loads(kubectl("get", *args, "-o", "json"))
+        found: Doc = json.loads(kubectl("get", *args, "-o", "json"))
     except KubectlError as e:
         if "NotFound" in str(e) or "not found" in str(e):
             return None
         raise
+    return found
 
 
 def items(*args: str) -> list[Doc]:
@@ -150,7 +151,7 @@ def namespace_of(docs: list[Doc]) -> str:
     names |= {d["metadata"]["namespace"] for d in docs if d.get("metadata", {}).get("namespace")}
     if len(names) != 1:
         raise SystemExit(f"preflight: expected the objects in one namespace, found {sorted(names) or 'none'}")
-    return names.pop()
+    return str(names.pop())
 
 
 # --------------------------------------------------------------------------- checks
@@ -496,12 +497,12 @@ def _probe(images: dict[str, Image], skip: set[str], namespace: str, timeout: fl
         undecided = dict(wanted)
         while undecided:
             for pod in items("pods", "-n", namespace, "-l", f"ddray.io/preflight={run}"):
-                image = undecided.get(pod["metadata"]["name"])
-                verdict = _pulled(pod) if image else None
+                name = pod["metadata"]["name"]
+                verdict = _pulled(pod) if name in undecided else None
                 if verdict is False:
-                    failed[image] = f"probe pod: {(_pull_failure(pod) or ('', ''))[1]}"
+                    failed[undecided[name]] = f"probe pod: {(_pull_failure(pod) or ('', ''))[1]}"
                 if verdict is not None:
-                    undecided.pop(pod["metadata"]["name"])
+                    undecided.pop(name)
             if not undecided or time.monotonic() > deadline:
                 break
             time.sleep(3)
@@ -552,11 +553,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preflight: context {context}, namespace {namespace}, {args.filename or args.overlay}", file=sys.stderr)
     notes: list[str] = []
     problems: list[str] = []
-    checks = [("kuberay", lambda: check_kuberay(docs)),
-              ("secrets", lambda: check_secrets(docs, namespace)),
-              ("storage", lambda: check_storage(docs)),
-              ("gpu", lambda: check_gpu(docs, notes)),
-              ("images", lambda: check_images(docs, namespace, not args.no_pull_probe, args.pull_timeout, notes))]
+    checks: list[tuple[str, Callable[[], list[str]]]] = [
+        ("kuberay", lambda: check_kuberay(docs)),
+        ("secrets", lambda: check_secrets(docs, namespace)),
+        ("storage", lambda: check_storage(docs)),
+        ("gpu", lambda: check_gpu(docs, notes)),
+        ("images", lambda: check_images(docs, namespace, not args.no_pull_probe, args.pull_timeout, notes)),
+    ]
     for name, check in checks:
         try:
             problems += check()

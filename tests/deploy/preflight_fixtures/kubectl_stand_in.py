@@ -33,7 +33,9 @@ VALUED = {"-n": "namespace", "--namespace": "namespace", "-l": "selector", "--se
 
 
 def parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    words, opts, i = [], {}, 0
+    words: list[str] = []
+    opts: dict[str, Any] = {}
+    i = 0
     while i < len(argv):
         a = argv[i]
         if a in VALUED:
