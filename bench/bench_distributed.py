@@ -185,13 +185,13 @@ def ddray_rounds(workers: int, shape: tuple[int, ...], rounds: int, reps: int,
     try:
         per_round, ps_ms = [], []
         for rep in range(reps + 1):
-            stats: list[dict[str, float]] = []
+            stats: list[Any] = []
             t0 = time.perf_counter()
             loop = compiled_rounds if transport == "compiled" else sync_rounds
             loop(fleet, rep * rounds, (rep + 1) * rounds, lambda done: False, lambda st, *_: stats.append(st))
             if rep:
                 per_round.append(1e3 * (time.perf_counter() - t0) / rounds)
-                ps_ms += [1e3 * sum(st[k] for k in ("t_receive", "t_average", "t_adam")) for st in stats]
+                ps_ms += [st.metrics()["ps_ms"] for st in stats]
     finally:
         fleet.shutdown()
     return statistics.median(per_round), statistics.median(ps_ms) + publish_ms(state, shape[1])

@@ -43,7 +43,7 @@ from ddray.data import Dataset
 from ddray.distill import (DistillResult, begin, evaluate_snapshot, finish, publish, run_dir, start_state,
                            storage_location, synthetic)
 from ddray.distributed.fleet import Fleet, Round
-from ddray.distributed.messages import Version, synthetic_of
+from ddray.distributed.messages import StepStats, Version, synthetic_of
 from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes, connect, current_group,
                                          trial_layout, worker_resources)
 from ddray.distributed.pool import call_mapper, is_loss
@@ -93,19 +93,16 @@ class Reporter:
         c = self.config
         return bool(c.run.eval_every) and done % c.run.eval_every == 0 and done < c.distill.iterations
 
-    def __call__(self, stats: dict[str, float], versions: list[Any] | None = None) -> None:
+    def __call__(self, stats: StepStats, versions: list[Any] | None = None) -> None:
         """Log one applied meta-step; ``versions``: refs of the state right after it (default: the servers')."""
-        done = int(stats["step"])
-        self.nets += stats["nets"]
+        done = stats.step
+        self.nets += stats.nets
         self.bar.update(done - self.bar.n)
         if done <= self.logged:
             return
-        keys = ("outer_loss", "lr_min", "lr_mean", "lr_max", "outer_lr", "staleness_mean", "staleness_max", "dropped")
-        metrics = {k: stats[k] for k in keys if k in stats}
+        metrics = stats.metrics()
         metrics.update(nets_per_s=self.nets / (time.perf_counter() - self.t0),
                        workers_alive=float(len(self.fleet.alive())), restarts=float(self.fleet.restarts))
-        if "t_receive" in stats:  # sync: the server's time per update (receive + sum + optimiser)
-            metrics["ps_ms"] = 1e3 * sum(stats[k] for k in ("t_receive", "t_average", "t_adam"))
         if self.evaluated(done):
             metrics.update(self.evaluate(done, versions or self.fleet.versions()))
         self.tracker.log_metrics(metrics, step=done)
@@ -208,9 +205,9 @@ def run_async(fleet: Fleet, start: int, config: Config, report: Reporter) -> Non
                 fleet.restore()
         for st in stats:
             report(st)
-            if int(st["step"]) >= next_ckpt and int(st["step"]) < iters:
+            if next_ckpt <= st.step < iters:
                 fleet.checkpoint(None)
-                next_ckpt = (int(st["step"]) // every + 1) * every
+                next_ckpt = (st.step // every + 1) * every
         for i in [i for i, ref in loops.items() if ref in ready]:
             try:
                 ray.get(loops.pop(i))  # the run is complete as far as this worker can tell

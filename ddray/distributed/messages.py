@@ -7,7 +7,8 @@ Every payload is a frozen dataclass of numpy arrays / tensors and plain numbers:
 * :class:`GradShare` — what a worker sends back: the meta-gradient of one *chunk* of a
   meta-step's networks for one shard; the server sums the chunks in chunk order;
 * :class:`ShardState` — what a shard checkpoints and restores: its part of a
-  :class:`ddray.state.RunState`.
+  :class:`ddray.state.RunState`;
+* :class:`StepStats` — what a shard reports for each update it applies.
 
 Shards: with J shards, shard j owns a contiguous block of classes, i.e. the image
 columns ``images[:, lo:hi]`` of x̃ (S, N, C, H, W) — ỹ is class-major — and the matching
@@ -16,7 +17,7 @@ moments of the outer optimiser; shard 0 also owns ρ (T,) and learned label logi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,6 +71,38 @@ class ShardState:
     raw_lrs: torch.Tensor | None  # (T,) on shard 0
     optimizer: dict[str, Any]
     labels: torch.Tensor | None = None  # z̃ (N, classes) on shard 0, with learned labels
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One applied update of a shard: the step it reached, the outer loss and optimiser, the step sizes (shard 0,
+    which owns ρ), where the server's time went (sync) and how stale its gradients were (async)."""
+
+    step: int  # updates applied, this one included
+    outer_loss: float  # mean over the update's networks
+    outer_lr: float
+    nets: int  # networks whose gradients it averaged
+    lr_min: float | None = None
+    lr_mean: float | None = None
+    lr_max: float | None = None
+    t_average: float = 0.0  # seconds: summing the chunks
+    t_adam: float = 0.0  # the optimiser step
+    t_wait: float | None = None  # sync: waiting for the shares
+    t_receive: float | None = None  # sync: fetching them
+    staleness_mean: float | None = None  # async
+    staleness_max: float | None = None
+    dropped: float | None = None  # async: gradients dropped as too stale, so far
+
+    LOGGED = ("outer_loss", "lr_min", "lr_mean", "lr_max", "outer_lr", "staleness_mean", "staleness_max", "dropped")
+
+    def metrics(self) -> dict[str, float]:
+        """What the driver logs of it: the fields of :attr:`LOGGED` that are set, and the server's milliseconds
+        per update (``ps_ms``: receive + sum + optimiser) in sync mode."""
+        values = asdict(self)
+        out = {k: float(values[k]) for k in self.LOGGED if values[k] is not None}
+        if self.t_receive is not None:
+            out["ps_ms"] = 1e3 * (self.t_receive + self.t_average + self.t_adam)
+        return out
 
 
 def synthetic_of(versions: list[Version], problem: "Problem") -> "SyntheticSet":

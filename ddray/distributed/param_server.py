@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ddray.core.synthetic import OuterOptimizer, SyntheticSet
-from ddray.distributed.messages import GradShare, ShardState, Version, merge_states, slice_state
+from ddray.distributed.messages import GradShare, ShardState, StepStats, Version, merge_states, slice_state
 from ddray.distributed.shards import Shard
 from ddray.state import RunState, load_state, save_state
 
@@ -59,7 +59,7 @@ class ParamServer:
         self.step = state.step
         self.dropped = 0
         self._pending: list[tuple[GradShare, int]] = []  # async: (gradient, its staleness)
-        self._stats: list[dict[str, float]] = []
+        self._stats: list[StepStats] = []
 
     # -- publishing and checkpoint state ---------------------------------------------------
 
@@ -76,7 +76,7 @@ class ParamServer:
 
     # -- sync: one update from the gradients of all chunks of a meta-step ------------------
 
-    def apply(self, grads: list[GradShare]) -> dict[str, float]:
+    def apply(self, grads: list[GradShare]) -> StepStats:
         """Σ the chunks' gradients in chunk order, divide by Σ nets, one optimiser step; returns stats."""
         if self.step >= self.iterations:
             raise RuntimeError(f"ParamServer.apply: the run already has its {self.iterations} meta-steps")
@@ -95,21 +95,21 @@ class ParamServer:
             nets, loss = nets + g.nets, loss + g.loss
         t1 = time.perf_counter()
         stats = self._update(img, raw, labels, nets, loss)
-        stats.update(t_average=t1 - t0, t_adam=time.perf_counter() - t1)
-        return stats
+        return dataclasses.replace(stats, t_average=t1 - t0, t_adam=time.perf_counter() - t1)
 
     def _update(self, img: np.ndarray, raw: np.ndarray | None, labels: np.ndarray | None, nets: int,
-                loss: float) -> dict[str, float]:
+                loss: float) -> StepStats:
         g_raw = torch.from_numpy(raw) / nets if raw is not None else torch.zeros(0)
         g_labels = torch.from_numpy(labels) / nets if labels is not None else None
         if g_labels is None and self.syn.learns_labels:  # another shard owns z̃
             g_labels = torch.zeros(0)
         self.opt.apply(torch.from_numpy(img) / nets, g_raw, g_labels)
         self.step += 1
-        stats = {"step": float(self.step), "outer_loss": loss / nets, "outer_lr": self.opt.lr, "nets": float(nets)}
+        stats = StepStats(self.step, loss / nets, self.opt.lr, nets)
         if self.shard.owns_lrs:
             lrs = self.syn.lrs
-            stats.update(lr_min=float(lrs.min()), lr_mean=float(lrs.mean()), lr_max=float(lrs.max()))
+            stats = dataclasses.replace(stats, lr_min=float(lrs.min()), lr_mean=float(lrs.mean()),
+                                        lr_max=float(lrs.max()))
         return stats
 
     # -- async: accumulate pushed gradients, update once K networks are in -----------------
@@ -135,15 +135,14 @@ class ParamServer:
             pending, self._pending = self._pending, []
             # renumber: the pushes of one update are its chunks, in arrival order
             chunks = [dataclasses.replace(g, step=self.step, chunk=c) for c, (g, _) in enumerate(pending)]
-            stats = self.apply(chunks)
             st = [s for _, s in pending]
-            stats.update(staleness_mean=float(np.mean(st)), staleness_max=float(max(st)),
-                         dropped=float(self.dropped))
+            stats = dataclasses.replace(self.apply(chunks), staleness_mean=float(np.mean(st)),
+                                        staleness_max=float(max(st)), dropped=float(self.dropped))
             if self.shard.owns_lrs:  # the driver reads shard 0's statistics
                 self._stats.append(stats)
         return self.done
 
-    def drain(self) -> list[dict[str, float]]:
+    def drain(self) -> list[StepStats]:
         """Stats of the async updates applied since the last call."""
         out, self._stats = self._stats, []
         return out
@@ -222,7 +221,7 @@ class ParamServerActor:
         """The current version, by value (the caller passes the ref of this return on)."""
         return self.server.version()
 
-    def apply(self, share_refs: list[Any]) -> tuple[Version, dict[str, float]]:
+    def apply(self, share_refs: list[Any]) -> tuple[Version, StepStats]:
         """Sync update from the refs of the workers' shares (each a list of GradShare) → (the new version, stats)."""
         import ray
 
@@ -232,8 +231,7 @@ class ParamServerActor:
         shares = ray.get(share_refs)  # receive: zero-copy numpy views of the object store
         t2 = time.perf_counter()
         stats = self.server.apply([g for share in shares for g in share])
-        stats.update(t_wait=t1 - t0, t_receive=t2 - t1)
-        return self.server.version(), stats
+        return self.server.version(), dataclasses.replace(stats, t_wait=t1 - t0, t_receive=t2 - t1)
 
     def dag_version(self, job: tuple[int, bool]) -> Version:
         """Compiled-graph transport: the version meta-step ``job[0]`` reads."""
@@ -241,10 +239,10 @@ class ParamServerActor:
             raise RuntimeError(f"parameter server is at meta-step {self.server.step}, asked for {job[0]}")
         return self.server.version()
 
-    def dag_apply(self, job: tuple[int, bool], *shares: list[GradShare]) -> dict[str, float]:
+    def dag_apply(self, job: tuple[int, bool], *shares: list[GradShare]) -> StepStats:
         """Compiled-graph transport: the update of meta-step ``job[0]`` (+ a checkpoint if ``job[1]``)."""
         stats = self.server.apply([g for share in shares for g in share])  # received by the graph's channels
-        stats.update(t_wait=0.0, t_receive=0.0)
+        stats = dataclasses.replace(stats, t_wait=0.0, t_receive=0.0)
         if job[1]:
             self.checkpoint(job[0] + 1)
         return stats
@@ -264,7 +262,7 @@ class ParamServerActor:
             done = self.server.push(g)
         return done
 
-    def drain(self) -> list[dict[str, float]]:
+    def drain(self) -> list[StepStats]:
         return self.server.drain()
 
     def state(self) -> ShardState:

@@ -61,7 +61,8 @@ def test_sync_apply_matches_outer_optimizer_bitwise() -> None:
         g = grad(step, nets=4, step=step)
         opt.apply(torch.from_numpy(g.images) / 4, torch.from_numpy(g.raw_lrs) / 4)
         stats = ps.apply([g])
-        assert stats["step"] == step + 1 and stats["outer_loss"] == 2.0
+        assert stats.step == step + 1 and stats.outer_loss == 2.0 and stats.nets == 4
+        assert stats.metrics()["outer_loss"] == 2.0 and "ps_ms" not in stats.metrics()  # no receive time here
     assert torch.equal(ps.syn.images, syn.images) and torch.equal(ps.syn.raw_lrs, syn.raw_lrs)
     assert ps.opt.lr == opt.lr
 
@@ -134,8 +135,9 @@ def test_async_push_drops_stale_and_applies_after_k_nets() -> None:
     ps.push(grad(4, 2, step=1))
     assert ps.done and ps.step == 2
     stats = ps.drain()
-    assert [s["step"] for s in stats] == [1.0, 2.0]
-    assert stats[1]["staleness_max"] == 1.0 and stats[1]["staleness_mean"] == 0.5 and stats[1]["dropped"] == 1.0
+    assert [s.step for s in stats] == [1, 2]
+    assert (stats[1].staleness_max, stats[1].staleness_mean, stats[1].dropped) == (1.0, 0.5, 1.0)
+    assert {"staleness_max", "staleness_mean", "dropped", "lr_mean"} <= set(stats[1].metrics())
     assert ps.push(grad(5, 2, step=2)) is True and ps.step == 2  # complete: ignored
     assert ps.drain() == []
 
