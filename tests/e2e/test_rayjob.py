@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -102,11 +103,15 @@ def test_cpu_dev_rayjob_runs_like_kuberay_runs_it(platform: Platform, tmp_path: 
                      head_env, worker_env) as ray:
         address = f"http://{ray.dashboard}"
         sub_env = pod_env(platform, submitter_c, token, config_dir)
-        # the job API wants the token: a client without it is refused by the real server
-        proc = subprocess.run(["ray", "job", "list", "--address", address],
-                              env={k: v for k, v in sub_env.items() if not k.startswith("RAY_AUTH")},
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode != 0, proc.stdout
+        # the job API wants the token: a client without it, or with another one, is refused by the real server
+        for auth, refusal in (({}, "Authentication required: Unauthorized: Missing authentication token"),
+                              ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-" + token},
+                               "Authentication failed: Forbidden: Invalid authentication token")):
+            proc = subprocess.run(["ray", "job", "list", "--address", address],
+                                  env={**{k: v for k, v in sub_env.items() if not k.startswith("RAY_AUTH")}, **auth},
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 1 and f"ray.exceptions.AuthenticationError: {refusal}" in proc.stderr, (
+                proc.stdout, proc.stderr[-2000:])
 
         def attempt(n: int, iterations: int) -> str:
             sid = f"{JOB}-attempt{n}"
@@ -120,17 +125,21 @@ def test_cpu_dev_rayjob_runs_like_kuberay_runs_it(platform: Platform, tmp_path: 
                 env=env, capture_output=True, text=True, timeout=120)
             assert status.stdout.strip() == "SUCCEEDED", (
                 f"attempt {n}: {status.stdout}{status.stderr}\n--- logs\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}")
-            return proc.stdout
+            return proc.stdout + proc.stderr  # `ray job logs --follow`: the driver's log lines
 
-        attempt(1, ITERATIONS)
+        logs = attempt(1, ITERATIONS)
         run = resolved_env(submitter_c, platform.docs)["DDRAY_RUN"]
         prefix = f"{JOB}/{run}"
+        assert re.search(rf"--resume auto: no checkpoint in \S+/{prefix}; starting a fresh run", logs), logs[-3000:]
         ckpts = [o for o in platform.s3.objects("ddray", prefix) if o.endswith(".pt")]
         assert ckpts == [f"{prefix}/step-{ITERATIONS:08d}.pt"], platform.s3.objects("ddray")
         stored = platform.s3.objects("ddray", f"{prefix}/run")  # the finished run's files beside its checkpoints
         assert {f"{prefix}/run/{n}" for n in ("data.parquet", "meta.json", "eval.json", "config.yaml")} <= set(stored)
         # a retry of the RayJob (backoffLimit), or a re-apply with the same DDRAY_RUN: continues, 2 steps more
         logs = attempt(2, ITERATIONS + 2)
+        assert re.search(rf"continuing the run in \S+/{prefix} from its checkpoint at meta-step {ITERATIONS} of "
+                         rf"{ITERATIONS + 2}\n", logs), logs[-3000:]  # not a fresh start, which also ends at step 5
+        assert "starting a fresh run" not in logs
         assert f"step-{ITERATIONS + 2:08d}.pt" in " ".join(platform.s3.objects("ddray", prefix)), logs[-3000:]
 
     # the runs in MLflow, with their distilled sets in the artifact bucket
