@@ -14,6 +14,10 @@ shape, and 1-CPU worker nodes), through :func:`ddray.distributed.driver.distill_
 * **evaluation**: the final evaluation of the distilled set (``--eval-nets`` held-out networks,
   protocol dd, schedule order) on 1 and on 2 one-CPU workers, the pool already up.
 
+Each elastic run (node loss, join) is then run again with ``--local`` (one process, one torch thread as
+each 1-CPU worker) and must give the same synthetic set bit for bit; the benchmark fails if it does not,
+and fails if a log line that a figure is read from is missing.
+
 Prints a Markdown table (copy it into bench/RESULTS.md) with the machine's load.
 """
 
@@ -45,8 +49,13 @@ class Lines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
-    def first(self, text: str, after: float = 0.0) -> logging.LogRecord | None:
-        return next((r for r in self.records if text in r.getMessage() and r.created >= after), None)
+    def first(self, text: str, after: float = 0.0) -> logging.LogRecord:
+        """The first record since ``after`` whose message contains ``text``; fails without one."""
+        found = next((r for r in self.records if text in r.getMessage() and r.created >= after), None)
+        if found is None:
+            raise RuntimeError(f"bench_elastic: no ddray log line {text!r} in this run; its figure cannot be "
+                               f"measured")
+        return found
 
 
 def start_cluster(nodes: int) -> Any:
@@ -78,24 +87,46 @@ def config(out: Path, iterations: int, **kw: Any) -> Any:
 def in_background(run: Any) -> threading.Thread:
     """Run the distillation in a thread: cluster_utils adds nodes from the main thread only."""
     errors: list[BaseException] = []
+    results: list[Any] = []
 
     def target() -> None:
         try:
-            run()
+            results.append(run())
         except BaseException as e:  # re-raised by the caller after join()
             errors.append(e)
 
     thread = threading.Thread(target=target, daemon=True)
     thread.errors = errors  # type: ignore[attr-defined]
+    thread.results = results  # type: ignore[attr-defined]
     thread.start()
     return thread
 
 
+def check_local_bits(cfg: Any, result: Any, what: str) -> None:
+    """Fail unless the ``--local`` run of ``cfg`` (one process, one torch thread as a 1-CPU worker, the same
+    chunks) gives ``result``'s synthetic set bit for bit."""
+    import torch
+
+    from ddray.distill import distill
+
+    threads = torch.get_num_threads()
+    try:
+        local = distill(cfg.override(out=str(Path(cfg.run.out).with_name(Path(cfg.run.out).name + "-local"))),
+                        progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = result.distilled, local.distilled
+    if not (torch.equal(a.images, b.images) and torch.equal(a.lrs, b.lrs)):
+        raise RuntimeError(f"bench_elastic: the {what} run's synthetic set differs from --local's "
+                           f"(max |Δ| {float((a.images - b.images).abs().max()):.3g})")
+
+
 @contextmanager
-def running(nodes: int, cfg: Any, step: int) -> Iterator[tuple[Any, list[tuple[int, float, float]]]]:
+def running(nodes: int, cfg: Any, step: int, what: str) -> Iterator[tuple[Any, list[tuple[int, float, float]]]]:
     """A cluster with ``nodes`` 1-CPU worker nodes, running ``cfg`` in the background, at meta-step ``step`` →
     (the cluster, every applied meta-step as (step, time, workers alive), redone ones included, as they
-    come). On exit: the run is waited for (its error raised) and everything shut down."""
+    come). On exit: the run is waited for (its error raised), everything shut down, and the run's set
+    compared with ``--local``'s (:func:`check_local_bits`)."""
     import ray
 
     from ddray.distributed.driver import distill_ray
@@ -119,13 +150,14 @@ def running(nodes: int, cfg: Any, step: int) -> Iterator[tuple[Any, list[tuple[i
     finally:
         ray.shutdown()
         cluster.shutdown()
+    check_local_bits(cfg, thread.results[0], what)  # type: ignore[attr-defined]
 
 
 def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
     import ray
     from ray.util import list_named_actors
 
-    with running(2, config(tmp / "loss", iterations), kill_at) as (cluster, steps):
+    with running(2, config(tmp / "loss", iterations), kill_at, "node loss") as (cluster, steps):
         ps = next(n for n in list_named_actors() if "/ps-0." in n)
         info: Any = ray.get(ray.get_actor(ps).info.remote())
         node = info["node"]
@@ -134,26 +166,29 @@ def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[st
         cluster.remove_node(victim, allow_graceful=False)
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     rollback = lines.first("rolled back to the checkpoint of meta-step", t)
-    found = re.search(r"meta-step (\d+)", rollback.getMessage()) if rollback else None
-    rolled_to = int(found.group(1)) if found else kill_at
-    back = rollback.created if rollback else t  # steps applied after this are the recovered run's
+    rolled_to = int(re.search(r"meta-step (\d+)", rollback.getMessage())[1])  # type: ignore[index]
+    back = rollback.created  # steps applied after this are the recovered run's
     reached = max(s for s, when, _ in steps if when <= back)  # including one in flight at the kill
     before = [b[1] - a[1] for a, b in zip(steps, steps[1:]) if b[1] <= t][-10:]
     after = min(when for _, when, _ in steps if when > back)
-    full = min((when for _, when, alive in steps if when > back and alive >= 2), default=float("nan"))
+    at_two = [when for _, when, alive in steps if when > back and alive >= 2]
+    if not at_two:
+        raise RuntimeError("bench_elastic: the fleet never came back to 2 workers after the node loss (no applied "
+                           "meta-step with workers_alive 2); raise --iterations")
+    full = min(at_two)
     return {"redone": float(reached - rolled_to), "to_next_step_s": after - t, "to_full_speed_s": full - t,
             "s_per_step": statistics.median(before)}
 
 
 def join(iterations: int, join_at: int, tmp: Path, lines: Lines) -> dict[str, float]:
-    with running(1, config(tmp / "join", iterations), join_at) as (cluster, _):
+    with running(1, config(tmp / "join", iterations), join_at, "join") as (cluster, _):
         t0 = time.time()
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         added = time.time()  # the node is registered with the cluster
     joined = lines.first("worker 1 joined", t0)
     first = lines.first("worker 1: first chunks", t0)
-    return {"node_start_s": added - t0, "to_joined_s": joined.created - added if joined else float("nan"),
-            "to_first_share_s": first.created - added if first else float("nan")}
+    return {"node_start_s": added - t0, "to_joined_s": joined.created - added,
+            "to_first_share_s": first.created - added}
 
 
 def evaluation(nets: int, tmp: Path) -> dict[int, float]:
@@ -218,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| event | work lost | time |")
     print("| --- | --- | --- |")
     print("\n".join(rows))
+    if args.part in ("loss", "join", "all"):
+        print("\nEach elastic run above gave the synthetic set of its `--local` run, bit for bit (checked).")
     return 0
 
 
