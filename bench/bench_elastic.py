@@ -160,7 +160,7 @@ def node_loss(iterations: int, kill_at: int, tmp: Path, lines: Lines) -> dict[st
     with running(2, config(tmp / "loss", iterations), kill_at, "node loss") as (cluster, steps):
         ps = next(n for n in list_named_actors() if "/ps-0." in n)
         info: Any = ray.get(ray.get_actor(ps).info.remote())
-        node = info["node"]
+        node = info.node
         victim = next(n for n in cluster.worker_nodes if n.node_id == node)
         t = time.time()
         cluster.remove_node(victim, allow_graceful=False)

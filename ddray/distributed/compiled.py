@@ -126,7 +126,7 @@ def compiled_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bo
                 fleet.pool.lost(w, e)
             if not gone and not isinstance(e, RayActorError):
                 raise
-            step = int(ray.get(fleet.servers[0].info.remote())["step"])
+            step = ray.get(fleet.servers[0].info.remote()).step
 
 
 def _answers(fleet: Fleet, slot: int) -> bool:
@@ -137,4 +137,4 @@ def _answers(fleet: Fleet, slot: int) -> bool:
     except (RayError, ray.exceptions.GetTimeoutError):
         return False
     known = fleet.pool.members[slot].pid
-    return known is None or info["pid"] == known
+    return known is None or info.pid == known

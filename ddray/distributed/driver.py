@@ -219,7 +219,7 @@ def run_async(fleet: Fleet, start: int, config: Config, report: Reporter) -> Non
                 else:
                     fleet.pool.lost(i, e)
         if not loops:
-            steps = [info["step"] for info in ray.get([s.info.remote() for s in fleet.servers])]
+            steps = [info.step for info in ray.get([s.info.remote() for s in fleet.servers])]
             if min(steps) >= iters:
                 break
             fleet.pool.ensure()

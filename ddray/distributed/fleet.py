@@ -26,7 +26,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ddray.chunks import assign, net_chunks
 from ddray.config import Config
-from ddray.distributed.messages import merge_states
+from ddray.distributed.messages import ServerInfo, merge_states
 from ddray.distributed.param_server import ParamServerActor
 from ddray.distributed.placement import TrialLayout, WorkerResources
 from ddray.distributed.pool import Job, RemoteWorker, WorkerPool, actor_options, cause, is_loss
@@ -108,7 +108,7 @@ class Fleet:
             self.servers = [self._server(j) for j in range(len(layout))]
             full = ray.put(state)  # once; each shard takes its slice
             ray.get([s.load.remote(full) for s in self.servers])
-            self.server_pids = [i["pid"] for i in ray.get([s.info.remote() for s in self.servers])]
+            self.server_pids = [i.pid for i in ray.get([s.info.remote() for s in self.servers])]
         except BaseException as e:
             self.shutdown()
             if isinstance(e, RayActorError):
@@ -170,15 +170,15 @@ class Fleet:
             replaced = info is None
             if info is None:
                 info = self._replace_server(j)
-            if info["pid"] != self.server_pids[j]:
-                self.server_pids[j], lost = info["pid"], True
+            if info.pid != self.server_pids[j]:
+                self.server_pids[j], lost = info.pid, True
                 self.server_restarts += 1
                 if not replaced:
                     log.warning("parameter-server shard %d died; back (pid %s) from the last checkpoint", j,
-                                info["pid"])
+                                info.pid)
         return lost
 
-    def _replace_server(self, j: int) -> dict[str, Any]:
+    def _replace_server(self, j: int) -> ServerInfo:
         """Rebuild shard ``j`` (from the last checkpoint) in an alive worker's slot → its info once it answers.
 
         Ray may not yet know that a node is gone, so a slot that looks alive can be on it: a
@@ -200,7 +200,7 @@ class Fleet:
             tried.add(self.server_hosts[j])
         raise RuntimeError(f"parameter-server shard {j} could not be rebuilt in any worker's slot")
 
-    def _server_info(self, j: int) -> dict[str, Any] | None:
+    def _server_info(self, j: int) -> ServerInfo | None:
         """Shard ``j``'s info once it answers; None if it is gone (dead, its node gone, or silent too long)."""
         deadline = time.monotonic() + SERVER_GRACE_S
         host = self.server_hosts[j]

@@ -8,7 +8,8 @@ Every payload is a frozen dataclass of numpy arrays / tensors and plain numbers:
   meta-step's networks for one shard; the server sums the chunks in chunk order;
 * :class:`ShardState` — what a shard checkpoints and restores: its part of a
   :class:`ddray.state.RunState`;
-* :class:`StepStats` — what a shard reports for each update it applies.
+* :class:`StepStats` — what a shard reports for each update it applies;
+* :class:`ServerInfo`, :class:`WorkerInfo` — who answers a health check: its process and node.
 
 Shards: with J shards, shard j owns a contiguous block of classes, i.e. the image
 columns ``images[:, lo:hi]`` of x̃ (S, N, C, H, W) — ỹ is class-major — and the matching
@@ -103,6 +104,25 @@ class StepStats:
         if self.t_receive is not None:
             out["ps_ms"] = 1e3 * (self.t_receive + self.t_average + self.t_adam)
         return out
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A parameter-server shard's answer to a health check."""
+
+    pid: int
+    step: int | None  # updates applied (None before it took a state)
+    shard: int
+    node: str  # Ray node id
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker's answer to a health check."""
+
+    pid: int
+    node: str  # Ray node id
+    restarted: bool  # Ray rebuilt this actor after its process died
 
 
 def synthetic_of(versions: list[Version], problem: "Problem") -> "SyntheticSet":

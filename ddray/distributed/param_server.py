@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ddray.core.synthetic import OuterOptimizer, SyntheticSet
-from ddray.distributed.messages import GradShare, ShardState, StepStats, Version, merge_states, slice_state
+from ddray.distributed.messages import (GradShare, ServerInfo, ShardState, StepStats, Version, merge_states,
+                                       slice_state)
 from ddray.distributed.shards import Shard
 from ddray.state import RunState, load_state, save_state
 
@@ -211,11 +212,11 @@ class ParamServerActor:
         step = self.load(restart_state(self.storage, self.config, self.start))
         return self.server.version(), step
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ServerInfo:
         import ray
 
-        return {"pid": os.getpid(), "step": self.ps.step if self.ps else None, "shard": self.shard.index,
-                "node": ray.get_runtime_context().get_node_id()}
+        return ServerInfo(os.getpid(), self.ps.step if self.ps else None, self.shard.index,
+                          ray.get_runtime_context().get_node_id())
 
     def latest(self) -> Version:
         """The current version, by value (the caller passes the ref of this return on)."""

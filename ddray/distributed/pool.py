@@ -21,6 +21,7 @@ import ray
 from ray.exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, RayActorError, RayTaskError,
                             WorkerCrashedError)
 
+from ddray.distributed.messages import WorkerInfo
 from ddray.distributed.placement import (CapacityError, WorkerResources, alive_nodes, cluster_summary, connect,
                                         worker_resources)
 from ddray.distributed.slots import NOTICE_AFTER_S, Slots
@@ -131,11 +132,11 @@ class WorkerPool:
             joined.append(m.slot)
         return joined
 
-    def _joined(self, m: Member, info: dict[str, Any]) -> None:
+    def _joined(self, m: Member, info: WorkerInfo) -> None:
         again = m.pid is not None
-        if again and info["pid"] != m.pid:
+        if again and info.pid != m.pid:
             self.restarts += 1
-        m.alive, m.pid, m.node = True, info["pid"], info["node"]
+        m.alive, m.pid, m.node = True, info.pid, info.node
         log.info("%s %d %s on node %s (pid %s); %d alive", self.what, m.slot,
                  "is back" if again else "joined", str(m.node)[:8], m.pid, len(self.alive()))
 

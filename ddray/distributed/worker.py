@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ddray.distributed.messages import GradShare, Version, synthetic_of
+from ddray.distributed.messages import GradShare, Version, WorkerInfo, synthetic_of
 from ddray.distributed.shards import Shard
 
 if TYPE_CHECKING:
@@ -213,10 +213,10 @@ class WorkerActor:
         self.impl = WORKER_KINDS[kind](*args)
         self.restarted = reconstructed()
 
-    def ping(self) -> dict[str, Any]:
+    def ping(self) -> WorkerInfo:
         import ray
 
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "restarted": self.restarted}
+        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), self.restarted)
 
     def compute(self, step: int, chunks: list[Chunk], *versions: Version) -> Any:
         """``versions``: the shards' current versions → the chunks' GradShares for shard 0, …, shard J−1."""

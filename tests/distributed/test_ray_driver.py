@@ -89,7 +89,7 @@ def test_lost_workers_and_server_lose_nothing(straight: DistillResult, tmp_path:
             ray_kill_worker()
         elif step == 2:
             actor, _ = named_actor("worker-0")
-            os.kill(__import__("ray").get(actor.ping.remote())["pid"], signal.SIGKILL)
+            os.kill(__import__("ray").get(actor.ping.remote()).pid, signal.SIGKILL)
         elif step == 4:  # the server restarts from the checkpoint of step 3; steps 4.. are redone
             actor, _ = named_actor("ps-0")
             __import__("ray").kill(actor, no_restart=False)
@@ -188,7 +188,7 @@ def test_compiled_graph_transport_same_bits_through_faults(straight: DistillResu
     def faults(step: int, metrics: dict) -> None:
         if step == 2:
             actor, _ = named_actor("worker-1")
-            os.kill(ray.get(actor.ping.remote())["pid"], signal.SIGKILL)
+            os.kill(ray.get(actor.ping.remote()).pid, signal.SIGKILL)
         elif step == 4:
             actor, _ = named_actor("ps-0")
             ray.kill(actor, no_restart=False)
