@@ -22,11 +22,12 @@ from typing import Any, Callable
 
 import numpy as np
 import ray
+from ray import ObjectRef
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ddray.chunks import assign, net_chunks
 from ddray.config import Config
-from ddray.distributed.messages import ServerInfo, merge_states
+from ddray.distributed.messages import GradShare, ServerInfo, StepStats, Version, merge_states
 from ddray.distributed.param_server import ParamServerActor
 from ddray.distributed.placement import TrialLayout, WorkerResources
 from ddray.distributed.pool import Job, RemoteWorker, WorkerPool, actor_options, cause, is_loss
@@ -50,7 +51,7 @@ class Share:
 
     worker: int
     chunks: list[int]
-    refs: list[Any]
+    refs: list[ObjectRef[list[GradShare]]]  # per shard
 
 
 @dataclass
@@ -58,11 +59,11 @@ class Round:
     """The tasks of one synchronous meta-step ``step`` (0-based)."""
 
     step: int
-    inputs: list[Any]  # per shard: ref of the version the shares read
+    inputs: list[ObjectRef[Version]]  # per shard: the version the shares read
     shares: list[Share]
-    outputs: list[Any] = field(default_factory=list)  # per shard: ref of the next version
-    stats: list[Any] = field(default_factory=list)
-    checkpoint: Any = None
+    outputs: list[ObjectRef[Version]] = field(default_factory=list)  # per shard: the next version
+    stats: list[ObjectRef[StepStats]] = field(default_factory=list)
+    checkpoint: ObjectRef[str | None] | None = None
 
 
 class Fleet:
@@ -216,7 +217,7 @@ class Fleet:
                 time.sleep(0.2)
         return None
 
-    def restore(self) -> tuple[int, list[Any]]:
+    def restore(self) -> tuple[int, list[ObjectRef[Version]]]:
         """Roll every shard back to the newest valid checkpoint → (step, version refs)."""
         versions, steps = zip(*[s.restore.options(num_returns=2).remote() for s in self.servers])
         found = set(ray.get(list(steps)))
@@ -226,13 +227,14 @@ class Fleet:
         log.warning("parameter servers rolled back to the checkpoint of meta-step %d; continuing from there", step)
         return step, list(versions)
 
-    def versions(self) -> list[Any]:
+    def versions(self) -> list[ObjectRef[Version]]:
         """Per shard, a ref of the current version."""
         return [s.latest.remote() for s in self.servers]
 
     # -- synchronous rounds ------------------------------------------------------------------
 
-    def submit(self, step: int, inputs: list[Any], checkpoint: bool, reuse: list[Share] | None = None) -> Round:
+    def submit(self, step: int, inputs: list[ObjectRef[Version]], checkpoint: bool,
+               reuse: list[Share] | None = None) -> Round:
         """Submit meta-step ``step``: chunks over the alive workers → per-shard apply (→ checkpoint).
 
         ``reuse``: shares of an earlier attempt that finished; only the other chunks are
@@ -260,7 +262,7 @@ class Fleet:
             r.checkpoint = self.checkpoint(step + 1)
         return r
 
-    def checkpoint(self, expected_step: int | None) -> Any:
+    def checkpoint(self, expected_step: int | None) -> ObjectRef[str | None]:
         """Shard 0 writes all shards' state (queued behind their pending updates)."""
         return self.servers[0].checkpoint.remote(expected_step, *[s.state.remote() for s in self.servers[1:]])
 
@@ -284,7 +286,7 @@ class Fleet:
 
     # -- async mode ----------------------------------------------------------------------------
 
-    def start_loop(self, slot: int) -> Any:
+    def start_loop(self, slot: int) -> ObjectRef[int]:
         """Async mode: worker ``slot``'s pull–compute–push loop (fresh net indices after each start)."""
         self.loop_starts[slot] = self.loop_starts.get(slot, -1) + 1
         return self.pool.handle(slot).run_async.remote(self.servers, slot, self.pool.slots.count,
@@ -292,7 +294,8 @@ class Fleet:
 
     # -- evaluation and other jobs on the workers -----------------------------------------------
 
-    def predict(self, job: Any, chunks: list[list[int]], versions: list[Any] | None = None) -> list[Any]:
+    def predict(self, job: Any, chunks: list[list[int]],
+                versions: list[ObjectRef[Version]] | None = None) -> list[Any]:
         """Evaluation chunks on the alive workers, on ``versions`` (default: the servers' current ones)."""
         import torch
 
