@@ -27,8 +27,6 @@ labels, towards ``softmax(label_logits)`` — a soft cross-entropy — instead o
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,11 +90,10 @@ class Distilled:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """Write JSON to ``path`` whole or not at all (:func:`ddray.storage.write_atomic`)."""
+    from ddray.storage import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=2).encode())
 
 
 def _float_lists(rows: np.ndarray) -> pa.Array:

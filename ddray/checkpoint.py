@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any
 import torch
 
 from ddray._version import __version__
-from ddray.storage import filesystem, is_uri, storage_error
+from ddray.storage import filesystem, is_uri, storage_error, write_atomic
 
 PATTERN = re.compile(r"^step-(\d+)\.pt$")
 KEEP = 3
@@ -69,12 +67,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> 
     d.mkdir(parents=True, exist_ok=True)
     target = d / name
     for suffix, payload in ((".sha256", digest), ("", data)):
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, str(target) + suffix)
+        write_atomic(str(target) + suffix, payload)
     for old in list_checkpoints(d)[:-KEEP]:
         assert isinstance(old, Path)
         old.unlink(missing_ok=True)

@@ -38,9 +38,7 @@ mixed.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +55,9 @@ from ddray.core.images import ImageSource
 from ddray.core.augment import parse_strategy
 from ddray.core.inits import EXPERT, generator
 from ddray.core.models import MODEL_REGISTRY, Params, build_model, init_params
+from ddray.artifact import write_json_atomic
 from ddray.data import Dataset
+from ddray.storage import write_atomic
 from ddray.validation import (each, is_int, is_number, nonneg_int, nonneg_number, one_of, positive_int, positive_number,
                               require)
 
@@ -170,24 +170,7 @@ def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     """Write a safetensors file under a temporary name in ``path``'s directory, fsync, rename."""
     from safetensors.torch import save
 
-    payload = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 @torch.no_grad()
@@ -315,7 +298,7 @@ def train_experts(data: Dataset, settings: ExpertSettings, experts: int, out: st
 
     def write_meta() -> None:
         done = [f.name for _, f in _expert_files(out) if f.name in accs]
-        _write_json_atomic(meta_path, {**key, "files": done, "test_acc": [accs[f] for f in done],
+        write_json_atomic(meta_path, {**key, "files": done, "test_acc": [accs[f] for f in done],
                                        "ddray_version": __version__})
 
     write_meta()

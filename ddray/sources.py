@@ -16,8 +16,6 @@ see the same images:
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from ddray.config import DataConfig
@@ -58,7 +56,9 @@ def _cache_root(cache_dir: str | None) -> Path:
 
 def fitted_zca(ds: Dataset, eps: float, cache_dir: str | None = None) -> Zca:
     """The ZCA transform of ``ds``'s training split (``--zca-eps`` ``eps``), read from the cache when fitted before."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from ddray.storage import write_atomic
 
     h = hashlib.sha256(f"zca-v1 eps={eps!r} mean={ds.mean} std={ds.std}".encode())
     raw = ds.x_train.take_raw(slice(None))
@@ -68,10 +68,6 @@ def fitted_zca(ds: Dataset, eps: float, cache_dir: str | None = None) -> Zca:
     if path.is_file():
         return Zca.from_tensors(load_file(str(path)))
     zca = Zca.fit(ds.x_train.with_zca(None), eps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in zca.tensors().items()}, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, save({k: v.contiguous() for k, v in zca.tensors().items()}))
     return zca
 

@@ -171,12 +171,30 @@ def write_text(location: str | Path, text: str, option: str = "--storage-path") 
     write_bytes(location, text.encode(), option)
 
 
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to the local file ``path`` whole or not at all: a temporary file beside it, flushed to disk,
+    renamed into place (parents created as needed). The one atomic write of the package."""
+    import tempfile
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=p.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(location: str | Path, data: bytes, option: str = "--storage-path") -> None:
-    """Write ``data`` to the file at ``location`` (path or URI; parents created as needed)."""
+    """Write ``data`` to the file at ``location`` (path or URI; parents created as needed; a local file
+    atomically, an object store's object is whole once written)."""
     if not is_uri(location):
-        p = Path(location)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
+        write_atomic(location, data)
         return
     uri = str(location)
     fs, path = filesystem(uri, option)

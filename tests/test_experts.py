@@ -185,14 +185,16 @@ def test_interrupted_run_continues(small: Dataset, tmp_path: Path, monkeypatch: 
 
 
 def test_a_failed_write_leaves_no_file(small: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = ex.os.replace
+    import ddray.storage
+
+    real = ddray.storage.os.replace  # the package's one atomic write (ddray.storage.write_atomic) renames with it
 
     def no_rename(src: str, dst: str | Path) -> None:
         if str(dst).endswith(".safetensors"):
             raise OSError("disk full")
         real(src, dst)
 
-    monkeypatch.setattr(ex.os, "replace", no_rename)
+    monkeypatch.setattr(ddray.storage.os, "replace", no_rename)
     with pytest.raises(OSError, match="disk full"):
         train_experts(small, replace(FAST, epochs=1), 1, tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == [EXPERTS_META]  # neither the expert nor its temp file
