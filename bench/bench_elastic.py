@@ -194,7 +194,7 @@ def join(iterations: int, join_at: int, tmp: Path, lines: Lines) -> dict[str, fl
 def evaluation(nets: int, tmp: Path) -> dict[int, float]:
     import ray
 
-    from ddray.artifact import load_distilled
+    from ddray.artifact import read_distilled
     from ddray.config import ClusterConfig
     from ddray.distill import distill
     from ddray.distributed.pool import call_mapper, standalone_pool
@@ -202,7 +202,7 @@ def evaluation(nets: int, tmp: Path) -> dict[int, float]:
 
     out = tmp / "set"
     distill(config(out, 20, workers=1), progress=False)
-    d = load_distilled(out)
+    d = read_distilled(out)
     problem = problem_for(d)
     cluster = start_cluster(2)
     seconds = {}

@@ -132,9 +132,9 @@ def compare(a: Path, b: Path, rtol: float = 1e-3, atol: float = 1e-5) -> dict[st
     """The two distilled sets agree to float rounding (images and step sizes): the largest differences."""
     import torch
 
-    from ddray.artifact import load_distilled
+    from ddray.artifact import read_distilled
 
-    x, y = load_distilled(a), load_distilled(b)
+    x, y = read_distilled(a), read_distilled(b)
     torch.testing.assert_close(x.images, y.images, rtol=rtol, atol=atol)
     torch.testing.assert_close(x.lrs, y.lrs, rtol=rtol, atol=atol)
     return {"max |Δ image|": float((x.images - y.images).abs().max()),

@@ -55,9 +55,9 @@ def load_distilled(path: "str | Path", tracking_uri: str | None = None) -> "Dist
 
     A ``runs:/`` URI is resolved here, where it enters, and downloaded from the tracking store
     (``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``);
-    :func:`ddray.artifact.load_distilled` itself reads directories only.
+    :func:`ddray.artifact.read_distilled` itself reads directories only.
     """
-    from ddray.artifact import load_distilled as read
+    from ddray.artifact import read_distilled as read
 
     src = str(path)
     if src.startswith(("runs:/", "models:/")):

@@ -131,7 +131,7 @@ def save_distilled(path: str | Path, d: Distilled) -> Path:
     return out
 
 
-def load_distilled(path: str | Path) -> Distilled:
+def read_distilled(path: str | Path) -> Distilled:
     """Read a distilled-data directory.
 
     Returns images (S, N, C, H, W), labels (N,), step sizes (T,), meta, θ₀ and learned labels if saved.

@@ -425,12 +425,12 @@ def _fetch(src: str, args: argparse.Namespace, quiet: bool) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ddray.artifact import load_distilled
+    from ddray.artifact import read_distilled
     from ddray.compare import eval_protocol, scoring
     from ddray.evaluation import evaluate_distilled, predict_job, problem_for, score_distilled
     from ddray.tracking import tracked
 
-    d = load_distilled(_fetch(str(args.path), args, args.json))
+    d = read_distilled(_fetch(str(args.path), args, args.json))
     problem = problem_for(d, args.data_root)
     problem = dataclasses.replace(problem, config=problem.config.override(label_loss=args.label_loss))
     name = args.protocol or problem.config.protocol
@@ -478,13 +478,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ddray.artifact import load_distilled
+    from ddray.artifact import read_distilled
     from ddray.compare import check_labels, check_one_dataset, choose_protocol, compare_sets, table
     from ddray.tracking import tracked
     from ddray.viz import save_comparison_chart
 
     sources = [str(p) for p in args.paths]
-    sets = [load_distilled(_fetch(src, args, args.json)) for src in sources]
+    sets = [read_distilled(_fetch(src, args, args.json)) for src in sources]
     dataset = check_one_dataset(sources, sets)
     check_labels(sources, sets, args.allow_mixed_labels)
     protocol = choose_protocol(sources, sets, args.protocol)
@@ -592,13 +592,13 @@ def cmd_experts(args: argparse.Namespace) -> int:
 
 def _log_set(tracker: Any, path: Path) -> None:
     """Log a distilled-data directory (as ``distilled/``, so ``ddray load runs:/ID`` finds it) and its grid."""
-    from ddray.artifact import load_distilled
+    from ddray.artifact import read_distilled
     from ddray.viz import save_grid
 
     for name in ("data.parquet", "meta.json", "init_params.safetensors"):
         if (path / name).is_file():
             tracker.log_artifact(path / name, "distilled")
-    tracker.log_artifact(save_grid(load_distilled(path), path / "grid.png"))
+    tracker.log_artifact(save_grid(read_distilled(path), path / "grid.png"))
 
 
 def _log_report(tracker: Any, d: Any, report: dict[str, Any]) -> None:
@@ -615,13 +615,13 @@ def _log_report(tracker: Any, d: Any, report: dict[str, Any]) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from ddray.tune.search import run_search
-    from ddray.tune.spec import CONFIRM_ABOVE, load_tune_spec, storage_location
+    from ddray.tune.spec import CONFIRM_ABOVE, load_tune_spec, tune_storage_path
 
     overrides = {k: getattr(args, k, None) for k in ("tracking_uri", "experiment", "tracking", "tracking_optional",
                                                        "address", "data_root")}
     spec = load_tune_spec(args.spec, **overrides)
     if args.storage_path:
-        spec = dataclasses.replace(spec, storage_path=storage_location(args.storage_path))
+        spec = dataclasses.replace(spec, storage_path=tune_storage_path(args.storage_path))
     n = spec.trial_count()
     if n > CONFIRM_ABOVE and not (args.yes or args.resume):
         raise ValueError(f"{spec.source}: this search would run {n} trials (more than {CONFIRM_ABOVE}); pass --yes "
@@ -651,10 +651,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     import torch
 
-    from ddray.artifact import load_distilled
+    from ddray.artifact import read_distilled
     from ddray.viz import save_grid
 
-    d = load_distilled(_fetch(str(args.path), args, quiet=True))  # stdout: the PNG's path only
+    d = read_distilled(_fetch(str(args.path), args, quiet=True))  # stdout: the PNG's path only
     png = Path(args.png) if args.png else (Path(args.path) / "grid.png" if Path(args.path).is_dir()
                                           else Path("grid.png"))
     print(save_grid(d, png).resolve())

@@ -76,7 +76,7 @@ def run_dir(config: Config, resume: str | Path | None) -> Path:
     return Path(config.run.out or default_out())
 
 
-def storage_location(config: Config, out: Path) -> str:
+def checkpoint_location(config: Config, out: Path) -> str:
     """Where checkpoints go: ``--storage`` (a URI as given, a path made absolute) or OUT/checkpoints."""
     s = config.run.storage
     if s and is_uri(s):
@@ -144,7 +144,7 @@ def publish(out: Path, storage: str) -> None:
             write_bytes(join(join(storage, "run"), name), (out / name).read_bytes(), "--storage")
 
 
-def apply_threads(config: Config) -> None:
+def threads_as_worker(config: Config) -> None:
     """``--cpus-per-worker``: this process computes as one worker would, with as many torch threads."""
     if config.cluster.cpus_per_worker is not None:
         torch.set_num_threads(max(1, round(config.cluster.cpus_per_worker)))
@@ -171,10 +171,10 @@ def distill(config: Config, tracker: Tracker | None = None, progress: bool = Tru
     """
     tracker = tracker or NullTracker()
     out = run_dir(config, resume)
-    storage = storage_location(config, out)
+    storage = checkpoint_location(config, out)
     problem = build_problem(config)
     state = start_state(problem, config, storage, resume)
-    apply_threads(config)
+    threads_as_worker(config)
     begin(config, out, tracker)
     syn = synthetic(problem, state)
     opt = problem.outer_optimizer(syn)

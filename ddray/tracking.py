@@ -140,10 +140,10 @@ def check_login(uri: str, timeout: float = 5.0) -> None:
             what = "rejected the login" if have else "requires a login"
             raise TrackingUnavailable(f"MLflow tracking server {uri} {what}; {_login_hint()}") from None
     except (urllib.error.URLError, OSError):
-        pass  # reachability is check_reachable's job
+        pass  # reachability is check_tracking_reachable's job
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_tracking_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast (:class:`TrackingUnavailable`) when the store at ``uri`` cannot be reached or used.
 
     HTTP(S): any HTTP answer from ``/health`` counts as reachable, and then the login
@@ -255,7 +255,7 @@ class MlflowTracker:
     def __init__(self, uri: str, experiment: str = "ddray", run_name: str | None = None,
                  tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                  run_id: str | None = None, optional: bool = False, flush_s: float = FLUSH_S) -> None:
-        check_reachable(uri)
+        check_tracking_reachable(uri)
         self.uri, self.optional, self.flush_s = uri, optional, flush_s
         self._disabled = self._finished = False
         client = self.client
@@ -492,7 +492,7 @@ def download_distilled(uri: str, tracking_uri: str | None = None) -> Path:
     """
     run_id, artifact_path = parse_run_uri(uri)
     store = resolve_tracking_uri(tracking_uri)
-    check_reachable(store)
+    check_tracking_reachable(store)
     import mlflow
     from mlflow import MlflowClient
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddray.artifact import Distilled, load_distilled, save_distilled
+from ddray.artifact import Distilled, read_distilled, save_distilled
 from ddray.core.models import build_model, init_params
 
 
@@ -26,7 +26,7 @@ def _distilled() -> Distilled:
 def test_roundtrip(tmp_path: Path) -> None:
     d = _distilled()
     save_distilled(tmp_path, d)
-    back = load_distilled(tmp_path)
+    back = read_distilled(tmp_path)
     assert torch.equal(back.images, d.images)
     assert torch.equal(back.labels, d.labels)
     torch.testing.assert_close(back.lrs, d.lrs)
@@ -77,7 +77,7 @@ def test_runs_uris_are_resolved_where_they_enter_not_here(tmp_path: Path) -> Non
     """artifact.py reads directories only; ``ddray.load_distilled`` (and the CLI) download runs:/ URIs first."""
     with pytest.raises(ValueError, match=r"^runs:/abc: an MLflow URI, not a directory; read it with "
                                          r"ddray.load_distilled"):
-        load_distilled("runs:/abc")
+        read_distilled("runs:/abc")
     d = Distilled(torch.zeros(1, 2, 1, 2, 2), torch.tensor([0, 1]), torch.tensor([0.1]), {"dataset": "digits"})
     save_distilled(tmp_path / "set", d)
     import ddray

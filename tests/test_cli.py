@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddray.cli import build_parser, main
-from ddray.artifact import load_distilled
+from ddray.artifact import read_distilled
 
 TINY = ["--steps", "2", "--epochs", "2", "--ipc", "1", "--iterations", "3", "--nets", "2", "--batch-size", "64",
         "--eval-nets", "2", "--no-tracking", "--no-scores"]
@@ -41,7 +41,7 @@ def test_distill_writes_artifact_grid_eval_and_checkpoint(distilled: Path) -> No
     assert report["test"]["n"] == 2
     from ddray.evaluation import evaluate_distilled, problem_for
 
-    d = load_distilled(distilled)  # the same two held-out networks, trained again from the artifact
+    d = read_distilled(distilled)  # the same two held-out networks, trained again from the artifact
     again = evaluate_distilled(problem_for(d), d, 2)
     assert (report["test"]["mean"], report["test"]["std"]) == (again.mean, again.std)
     assert "shuffled_order" in report
@@ -70,7 +70,7 @@ def test_show_prints_png_path(distilled: Path, tmp_path: Path, capsys: pytest.Ca
 def test_baselines_write_the_same_format(method: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, "baseline", "--method", method, "--candidates", "5", "--out", str(tmp_path), *TINY)
     assert rc == 0, out
-    d = load_distilled(tmp_path / "baselines" / method)
+    d = read_distilled(tmp_path / "baselines" / method)
     assert d.images.shape == (2, 10, 1, 28, 28) and d.lrs.shape == (4,)
     assert torch.all(d.lrs == d.lrs[0]), "baselines use one fixed step size"
     assert d.meta["method"] == f"baseline-{method}"
@@ -186,7 +186,7 @@ def test_distill_an_image_folder_archive_end_to_end(tmp_path: Path, capsys: pyte
     meta = json.loads((out / "meta.json").read_text())
     assert meta["dataset"] == "imagefolder" and meta["classes"] == 3
     assert meta["class_names"] == ["circle", "square", "triangle"] and meta["shape"] == [1, 12, 12]
-    d = load_distilled(out)
+    d = read_distilled(out)
     assert d.images.shape == (2, 3, 1, 12, 12)
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) != []  # decoded once, cached
     rc, stdout, _ = run(capsys, "evaluate", str(out), "--json", "--nets", "2", "--no-scores")

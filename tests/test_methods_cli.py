@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddray.artifact import load_distilled
+from ddray.artifact import read_distilled
 from ddray.cli import main
 from ddray.config import Config, load_config
 
@@ -70,7 +70,7 @@ def test_experts_then_mtt_then_both_protocols(capsys: pytest.CaptureFixture[str]
                        "--out", str(out_dir))
     assert rc == 0, err
     assert "distilled (mtt)" in out and "protocol dc" in out and "shuffled" not in out
-    d = load_distilled(out_dir)
+    d = read_distilled(out_dir)
     assert d.meta["method"] == "mtt" and d.images.shape == (1, 20, 1, 8, 8) and d.lrs.shape == (1,)
     assert d.meta["dsa_strategy"] == "color_crop_cutout_flip_scale_rotate"
 
@@ -81,7 +81,7 @@ def test_experts_then_mtt_then_both_protocols(capsys: pytest.CaptureFixture[str]
     assert run(capsys, "distill", "--local", *mtt, "--iterations", "3", "--out", str(tmp_path / "straight"))[0] == 0
     assert run(capsys, "distill", "--local", *mtt, "--iterations", "2", "--out", str(tmp_path / "cut"))[0] == 0
     assert run(capsys, "distill", "--local", *mtt, "--iterations", "3", "--resume", str(tmp_path / "cut"))[0] == 0
-    straight, resumed = load_distilled(tmp_path / "straight"), load_distilled(tmp_path / "cut")
+    straight, resumed = read_distilled(tmp_path / "straight"), read_distilled(tmp_path / "cut")
     assert torch.equal(straight.images, resumed.images) and torch.equal(straight.lrs, resumed.lrs)
     assert not torch.equal(straight.images, d.images)
 
@@ -107,7 +107,7 @@ def test_experts_then_mtt_then_both_protocols(capsys: pytest.CaptureFixture[str]
     rc, out, err = run(capsys, "distill", "--local", *mtt, "--iterations", "2", "--labels", "learned",
                        "--lr-labels", "5", "--out", str(out_soft))
     assert rc == 0, err
-    soft = load_distilled(out_soft)
+    soft = read_distilled(out_soft)
     assert soft.label_kind == "learned" and soft.label_logits.shape == (20, 10)
     assert not torch.equal(soft.label_logits, z)  # learned from there
     rc, out, _ = run(capsys, "show", str(out_soft), "--png", str(tmp_path / "g.png"))

@@ -168,7 +168,7 @@ def test_evaluate_reports_the_scores(scored: dict[str, Any], tmp_path: Path,
 
 def test_a_learned_label_set_is_scored_on_its_hard_labels_too_and_pays_for_its_labels(
         scored: dict[str, Any], tmp_path: Path) -> None:
-    from ddray.artifact import load_distilled, save_distilled
+    from ddray.artifact import read_distilled, save_distilled
     from ddray.core.synthetic import label_logits
 
     problem, hard = scored["problem"], scored["set"]
@@ -176,7 +176,7 @@ def test_a_learned_label_set_is_scored_on_its_hard_labels_too_and_pays_for_its_l
     soft = to_distilled(problem, problem.initial_synthetic(), 0)
     soft.label_logits = z
     save_distilled(tmp_path / "soft", soft)
-    back = load_distilled(tmp_path / "soft")  # the artifact keeps them
+    back = read_distilled(tmp_path / "soft")  # the artifact keeps them
     assert back.label_kind == "learned" and torch.equal(back.label_logits, z) and torch.equal(back.labels, hard.labels)
     jobs = Counting(problem, soft)
     s = score_distilled(problem, soft, jobs, cache=FullDataCache(scored["root"] / "full"))

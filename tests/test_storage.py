@@ -52,8 +52,8 @@ def test_join_keeps_uris_and_paths_apart(tmp_path) -> None:  # type: ignore[no-u
 
 
 def test_tracking_uri_with_a_password_is_refused() -> None:
-    from ddray.tracking import TrackingUnavailable, check_reachable
+    from ddray.tracking import TrackingUnavailable, check_tracking_reachable
 
     with pytest.raises(TrackingUnavailable, match="user:password part") as e:
-        check_reachable("http://ddray:hunter2-secret@127.0.0.1:9/")
+        check_tracking_reachable("http://ddray:hunter2-secret@127.0.0.1:9/")
     assert "hunter2" not in str(e.value)

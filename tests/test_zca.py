@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddray.artifact import load_distilled, save_distilled
+from ddray.artifact import read_distilled, save_distilled
 from ddray.config import Config
 from ddray.core.images import Zca
 from ddray.data import Dataset, load_dataset
@@ -63,7 +63,7 @@ def test_the_artifact_carries_the_transform_and_consumers_use_it(tmp_path: Path)
     syn = problem.initial_synthetic()
     d = to_distilled(problem, syn, 0)
     assert d.meta["zca"] == {"eps": 0.1} and d.meta["class_names"] == [str(i) for i in range(10)]
-    back = load_distilled(save_distilled(tmp_path / "set", d))
+    back = read_distilled(save_distilled(tmp_path / "set", d))
     assert back.zca is not None and torch.equal(back.zca.matrix, problem.data.zca.matrix)
     # the picture shows the images un-whitened: real-initialised images look like the real ones
     plain = load_dataset("digits")

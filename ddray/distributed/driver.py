@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ddray.config import Config
 from ddray.data import Dataset
 from ddray.distill import (DistillResult, begin, evaluate_snapshot, finish, publish, run_dir, start_state,
-                           storage_location, synthetic)
+                           checkpoint_location, synthetic)
 from ddray.distributed.fleet import Fleet, Round
 from ddray.distributed.messages import StepStats, Version, synthetic_of
 from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes, connect, current_group,
@@ -278,7 +278,7 @@ def distill_ray(config: Config, tracker: Tracker | None = None, progress: bool =
     """
     tracker = tracker or NullTracker()
     out = run_dir(config, resume)
-    storage = storage_location(config, out)
+    storage = checkpoint_location(config, out)
     problem = build_problem(config)  # the driver's copy: labels, layout and the artifact's metadata
     layout = shard_layout(problem.data.num_classes, config.distill.ipc, config.cluster.shards)
     transport = os.environ.get("DDRAY_TRANSPORT", "objects")

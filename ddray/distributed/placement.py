@@ -55,7 +55,7 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return url.hostname, port
 
 
-def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+def check_ray_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """ValueError naming ``address`` unless a TCP connection to it succeeds within ``timeout`` s."""
     hp = _host_port(address)
     if hp is None:
@@ -84,7 +84,7 @@ def connect(address: str | None) -> bool:
         return False
     addr = address or os.environ.get("RAY_ADDRESS") or None
     if addr:
-        check_reachable(addr)
+        check_ray_reachable(addr)
     elif "RAY_AUTH_MODE" not in os.environ:
         # ddray's own private cluster keeps Ray's default, token authentication; ddray says so once in its
         # words instead of Ray's warning about it

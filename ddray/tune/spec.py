@@ -323,7 +323,7 @@ def parse_tune_spec(raw: Any, source: str = "<tune spec>", **fixed_overrides: An
             "expected a plain directory name")
     storage = raw.get("storage_path", "runs/tune")
     require(isinstance(storage, str), at("storage_path"), storage, "expected a path or a URI")
-    spec = TuneSpec(name, storage_location(storage), fixed, search, reference, metric, mode,
+    spec = TuneSpec(name, tune_storage_path(storage), fixed, search, reference, metric, mode,
                     num_samples, scheduler, mct, resources, source)
 
     if scheduler.type == "asha":
@@ -339,7 +339,7 @@ def parse_tune_spec(raw: Any, source: str = "<tune spec>", **fixed_overrides: An
     return spec
 
 
-def storage_location(value: str) -> Path | str:
+def tune_storage_path(value: str) -> Path | str:
     """``storage_path`` as Tune gets it: a URI as given (credentials in it refused), a path made absolute."""
     if is_uri(value):
         check_uri(value, "--storage-path")

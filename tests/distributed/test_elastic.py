@@ -23,7 +23,7 @@ import torch
 
 from dist_support import NO_FORWARD_HERE
 
-from ddray.artifact import load_distilled
+from ddray.artifact import read_distilled
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def local_reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., A
                 assert main(["distill", *FLAGS, *argv, "--local", "--out", str(out), "--no-tracking"]) == 0
             finally:
                 torch.set_num_threads(n)
-            cache[argv] = load_distilled(out)
+            cache[argv] = read_distilled(out)
         return cache[argv]
 
     return run
@@ -172,7 +172,7 @@ def test_a_node_killed_mid_run_the_run_finishes_with_the_local_bits(
     assert re.search(r"ddray: worker \d lost \([^\n]*\); 1 alive, its work moves to the others", text)
     rolled = [int(m) for m in re.findall(r"rolled back to the checkpoint of meta-step (\d+)", text)]
     assert len(rolled) == 1 and rolled[0] >= killed_at and rolled[0] % 10 == 0  # the newest one at the kill
-    assert same(load_distilled(out), local_reference(*run))
+    assert same(read_distilled(out), local_reference(*run))
 
 
 def ps_node(cluster: Any) -> str:
@@ -212,7 +212,7 @@ def test_a_lost_node_replaced_the_fleet_grows_back_to_max_with_the_local_bits(
                               text[loss.end():]), text
     frames = [(n, p["alive"], p["restarts"]) for n, p in bars(text, total)]
     assert ("1", "0") in {f[1:] for f in frames} and frames[-1] == (total, "2", "1"), frames
-    assert same(load_distilled(out), local_reference(*run))
+    assert same(read_distilled(out), local_reference(*run))
 
 
 def test_a_run_below_min_mid_run_stops_with_its_checkpoint_and_the_command_that_continues_it(
@@ -243,7 +243,7 @@ def test_a_run_below_min_mid_run_stops_with_its_checkpoint_and_the_command_that_
     again = start(cluster, tmp_path, *run, "--resume", "auto", "--out", stopped[2], name="again")
     assert finish(again) == 0, log(tmp_path, "again")
     assert f"from its checkpoint at meta-step {step} of {total}" in log(tmp_path, "again")
-    assert same(load_distilled(out), local_reference(*run))
+    assert same(read_distilled(out), local_reference(*run))
 
 
 def test_nodes_added_mid_run_join_the_fleet_with_the_local_bits(
@@ -259,7 +259,7 @@ def test_nodes_added_mid_run_join_the_fleet_with_the_local_bits(
     text = log(tmp_path)
     assert "worker 1 joined" in text and "worker 2 joined" in text and "3 alive" in text
     assert "waiting for" not in text  # it started with MIN = 1 worker, nobody waited for MAX
-    assert same(load_distilled(out), local_reference(*run))
+    assert same(read_distilled(out), local_reference(*run))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -284,7 +284,7 @@ def test_the_driver_sigkilled_then_the_same_command_with_resume_auto_continues(
     assert 5 <= done < 60 and not (out / "meta.json").exists()
     assert finish(start(cluster, tmp_path, *argv, name="again")) == 0, log(tmp_path, "again")
     assert f"from its checkpoint at meta-step {done} of 60" in log(tmp_path, "again")
-    assert same(load_distilled(out), local_reference(*run))
+    assert same(read_distilled(out), local_reference(*run))
 
 
 def test_a_run_asking_for_more_than_the_cluster_has_waits_and_starts_when_a_node_joins(
@@ -334,7 +334,7 @@ def test_nothing_runs_on_the_head_and_mid_run_evaluation_matches_local(
         proc = start(cluster, tmp_path, *run, "--out", str(out), "--experiment", transport, name=transport,
                      no_forward_here=True, DDRAY_TRANSPORT=transport)
         assert finish(proc) == 0, log(tmp_path, transport)
-        assert same(load_distilled(out), local_reference(*run))
+        assert same(read_distilled(out), local_reference(*run))
         client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
         [r] = client.search_runs([client.get_experiment_by_name(transport).experiment_id])
         histories[transport] = [(m.step, m.value) for m in client.get_metric_history(r.info.run_id,

@@ -31,10 +31,10 @@ def distilled(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_evaluate_on_workers_equals_evaluate_here(distilled: Path, capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Two chunks of 3 networks on two workers = the same two chunks trained here, with one thread each."""
-    from ddray.artifact import load_distilled
+    from ddray.artifact import read_distilled
     from ddray.evaluation import evaluate_distilled, problem_for
 
-    d = load_distilled(distilled)
+    d = read_distilled(distilled)
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # as a 1-CPU worker
     try:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from ddray.config import ClusterConfig
-from ddray.distributed.placement import (WorkerResources, check_reachable, missing, trial_layout,
+from ddray.distributed.placement import (WorkerResources, check_ray_reachable, missing, trial_layout,
                                          worker_resources)
 
 
@@ -70,8 +70,8 @@ def test_unreachable_address_fails_fast_naming_it() -> None:
         port = s.getsockname()[1]
     t0 = time.monotonic()
     with pytest.raises(ValueError, match=f"--address 127.0.0.1:{port}: no Ray cluster reachable"):
-        check_reachable(f"127.0.0.1:{port}", timeout=3)
+        check_ray_reachable(f"127.0.0.1:{port}", timeout=3)
     assert time.monotonic() - t0 < 5
     with pytest.raises(ValueError, match="--address: invalid value"):
-        check_reachable("ray://:x")
-    check_reachable("auto")  # resolved by ray.init itself
+        check_ray_reachable("ray://:x")
+    check_ray_reachable("auto")  # resolved by ray.init itself

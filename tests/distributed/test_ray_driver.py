@@ -16,7 +16,7 @@ import torch
 
 from dist_support import named_actor, tiny
 
-from ddray.artifact import load_distilled
+from ddray.artifact import read_distilled
 from ddray.checkpoint import list_checkpoints
 from ddray.distill import DistillResult, distill
 from ddray.distributed.driver import distill_ray
@@ -146,7 +146,7 @@ def test_cli_driver_sigkilled_then_resumed_is_bitwise(ray_local: Any, tmp_path: 
     import sys
     import time
 
-    from ddray.artifact import load_distilled
+    from ddray.artifact import read_distilled
     from ddray.cli import main
 
     steps = 40
@@ -172,7 +172,7 @@ def test_cli_driver_sigkilled_then_resumed_is_bitwise(ray_local: Any, tmp_path: 
     done = int(list_checkpoints(out / "checkpoints")[-1].name[5:13])
     assert 3 <= done < steps
     assert main(["distill", "--resume", str(out), "--no-tracking", "--no-progress"]) == 0
-    d = load_distilled(out)
+    d = read_distilled(out)
     assert torch.equal(d.images, reference.distilled.images) and torch.equal(d.lrs, reference.distilled.lrs)
     assert d.meta["iterations"] == steps
 
@@ -246,5 +246,5 @@ def test_learned_labels_through_ray_equal_local_and_resume_bitwise(ray_local: An
     from ddray.core.synthetic import label_logits
 
     assert not torch.equal(z, label_logits(torch.arange(10), 10))  # they were learned
-    saved = load_distilled(ray_run.out)
+    saved = read_distilled(ray_run.out)
     assert saved.label_kind == "learned" and torch.equal(saved.label_logits, z)

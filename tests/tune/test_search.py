@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from tune_support import make_store, runs, tiny_spec, write
 
-from ddray.artifact import load_distilled
+from ddray.artifact import read_distilled
 from ddray.cli import main
 from ddray.config import load_config
 from ddray.tune.search import run_search
@@ -92,7 +92,7 @@ def test_the_cli_prints_the_table_and_a_ready_to_run_best_config(cli_search: Sea
     assert best_yaml == cli_search.exp / "best_config.yaml"
     cfg = load_config(best_yaml)  # ready to run: `ddray distill --config best_config.yaml`
     assert cfg.distill.iterations == 4 and cfg.run.out is None and cfg.run.storage is None
-    d = load_distilled(cli_search.line("distilled data"))
+    d = read_distilled(cli_search.line("distilled data"))
     assert d.meta["iterations"] == 4 and d.meta["config"]["distill"]["lr"] == cfg.distill.lr
 
 
@@ -268,7 +268,7 @@ def test_the_method_is_a_searchable_option(ray_session: None, tmp_path: Path) ->
     assert all(t.status == "done" and t.value is not None for t in summary.rows)
     for t in summary.rows:
         assert t.distilled_dir is not None
-        d = load_distilled(t.distilled_dir)
+        d = read_distilled(t.distilled_dir)
         assert d.meta["method"] == t.params["method"] and d.meta["eval_protocol"] == "dc"
     trials = [r for r in runs(f"sqlite:///{tmp_path}/mlflow.db") if r.data.tags["ddray.command"] == "trial"]
     assert sorted(r.data.params["distill.method"] for r in trials) == ["dc", "dm"]
