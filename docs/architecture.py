@@ -4,7 +4,7 @@
 
 The left half is the runtime path — CLI → config → driver → parameter server(s) ⇄ workers →
 artifact and MLflow — inside Ray Tune (``ddray tune``: one whole run per trial) inside a KubeRay
-RayCluster/RayJob. The right half is computed by :mod:`import_graph` from the modules on disk:
+RayCluster/RayJob. The right half is computed by :mod:`architecture_rules` (tests/) from the modules on disk:
 every floor with its modules, and how many imports go from each floor to each one below, so
 a new module or a new dependency shows up the next time this runs (tests/test_architecture.py
 fails while the committed picture misses a module).
@@ -22,8 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from import_graph import FLOORS, floor, import_graph  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the rules live with their test
+from architecture_rules import FLOORS, floor, import_graph  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "architecture.svg"
 BLUE, GREEN, ORANGE, GREY, PURPLE = "#dbe8f6", "#def2de", "#fbe5cc", "#eeeeee", "#ece0f5"

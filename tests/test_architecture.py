@@ -3,21 +3,18 @@
 No import cycles; every module on its floor (cli > tune > distributed > run > data > core)
 imports only its own floor and those below; ``ddray.core`` imports nothing of ddray outside itself
 and ``ddray.data`` nothing but ``ddray.core``, and ``ddray.core`` neither Ray nor MLflow; only
-``ddray/tracking.py`` imports MLflow. The rules live in docs/import_graph.py, which
-docs/architecture.py also draws.
+``ddray/tracking.py`` imports MLflow. The rules live beside this test, in tests/architecture_rules.py,
+which docs/architecture.py also draws.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
-from import_graph import (FLOORS, cycles, floor, import_graph, inside, modules,  # noqa: E402
-                          violations)
+from architecture_rules import FLOORS, cycles, floor, import_graph, inside, modules, violations
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +52,7 @@ def test_only_tracking_imports_mlflow(graph: dict[str, set[str]]) -> None:
 
 def test_every_module_has_a_floor() -> None:
     unplaced = [m for m in modules() if m != "ddray" and floor(m) is None]
-    assert unplaced == [], f"add them to FLOORS in docs/import_graph.py: {unplaced}"
+    assert unplaced == [], f"add them to FLOORS in tests/architecture_rules.py: {unplaced}"
     assert set(FLOORS) == {"cli", "tune", "distributed", "run", "data", "core"}
 
 
