@@ -365,7 +365,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
     if args.baseline not in METHODS:
         raise ValueError(f"--method: invalid value {args.baseline!r}; choose one of {', '.join(METHODS)}")
-    from ddray.distill import default_out
+    from ddray.lifecycle import default_out
     from ddray.evaluation import run_baselines
     from ddray.tracking import tracked
 
@@ -529,7 +529,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ddray.sources import load_data
-    from ddray.distill import default_out
+    from ddray.lifecycle import default_out
     from ddray.pretrain import pretrain
 
     for name in ("nets", "epochs"):
@@ -560,7 +560,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_experts(args: argparse.Namespace) -> int:
     from ddray.core.augment import augment
     from ddray.sources import load_data
-    from ddray.distill import default_out
+    from ddray.lifecycle import default_out
     from ddray.experts import EXPERTS_META, ExpertSettings, train_experts
     from ddray.tracking import tracked
 

@@ -24,7 +24,7 @@ FLOORS: dict[str, tuple[str, ...]] = {
     "run": ("ddray.distill", "ddray.evaluation", "ddray.compare", "ddray.pretrain", "ddray.experts",
             "ddray.problem", "ddray.state", "ddray.chunks", "ddray.checkpoint", "ddray.tracking", "ddray.viz",
             "ddray.artifact", "ddray.storage", "ddray.config", "ddray.methods", "ddray.validation", "ddray.threads",
-            "ddray.batch_writer", "ddray.sources", "ddray.scores",
+            "ddray.batch_writer", "ddray.sources", "ddray.scores", "ddray.lifecycle",
             "ddray._version"),
     "data": ("ddray.data",),
     "core": ("ddray.core",),

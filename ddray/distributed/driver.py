@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from ddray.config import Config
 from ddray.data import Dataset
-from ddray.distill import (DistillResult, begin, evaluate_snapshot, finish, publish, run_dir, start_state,
-                           checkpoint_location, synthetic)
+from ddray.lifecycle import (DistillResult, begin, checkpoint_location, evaluate_snapshot, finish, publish, run_dir,
+                             start_state, synthetic)
 from ddray.distributed.fleet import Fleet, Round
 from ddray.distributed.messages import StepStats, Version, synthetic_of
 from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes, connect, current_group,

@@ -21,7 +21,7 @@ from ddray.tracking import Tracker, finishing, log_final_checkpoint, make_tracke
 from ddray.tune.spec import TuneSpec
 
 if TYPE_CHECKING:
-    from ddray.distill import DistillResult
+    from ddray.lifecycle import DistillResult
 
 TIME_ATTR = "step"  # the scheduler's clock: meta-steps done
 TRIAL_FILE = "trial.json"  # in every trial checkpoint: the trial's MLflow run, for resumed trials

@@ -18,7 +18,8 @@ from dist_support import named_actor, tiny
 
 from ddray.artifact import read_distilled
 from ddray.checkpoint import list_checkpoints
-from ddray.distill import DistillResult, distill
+from ddray.distill import distill
+from ddray.lifecycle import DistillResult
 from ddray.distributed.driver import distill_ray
 
 

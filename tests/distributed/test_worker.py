@@ -78,7 +78,7 @@ def test_a_chunk_is_the_same_on_any_worker(setup: tuple) -> None:
 
 def test_evaluation_chunks_on_a_worker_equal_the_local_evaluation(setup: tuple) -> None:
     cfg, problem, layout, state, worker, versions = setup
-    from ddray.distill import synthetic
+    from ddray.lifecycle import synthetic
     from ddray.problem import to_distilled
 
     d = to_distilled(problem, synthetic(problem, state), 0)
