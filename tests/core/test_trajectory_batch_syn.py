@@ -1,4 +1,4 @@
-"""MTT's ``batch_syn``: each student step trains on a seeded sample of the synthetic set.
+"""MTT's ``batch_syn``: each student step trains on the next batch of a seeded permutation of the set.
 
 The meta-gradient equals float64 central finite differences; ``full`` and ``recompute``
 agree; ``batch_syn = N`` is the whole set; the same (seed, meta-step) draws the same
@@ -8,40 +8,19 @@ zero gradient; bad values are refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import pytest
 import torch
 
 from ddray.core.inits import RandomInit
-from ddray.core.models import ConvNet, Params
+from ddray.core.models import ConvNet
 from ddray.core.trajectory import TrajectoryMatching
 from ddray.core.unroll import sgd_step, unroll
 
+from test_methods import _experts  # noqa: E402  (tests/core is on sys.path; fake expert trajectories)
+
 C, IPC, SIDE, STEPS = 3, 2, 8, 3  # N = C·IPC = 6 synthetic images, 3 student steps
-
-
-@dataclass
-class FakeExpert:
-    params: Params  # (epochs + 1, ...) per name
-
-    @property
-    def epochs(self) -> int:
-        return next(iter(self.params.values())).shape[0] - 1
-
-    def at(self, epoch: int) -> Params:
-        return {n: v[epoch] for n, v in self.params.items()}
-
-
-def _experts(model: ConvNet, n: int, epochs: int) -> list[FakeExpert]:
-    out = []
-    for i in range(n):
-        p0 = {k: v.double()[0] for k, v in RandomInit(model, "kaiming", i).sample([(0, 0, 0)]).items()}
-        g = torch.Generator().manual_seed(10 + i)
-        out.append(FakeExpert({k: torch.stack([v + 0.05 * e * torch.randn(v.shape, generator=g, dtype=v.dtype)
-                                               for e in range(epochs + 1)]) for k, v in p0.items()}))
-    return out
 
 
 def _mtt(batch_syn: int | None, memory: str = "full", strategy: str | None = None,
