@@ -100,7 +100,7 @@ class Objective(Protocol):
 
 
 @torch.no_grad()
-def expert_logits(model: nn.Module, params: Params, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def expert_logits(model: nn.Module, params: Params, x: ImageSource, chunk: int = 1024) -> torch.Tensor:
     """A network's logits (N, classes) on images x (N, C, H, W)."""
     from torch.func import functional_call
 
@@ -110,8 +110,7 @@ def expert_logits(model: nn.Module, params: Params, x: torch.Tensor, chunk: int 
 def correctly_classified(model: nn.Module, params: Params, x: ImageSource,
                          y: torch.Tensor) -> tuple[ImageSource, torch.Tensor]:
     """The images of (x, y) that the network classifies correctly (a class with none keeps all of its own)."""
-    right = torch.cat([expert_logits(model, params, x[i:i + 4096]).argmax(1) == y[i:i + 4096]
-                       for i in range(0, len(y), 4096)])
+    right = expert_logits(model, params, x).argmax(1) == y
     for c in y.unique():  # never leave a class without images
         if not right[y == c].any():
             right[y == c] = True

@@ -86,9 +86,7 @@ class ParamServer:
         if [g.chunk for g in grads] != list(range(len(grads))) or any(g.step != self.step for g in grads):
             raise RuntimeError(f"ParamServer.apply: meta-step {self.step} got chunks "
                                f"{[(g.chunk, g.step) for g in grads]} (each chunk once, at this step)")
-        img = np.array(grads[0].images, dtype=np.float32, copy=True)
-        for g in grads[1:]:
-            np.add(img, g.images, out=img)
+        img = _sum([g.images for g in grads])
         raw = _sum([g.raw_lrs for g in grads]) if self.shard.owns_lrs else None
         labels = _sum([g.labels for g in grads]) if self.owns_labels else None
         nets, loss = 0, 0.0
@@ -152,7 +150,7 @@ class ParamServer:
 def _sum(parts: list[np.ndarray | None]) -> np.ndarray:
     """Σ of the chunks' arrays in chunk order (float32, as one process adds them)."""
     arrays = [p for p in parts if p is not None]
-    assert len(arrays) == len(parts), "ParamServer.apply: shard 0's gradients carry ρ (and z̃)"
+    assert len(arrays) == len(parts), "ParamServer.apply: every chunk carries this shard's parts (shard 0: ρ, z̃)"
     total = np.array(arrays[0], dtype=np.float32, copy=True)
     for p in arrays[1:]:
         np.add(total, p, out=total)
