@@ -67,7 +67,7 @@ def bench_meta(steps: int, warmup: int, out: Path) -> list[tuple[str, float, flo
     from ddray.config import Config
     from ddray.core.synthetic import OuterOptimizer
     from ddray.distributed.driver import distill_ray
-    from ddray.problem import build_problem
+    from ddray.inputs.problem import build_problem
 
     cfg = Config.from_dict({"iterations": warmup + steps, "eval_nets": 1, "checkpoint_every": 10_000,
                             "cpus_per_worker": 1, "tracking": False})
@@ -163,7 +163,7 @@ def simulated_fleet(workers: int, shape: tuple[int, ...]) -> Any:
     from ddray.distributed.fleet import Fleet
     from ddray.distributed.placement import WorkerResources
     from ddray.distributed.shards import Shard
-    from ddray.state import RunState
+    from ddray.run.state import RunState
 
     s, n = shape[0], shape[1]
     cfg = Config.from_dict({"steps": s, "epochs": EPOCHS, "nets": workers, "iterations": 10 ** 6,

@@ -149,7 +149,7 @@ def one_inprocess(kind: str, nets: int, reps: int, threads: int, compile_: bool)
     from ddray.config import Config
     from ddray.core.inits import DISTILL
     from ddray.core.models import unstack_params
-    from ddray.problem import build_problem
+    from ddray.inputs.problem import build_problem
 
     overrides: dict[str, Any] = {"nets": nets, "tracking": False}
     if compile_:

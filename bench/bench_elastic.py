@@ -107,7 +107,7 @@ def check_local_bits(cfg: Any, result: Any, what: str) -> None:
     chunks) gives ``result``'s synthetic set bit for bit."""
     import torch
 
-    from ddray.distill import distill
+    from ddray.run.loop import distill
 
     threads = torch.get_num_threads()
     try:
@@ -194,11 +194,11 @@ def join(iterations: int, join_at: int, tmp: Path, lines: Lines) -> dict[str, fl
 def evaluation(nets: int, tmp: Path) -> dict[int, float]:
     import ray
 
-    from ddray.artifact import read_distilled
     from ddray.config import ClusterConfig
-    from ddray.distill import distill
     from ddray.distributed.pool import call_mapper, standalone_pool
-    from ddray.evaluation import evaluate_distilled, predict_job, problem_for
+    from ddray.evaluation.held_out import evaluate_distilled, predict_job, problem_for
+    from ddray.run.loop import distill
+    from ddray.store.artifact import read_distilled
 
     out = tmp / "set"
     distill(config(out, 20, workers=1), progress=False)

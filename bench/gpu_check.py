@@ -164,7 +164,7 @@ def core_figures(nets: list[int], reps: int = 5) -> dict[str, Any]:
     import torch
 
     from ddray.config import Config
-    from ddray.problem import build_problem
+    from ddray.inputs.problem import build_problem
 
     out: dict[str, Any] = {}
     dev = torch.device("cuda")

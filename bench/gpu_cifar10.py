@@ -79,7 +79,7 @@ def run_row(row: Row, cfg: Any, seconds: float, local: bool = False) -> dict[str
     """Distil until the paper's budget or the first checkpoint past ``seconds``, then evaluate what is there
     (through Ray on the GPU worker; ``local``: in this process, for the CPU smoke run)."""
     if local:
-        from ddray.distill import distill
+        from ddray.run.loop import distill
     else:
         from ddray.distributed.driver import distill_ray as distill
 

@@ -28,16 +28,17 @@ __all__ = [
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ddray.artifact import Distilled
-    from ddray.core.evaluate import EvalResult
-    from ddray.core.protocol import ProtocolDC
+    from ddray.core.protocol_dc import ProtocolDC
+    from ddray.core.protocol_dd import EvalResult
+    from ddray.store.artifact import Distilled
 
 _LAZY = {
     "Config": "ddray.config", "load_config": "ddray.config", "load_dataset": "ddray.data",
-    "distill": "ddray.distill", "save_distilled": "ddray.artifact",
-    "Distilled": "ddray.artifact", "meta_gradient": "ddray.core.unroll", "unroll": "ddray.core.unroll",
-    "build_model": "ddray.core.models", "ProtocolDC": "ddray.core.protocol", "ExpertSettings": "ddray.experts",
-    "train_experts": "ddray.experts",
+    "distill": "ddray.run.loop", "save_distilled": "ddray.store.artifact",
+    "Distilled": "ddray.store.artifact", "meta_gradient": "ddray.core.unroll", "unroll": "ddray.core.unroll",
+    "build_model": "ddray.core.models", "ProtocolDC": "ddray.core.protocol_dc",
+    "ExpertSettings": "ddray.inputs.experts",
+    "train_experts": "ddray.inputs.experts",
 }
 
 
@@ -55,13 +56,13 @@ def load_distilled(path: "str | Path", tracking_uri: str | None = None) -> "Dist
 
     A ``runs:/`` URI is resolved here, where it enters, and downloaded from the tracking store
     (``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``);
-    :func:`ddray.artifact.read_distilled` itself reads directories only.
+    :func:`ddray.store.artifact.read_distilled` itself reads directories only.
     """
-    from ddray.artifact import read_distilled as read
+    from ddray.store.artifact import read_distilled as read
 
     src = str(path)
     if src.startswith(("runs:/", "models:/")):
-        from ddray.tracking import download_distilled
+        from ddray.tracking.tracker import download_distilled
 
         return read(download_distilled(src, tracking_uri))
     return read(path)
@@ -74,7 +75,7 @@ def evaluate(distilled: "Distilled | str", nets: int = 20, shuffled: bool = Fals
     ``protocol``: ``"dd"`` (the set's own schedule), ``"dc"`` or a :class:`ProtocolDC` (the
     DC/DSA/DM/MTT papers' training from scratch); default: the one of the set's method.
     """
-    from ddray.evaluation import evaluate_distilled, problem_for
+    from ddray.evaluation.held_out import evaluate_distilled, problem_for
 
     d = distilled if not isinstance(distilled, str) else load_distilled(distilled)
     return evaluate_distilled(problem_for(d, data_root), d, nets, shuffled, protocol)

@@ -206,7 +206,7 @@ def _add_eval_flags(p: argparse.ArgumentParser, default_protocol: str) -> None:
 
 
 def _eval_nets(args: argparse.Namespace, protocol: str) -> int:
-    from ddray.core.protocol import ProtocolDC
+    from ddray.core.protocol_dc import ProtocolDC
 
     default = FIELD_DEFAULTS["eval_nets"] if protocol == "dd" else ProtocolDC.nets
     nets = args.nets if args.nets is not None else default
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     if args.local:
-        import ddray.distill as single_process
+        import ddray.run.loop as single_process
 
         run = single_process.distill
     else:  # the Ray driver: connects to --address / $RAY_ADDRESS, else starts a local Ray
@@ -337,7 +337,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume: {args.resume} is not a ddray run directory (no config.yaml)")
         flat = {k: getattr(args, k, None) for k in FIELD_SECTION}
         cfg = load_config(args.config or saved_cfg, **flat)
-    from ddray.tracking import log_final_checkpoint, tracked
+    from ddray.tracking.tracker import log_final_checkpoint, tracked
 
     with tracked(cfg, "distill", tags={"ddray.resumed_from": str(args.resume)} if args.resume else None) as tracker:
         r = run(cfg, tracker=tracker, progress=not args.no_progress, resume=args.resume, baselines=args.baselines)
@@ -365,9 +365,9 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
     if args.baseline not in METHODS:
         raise ValueError(f"--method: invalid value {args.baseline!r}; choose one of {', '.join(METHODS)}")
-    from ddray.lifecycle import default_out
-    from ddray.evaluation import run_baselines
-    from ddray.tracking import tracked
+    from ddray.evaluation.held_out import run_baselines
+    from ddray.run.lifecycle import default_out
+    from ddray.tracking.tracker import tracked
 
     cfg = _config_from(args)
     out = Path(cfg.run.out or default_out())
@@ -414,7 +414,7 @@ def _add_pool_flags(p: argparse.ArgumentParser, does: str) -> None:
 
 def _fetch(src: str, args: argparse.Namespace, quiet: bool) -> str:
     """A local directory for ``src``: runs:/ URIs are downloaded from the tracking store."""
-    from ddray.tracking import download_distilled
+    from ddray.tracking.tracker import download_distilled
 
     if not src.startswith(("runs:/", "models:/")):
         return src
@@ -425,10 +425,10 @@ def _fetch(src: str, args: argparse.Namespace, quiet: bool) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ddray.artifact import read_distilled
-    from ddray.compare import eval_protocol, scoring
-    from ddray.evaluation import evaluate_distilled, predict_job, problem_for, score_distilled
-    from ddray.tracking import tracked
+    from ddray.evaluation.compare import eval_protocol, scoring
+    from ddray.evaluation.held_out import evaluate_distilled, predict_job, problem_for, score_distilled
+    from ddray.store.artifact import read_distilled
+    from ddray.tracking.tracker import tracked
 
     d = read_distilled(_fetch(str(args.path), args, args.json))
     problem = problem_for(d, args.data_root)
@@ -478,10 +478,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ddray.artifact import read_distilled
-    from ddray.compare import check_labels, check_one_dataset, choose_protocol, compare_sets, table
-    from ddray.tracking import tracked
-    from ddray.viz import save_comparison_chart
+    from ddray.evaluation.compare import check_labels, check_one_dataset, choose_protocol, compare_sets, table
+    from ddray.evaluation.viz import save_comparison_chart
+    from ddray.store.artifact import read_distilled
+    from ddray.tracking.tracker import tracked
 
     sources = [str(p) for p in args.paths]
     sets = [read_distilled(_fetch(src, args, args.json)) for src in sources]
@@ -528,14 +528,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ddray.sources import load_data
-    from ddray.lifecycle import default_out
-    from ddray.pretrain import pretrain
+    from ddray.inputs.pretrain import pretrain
+    from ddray.inputs.sources import load_data
+    from ddray.run.lifecycle import default_out
 
     for name in ("nets", "epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: invalid value {getattr(args, name)}; expected a positive integer")
-    from ddray.tracking import tracked
+    from ddray.tracking.tracker import tracked
 
     cfg = _config_from(args)
     data = load_data(cfg.data)
@@ -559,10 +559,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_experts(args: argparse.Namespace) -> int:
     from ddray.core.augment import augment
-    from ddray.sources import load_data
-    from ddray.lifecycle import default_out
-    from ddray.experts import EXPERTS_META, ExpertSettings, train_experts
-    from ddray.tracking import tracked
+    from ddray.inputs.experts import EXPERTS_META, ExpertSettings, train_experts
+    from ddray.inputs.sources import load_data
+    from ddray.run.lifecycle import default_out
+    from ddray.tracking.tracker import tracked
 
     if args.num_experts < 1:
         raise ValueError(f"--num-experts: invalid value {args.num_experts}; expected a positive integer")
@@ -592,8 +592,8 @@ def cmd_experts(args: argparse.Namespace) -> int:
 
 def _log_set(tracker: Any, path: Path) -> None:
     """Log a distilled-data directory (as ``distilled/``, so ``ddray load runs:/ID`` finds it) and its grid."""
-    from ddray.artifact import read_distilled
-    from ddray.viz import save_grid
+    from ddray.evaluation.viz import save_grid
+    from ddray.store.artifact import read_distilled
 
     for name in ("data.parquet", "meta.json", "init_params.safetensors"):
         if (path / name).is_file():
@@ -605,7 +605,7 @@ def _log_report(tracker: Any, d: Any, report: dict[str, Any]) -> None:
     """Log an evaluation report (eval.json) and the set's image grid."""
     import tempfile
 
-    from ddray.viz import save_grid
+    from ddray.evaluation.viz import save_grid
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "eval.json").write_text(json.dumps(report, indent=2))
@@ -641,7 +641,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if s.best.run_id:
         print(f"in MLflow:       runs:/{s.best.run_id} (parent run {s.parent_run_id})")
     if s.report:
-        from ddray.storage import join
+        from ddray.store.storage import join
 
         print(f"results:         {join(spec.experiment_dir, s.report[0].name)}  (plots in "
               f"{join(spec.experiment_dir, 'plots')})")
@@ -651,8 +651,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     import torch
 
-    from ddray.artifact import read_distilled
-    from ddray.viz import save_grid
+    from ddray.evaluation.viz import save_grid
+    from ddray.store.artifact import read_distilled
 
     d = read_distilled(_fetch(str(args.path), args, quiet=True))  # stdout: the PNG's path only
     png = Path(args.png) if args.png else (Path(args.path) / "grid.png" if Path(args.path).is_dir()

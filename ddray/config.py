@@ -315,13 +315,13 @@ class RunConfig:
 
     Evaluation trains ``eval_nets`` fresh networks on the learned set: protocol ``dd``
     with the set's own steps and step sizes, ``dc`` as the DC/DSA/DM/MTT papers
-    (SGD for ``eval_epochs`` epochs, :mod:`ddray.core.protocol`). ``None``: ``dd``
+    (SGD for ``eval_epochs`` epochs, :mod:`ddray.core.protocol_dc`). ``None``: ``dd``
     for ``--method dd``, ``dc`` for the others. ``compile``: ``torch.compile`` the inner
     step and the real-batch gradient of the DD and MTT unrolls (:mod:`ddray.core.kernels`;
     same gradients up to float rounding; eager with a warning where unavailable).
     ``label_loss``: how evaluation trains on soft labels: ``ce`` (soft cross-entropy) or ``kl``
-    (KL divergence; the same gradients at temperature 1, :func:`ddray.core.protocol.soft_label_loss`).
-    ``scores``: DD-Ranking's HLR, IOR, LRS and ARS beside the accuracy at the end (:mod:`ddray.scores`),
+    (KL divergence; the same gradients at temperature 1, :func:`ddray.core.protocol_dc.soft_label_loss`).
+    ``scores``: DD-Ranking's HLR, IOR, LRS and ARS beside the accuracy at the end (:mod:`ddray.evaluation.scores`),
     with the learning rate chosen from ``score_lrs`` and the full training split trained for
     ``full_epochs`` epochs.
     """
@@ -350,7 +350,7 @@ class RunConfig:
         each(boolean, self, "scores")
         one_of("--label-loss", self.label_loss, LABEL_LOSSES)
         each(positive_int, self, "checkpoint_every", "eval_nets", "eval_epochs", "full_epochs")
-        from ddray.scores import parse_lrs
+        from ddray.validation import parse_lrs
 
         parse_lrs(self.score_lrs)
         if self.eval_protocol is not None:

@@ -1,7 +1,7 @@
 """Checking user input, and saying what is wrong in one line: ``<option>: invalid value <value>; <allowed>``.
 
 The one home of ddray's input checks, used by the run config (:mod:`ddray.config`, options
-named as flags: ``--steps``), the expert settings (:mod:`ddray.experts`: ``--train-epochs``)
+named as flags: ``--steps``), the expert settings (:mod:`ddray.inputs.experts`: ``--train-epochs``)
 and the search file (:mod:`ddray.tune.spec`: ``FILE: resources.workers``). Every check takes
 the option's name as the user knows it, so the message points at what to fix::
 
@@ -100,3 +100,16 @@ def reported_as(option: str) -> Iterator[None]:
         yield
     except (ValueError, TypeError) as e:
         raise error(option, str(e)) from None
+
+
+def parse_lrs(text: str | Sequence[float], option: str = "--score-lrs") -> tuple[float, ...]:
+    """``"0.001,0.01"`` (or a sequence) → (0.001, 0.01); ValueError naming ``option`` otherwise."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        lrs = tuple(float(x) for x in items)
+    except (TypeError, ValueError):
+        lrs = ()
+    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
+        raise ValueError(f"{option}: invalid value {text!r}; expected comma-separated learning rates > 0, "
+                         "e.g. 0.001,0.005,0.01,0.05,0.1 (DD-Ranking's search)")
+    return lrs

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the rules live with their test
-from architecture_rules import FLOORS, floor, import_graph  # noqa: E402
+from architecture_rules import FLOORS, ROOMS, floor, import_graph, room  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "architecture.svg"
 BLUE, GREEN, ORANGE, GREY, PURPLE = "#dbe8f6", "#def2de", "#fbe5cc", "#eeeeee", "#ece0f5"
@@ -63,14 +63,14 @@ def flow(ax: plt.Axes) -> None:
     box(ax, 0.33, 0.72, 0.34, 0.08, "CLI", "ddray/cli.py · ddray/__init__.py (API)", BLUE)
     box(ax, 0.33, 0.59, 0.34, 0.08, "config", "ddray/config.py · YAML + flags → frozen Config", BLUE)
     box(ax, 0.25, 0.43, 0.50, 0.10, "driver: the outer loop",
-        "distributed/driver.py (Ray) · distill.py (--local)\nsample θ₀ → meta-gradients → apply → checkpoint → log",
+        "distributed/driver.py (Ray) · run/loop.py (--local)\nsample θ₀ → meta-gradients → apply → checkpoint → log",
         GREEN)
     box(ax, 0.06, 0.24, 0.34, 0.10, "parameter server(s)", "distributed/param_server.py\nx̃, η̃ + outer optimiser",
         GREEN)
     box(ax, 0.52, 0.24, 0.34, 0.10, "workers", "distributed/worker.py, fleet.py\nmeta-gradients of K nets", GREEN)
     box(ax, 0.06, 0.06, 0.34, 0.10, "artifact + checkpoints",
-        "artifact.py: data.parquet + meta.json\ncheckpoint.py, storage.py (S3)", ORANGE)
-    box(ax, 0.52, 0.06, 0.40, 0.10, "MLflow", "tracking.py (the only mlflow import)\nparams, metrics, grids",
+        "store/: artifact (data.parquet + meta.json)\ncheckpoint, storage (S3)", ORANGE)
+    box(ax, 0.52, 0.06, 0.40, 0.10, "MLflow", "tracking/tracker.py (the only mlflow import)\nparams, metrics, grids",
         ORANGE)
     arrow(ax, (0.5, 0.72), (0.5, 0.67))
     arrow(ax, (0.5, 0.59), (0.5, 0.53))
@@ -87,49 +87,62 @@ def flow(ax: plt.Axes) -> None:
     ax.text(0.895, 0.40, "metrics,\nartifact", fontsize=6.5, color="#333333")
 
 
+def members_of(f: str, mods: list[str]) -> str:
+    """A floor's modules: a package's rooms top to bottom (``a, b > c``), or the flat modules' names."""
+    package = FLOORS[f][0]
+    if package not in ROOMS:
+        return ", ".join(m.removeprefix("ddray.") for m in mods)
+    ranks: dict[int, list[str]] = {}
+    for m in mods:
+        r = room(m)
+        ranks.setdefault(r[1] if r else -1, []).append(m.removeprefix(package + "."))
+    return " > ".join(", ".join(ranks[r]) for r in sorted(ranks))
+
+
 def floors(ax: plt.Axes, graph: dict[str, set[str]]) -> None:
-    """The floors with their modules (read from disk) and the number of imports from each floor to each below."""
-    ax.set_title("The package: floors, read from the source", fontsize=10, weight="bold")
+    """The floors with their modules (read from disk, a package's in its rooms' order) and the number of
+    imports from each floor to each below."""
+    ax.set_title("The package: floors and rooms, read from the source", fontsize=10, weight="bold")
     names = list(FLOORS)
     members: dict[str, list[str]] = {f: [] for f in names}
     for mod in sorted(graph):
         f = floor(mod)
-        if f is None:
-            continue
-        folder = len(FLOORS[f]) == 1 and f != "cli"
-        if folder and mod == FLOORS[f][0]:
+        folder = f is not None and len(FLOORS[f]) == 1 and f != "cli"
+        if f is None or (folder and mod == FLOORS[f][0]):
             continue  # the package itself, and a folder's __init__
-        members[f].append(mod.removeprefix(FLOORS[f][0] + ".") if folder else mod.removeprefix("ddray."))
+        members[f].append(mod)
     counts = Counter((floor(m), floor(d)) for m, deps in graph.items() for d in deps
                      if d.startswith("ddray.") and floor(m) and floor(d) and floor(m) != floor(d))
-    colors = {"cli": BLUE, "tune": PURPLE, "distributed": GREEN, "run": ORANGE, "data": GREY, "core": GREY}
-    height, gap, top_y = 0.118, 0.038, 0.93
+    colors = {"cli": BLUE, "tune": PURPLE, "distributed": GREEN, "run": ORANGE, "evaluation": ORANGE,
+              "inputs": ORANGE, "tracking": BLUE, "store": BLUE, "config": BLUE, "data": GREY, "core": GREY}
+    gap, top_y = 0.02, 0.955
+    height = (top_y - 0.03) / len(names) - gap
     ys = {}
     for i, f in enumerate(names):
         y = top_y - (i + 1) * height - i * gap
         ys[f] = y
         lines, line = [], ""
-        for m in members[f]:
-            if len(line) + len(m) + 2 > 62:
+        for word in members_of(f, members[f]).split(" "):
+            if len(line) + len(word) + 1 > 92:
                 lines.append(line)
                 line = ""
-            line += (", " if line else "") + m
+            line += (" " if line else "") + word
         lines.append(line)
         box(ax, 0.02, y, 0.72, height, "", color=colors[f])
-        where = {"cli": "ddray/cli.py", "run": "ddray/*.py, one concept each"}.get(
-            f, f"ddray/{FLOORS[f][0].removeprefix('ddray.')}/")
-        ax.text(0.035, y + height - 0.012, f"{f} — {where}", fontsize=8, weight="bold", va="top")
-        ax.text(0.035, y + height - 0.04, "\n".join(lines), fontsize=6.2, va="top", family="monospace")
+        where = {"cli": "ddray/cli.py", "config": "ddray/*.py"}.get(f, f"ddray/{FLOORS[f][0].removeprefix('ddray.')}/")
+        ax.text(0.03, y + height - 0.006, f"{f} — {where}", fontsize=7, weight="bold", va="top")
+        ax.text(0.03, y + height - 0.026, "\n".join(lines), fontsize=5.3, va="top", family="monospace")
     for i, a in enumerate(names):  # one column per importing floor, an arrowhead on every floor it imports
-        x = 0.77 + 0.045 * i
+        x = 0.765 + 0.021 * i
         for b in names[i + 1:]:
             n = counts.get((a, b), 0)
             if n:
-                ax.add_patch(FancyArrowPatch((x, ys[a] + 0.01), (x, ys[b] + height), arrowstyle="-|>",
-                                             mutation_scale=8, lw=0.9, color="#444444"))
-                ax.text(x + 0.004, ys[b] + height + 0.008, str(n), fontsize=6, color="#444444")
-    ax.text(0.02, 0.003, "arrows: imports from a floor (its column) down to a lower one, counted; none point up and "
-            "there are no cycles (tests/test_architecture.py)", fontsize=6.3, style="italic", color="#555555")
+                ax.add_patch(FancyArrowPatch((x, ys[a] + 0.005), (x, ys[b] + height), arrowstyle="-|>",
+                                             mutation_scale=6, lw=0.7, color="#444444"))
+                ax.text(x + 0.002, ys[b] + height + 0.004, str(n), fontsize=4.5, color="#444444")
+    ax.text(0.02, 0.003, "a > b: room a may import room b, not the reverse. Arrows: imports from a floor (its column) "
+            "down to a lower one, counted; none point up, no cycles (tests/test_architecture.py)", fontsize=5.8,
+            style="italic", color="#555555")
 
 
 def draw(out: Path = OUT) -> Path:

@@ -43,12 +43,12 @@ from ddray.config import Config
 from ddray.core.augment import DEFAULT_STRATEGY, augment
 from ddray.core.inits import SYN_INIT, generator
 from ddray.core.models import build_model
-from ddray.core.protocol import ProtocolDC, evaluate_protocol_dc
+from ddray.core.protocol_dc import ProtocolDC, evaluate_protocol_dc
 from ddray.core.synthetic import SyntheticSet
-from ddray.distill import distill
-from ddray.evaluation import run_baselines
-from ddray.experts import ExpertSettings, train_experts
-from ddray.sources import load_data
+from ddray.evaluation.held_out import run_baselines
+from ddray.inputs.experts import ExpertSettings, train_experts
+from ddray.inputs.sources import load_data
+from ddray.run.loop import distill
 
 WIDTH = 32  # ConvNet channels on this CPU (the papers: 128)
 EVAL_EPOCHS, EVAL_NETS = 300, 5  # protocol dc (the papers: 1000 epochs, 20 networks)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ddray.evaluation import run_baselines
 from ddray.config import load_config
-from ddray.distill import distill
+from ddray.evaluation.held_out import run_baselines
+from ddray.run.loop import distill
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 
 Each row is one ``distill(cfg)`` (the single-process path; the Ray workers compute the same
 meta-gradients) at the CPU budget of :data:`BUDGETS`, then its evaluation and its scores
-(:mod:`ddray.scores`): the set against a random real subset of its size — with the set's own
+(:mod:`ddray.evaluation.scores`): the set against a random real subset of its size — with the set's own
 labels, the same labels budget — and the full training split, all by protocol dc on the same
 ConvNet (:data:`WIDTH` channels) from the same held-out θ₀s. Images per class count the whole set:
 DD at 1 image per class learns S = 1 batch trained for E = 10 epochs, at 10 the original's S = 10
@@ -27,9 +27,9 @@ import torch
 
 from ddray.config import Config
 from ddray.core.augment import DEFAULT_STRATEGY, augment
-from ddray.distill import distill
-from ddray.experts import ExpertSettings, train_experts
-from ddray.sources import load_data
+from ddray.inputs.experts import ExpertSettings, train_experts
+from ddray.inputs.sources import load_data
+from ddray.run.loop import distill
 
 WIDTH = 32  # ConvNet channels on this CPU (the papers: 128)
 EXPERTS: dict[str, Any] = dict(count=2, epochs=4, lr=0.01, batch_size=256)  # (MTT: 100 experts × 50 epochs)

@@ -16,26 +16,47 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTERNAL = ("ray", "mlflow")  # the heavy frameworks whose reach the rules limit
 
 #: The floors, top to bottom. A module may import its own floor and the floors below it, never
-#: one above (the package ``ddray`` itself, the public API, sits on top of everything).
+#: one above (the package ``ddray`` itself, the public API, sits on top of everything). Every floor
+#: but ``cli`` and ``config`` is one package: a room of the house.
 FLOORS: dict[str, tuple[str, ...]] = {
     "cli": ("ddray.cli",),
     "tune": ("ddray.tune",),
     "distributed": ("ddray.distributed",),
-    "run": ("ddray.distill", "ddray.evaluation", "ddray.compare", "ddray.pretrain", "ddray.experts",
-            "ddray.problem", "ddray.state", "ddray.chunks", "ddray.checkpoint", "ddray.tracking", "ddray.viz",
-            "ddray.artifact", "ddray.storage", "ddray.config", "ddray.methods", "ddray.validation", "ddray.threads",
-            "ddray.batch_writer", "ddray.sources", "ddray.scores", "ddray.lifecycle",
-            "ddray._version"),
+    "run": ("ddray.run",),
+    "evaluation": ("ddray.evaluation",),
+    "inputs": ("ddray.inputs",),
+    "tracking": ("ddray.tracking",),
+    "store": ("ddray.store",),
+    "config": ("ddray.config", "ddray.methods", "ddray.validation", "ddray.threads", "ddray._version"),
     "data": ("ddray.data",),
     "core": ("ddray.core",),
+}
+#: Inside a package, its modules' order, top to bottom: a module imports those of its own rank and those
+#: below, never one above (the package's ``__init__``, its public face, stands above them all).
+ROOMS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "ddray.tune": (("search",), ("summary",), ("report",), ("results",), ("trial",), ("spec",)),
+    "ddray.distributed": (("driver",), ("compiled",), ("fleet",), ("pool", "param_server"), ("worker",),
+                          ("messages", "slots"), ("placement", "shards")),
+    "ddray.run": (("loop",), ("lifecycle",), ("state",)),
+    "ddray.evaluation": (("compare",), ("held_out", "viz"), ("scores",)),
+    "ddray.inputs": (("pretrain",), ("problem",), ("experts",), ("sources",)),
+    "ddray.tracking": (("tracker",), ("batch_writer",)),
+    "ddray.store": (("artifact", "checkpoint"), ("storage",)),
+    "ddray.data": (("registry",), ("parquet",), ("folder",), ("cache", "embedded", "rows", "vision"), ("base",)),
+    "ddray.core": (("baselines", "protocol_dc"),  # evaluation protocols and baselines
+                   ("protocol_dd", "matching", "trajectory", "dd_objective", "objective", "net_chunks",
+                    "synthetic"),  # the methods' objectives, the synthetic set
+                   ("unroll", "inits", "augment"),  # the differentiable unroll, θ₀s, DSA
+                   ("kernels", "models", "images"),  # the hot kernels, networks, images
+                   ("batch_chunks",)),
 }
 #: Folders that import nothing of ddray outside themselves and the folders named with them
 #: (``ddray.data`` builds its sets from the core's :class:`~ddray.core.images.Images`).
 SELF_CONTAINED: dict[str, tuple[str, ...]] = {"ddray.core": (), "ddray.data": ("ddray.core",)}
 #: framework → the only modules (or folders) that may import it.
 ALLOWED_EXTERNAL = {
-    "mlflow": ("ddray.tracking",),
-    "ray": ("ddray.distributed", "ddray.tune", "ddray.tracking"),  # tracking: the address of a connected Ray
+    "mlflow": ("ddray.tracking.tracker",),
+    "ray": ("ddray.distributed", "ddray.tune", "ddray.tracking.tracker"),  # tracking: the address of a connected Ray
 }
 
 
@@ -101,6 +122,18 @@ def floor(module: str) -> str | None:
     return None
 
 
+def room(module: str) -> tuple[str, int] | None:
+    """(package, rank from the top) of a module of a package with rooms; None for the rest and a package's
+    ``__init__``."""
+    package, _, short = module.rpartition(".")
+    if package not in ROOMS:
+        return None
+    for rank, names in enumerate(ROOMS[package]):
+        if short in names:
+            return package, rank
+    return None
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan)."""
     index: dict[str, int] = {}
@@ -150,6 +183,9 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
                 a, b = floor(mod), floor(dep)
                 if a is not None and b is not None and order.index(b) < order.index(a):
                     out.append(f"{mod} ({a}) imports {dep} ({b}), a floor above")
+                ra, rb = room(mod), room(dep)
+                if ra is not None and rb is not None and ra[0] == rb[0] and rb[1] < ra[1]:
+                    out.append(f"{mod} imports {dep}, a room above it in {ra[0]}")
                 for folder, also in SELF_CONTAINED.items():
                     if inside(mod, folder) and not any(inside(dep, f) for f in (folder, *also)):
                         out.append(f"{mod} imports {dep}, outside {folder}")

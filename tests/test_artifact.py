@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddray.artifact import Distilled, read_distilled, save_distilled
 from ddray.core.models import build_model, init_params
+from ddray.store.artifact import Distilled, read_distilled, save_distilled
 
 
 def _distilled() -> Distilled:

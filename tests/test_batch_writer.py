@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ddray.batch_writer import BatchWriter
+from ddray.tracking.batch_writer import BatchWriter
 
 
 class Sink:

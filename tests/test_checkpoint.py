@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ddray.checkpoint as ck
+import ddray.store.checkpoint as ck
 
 
 def state(v: float) -> dict:

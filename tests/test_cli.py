@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddray.cli import build_parser, main
-from ddray.artifact import read_distilled
+from ddray.store.artifact import read_distilled
 
 TINY = ["--steps", "2", "--epochs", "2", "--ipc", "1", "--iterations", "3", "--nets", "2", "--batch-size", "64",
         "--eval-nets", "2", "--no-tracking", "--no-scores"]
@@ -39,7 +39,7 @@ def test_distill_writes_artifact_grid_eval_and_checkpoint(distilled: Path) -> No
     assert meta["config"]["distill"]["steps"] == 2
     report = json.loads((distilled / "eval.json").read_text())
     assert report["test"]["n"] == 2
-    from ddray.evaluation import evaluate_distilled, problem_for
+    from ddray.evaluation.held_out import evaluate_distilled, problem_for
 
     d = read_distilled(distilled)  # the same two held-out networks, trained again from the artifact
     again = evaluate_distilled(problem_for(d), d, 2)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddray.artifact import Distilled
 from ddray.cli import main
-from ddray.compare import choose_protocol, labels
+from ddray.evaluation.compare import choose_protocol, labels
+from ddray.store.artifact import Distilled
 
 TINY = ["--steps", "2", "--epochs", "2", "--ipc", "1", "--iterations", "3", "--nets", "2", "--batch-size", "64",
         "--eval-nets", "2", "--no-scores"]

@@ -12,7 +12,7 @@ import torch
 from ddray.config import Config
 from ddray.core.kernels import Kernels, compile_unavailable
 from ddray.core.unroll import meta_gradient
-from ddray.problem import build_problem
+from ddray.inputs.problem import build_problem
 
 sys.path.insert(0, str(Path(__file__).parent / "core"))
 from test_methods import _mtt  # noqa: E402

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ddray import experts as ex
+from ddray.inputs import experts as ex
 from ddray.core.inits import generator
 from ddray.core.models import build_model, init_params
 from ddray.data import Dataset, load_dataset
-from ddray.experts import (EXPERTS_META, PURPOSE_EXPERT, ExpertSettings, Trajectory, load_experts,
-                           train_experts)
+from ddray.inputs.experts import (EXPERTS_META, PURPOSE_EXPERT, ExpertSettings, Trajectory, load_experts,
+                                  train_experts)
 
 # Cheap settings for format/resume tests; real learning is checked once, on all of digits.
 FAST = ExpertSettings(epochs=2, lr=0.01, momentum=0.9, batch_size=64, seed=3)
@@ -185,16 +185,16 @@ def test_interrupted_run_continues(small: Dataset, tmp_path: Path, monkeypatch: 
 
 
 def test_a_failed_write_leaves_no_file(small: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ddray.storage
+    import ddray.store.storage
 
-    real = ddray.storage.os.replace  # the package's one atomic write (ddray.storage.write_atomic) renames with it
+    real = ddray.store.storage.os.replace  # the one atomic write (ddray.store.storage.write_atomic) renames with it
 
     def no_rename(src: str, dst: str | Path) -> None:
         if str(dst).endswith(".safetensors"):
             raise OSError("disk full")
         real(src, dst)
 
-    monkeypatch.setattr(ddray.storage.os, "replace", no_rename)
+    monkeypatch.setattr(ddray.store.storage.os, "replace", no_rename)
     with pytest.raises(OSError, match="disk full"):
         train_experts(small, replace(FAST, epochs=1), 1, tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == [EXPERTS_META]  # neither the expert nor its temp file

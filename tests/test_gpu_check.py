@@ -63,7 +63,7 @@ def test_plan_covers_the_checks_in_order(tmp_path: Path) -> None:
 
 
 def test_shared_vs_one_compares_the_two_sets(tmp_path: Path) -> None:
-    from ddray.artifact import Distilled, save_distilled
+    from ddray.store.artifact import Distilled, save_distilled
 
     images, lrs = torch.randn(2, 10, 1, 4, 4), torch.full((4,), 0.02)
     save_distilled(tmp_path / "a", Distilled(images, torch.arange(10), lrs))

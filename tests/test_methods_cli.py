@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddray.artifact import read_distilled
 from ddray.cli import main
 from ddray.config import Config, load_config
+from ddray.store.artifact import read_distilled
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--dataset", "digits", "--model", "convnet", "--width", "8", "--no-tracking", "--no-progress", "--no-scores"]
@@ -87,7 +87,7 @@ def test_experts_then_mtt_then_both_protocols(capsys: pytest.CaptureFixture[str]
 
     # --labels learned: MTT starts its labels from an expert's logits on images that expert gets right (DATM)
     from ddray.core.synthetic import class_labels
-    from ddray.problem import build_problem, expert_logits
+    from ddray.inputs.problem import build_problem, expert_logits
 
     cfg = load_config(None, dataset="digits", model="convnet", width=8, method="mtt", experts=str(experts),
                       max_start_epoch=2, syn_steps=3, ipc=2, labels="learned")

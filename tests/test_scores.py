@@ -1,4 +1,4 @@
-"""DD-Ranking's scores (ddray/scores.py): the formulas by hand, learning-rate selection, the full-data cache,
+"""DD-Ranking's scores (ddray/evaluation/scores.py): the formulas by hand, learning-rate selection, the full-data cache,
 and the scores of a real set end to end (local; through Ray in tests/distributed/test_ray_driver.py).
 
 The ``ddranking`` package (0.2.0) is not run here: it pins numpy<2 and scipy<1.16 against this project's
@@ -20,12 +20,13 @@ import pytest
 import torch
 
 from ddray.config import load_config
-from ddray.core.protocol import ProtocolDC
-from ddray.evaluation import (EvalJob, evaluate_distilled, full_data_cache, predict_nets, random_subset,
-                              score_distilled, set_bytes)
-from ddray.problem import build_problem, to_distilled
-from ddray.scores import (Accuracies, FullDataCache, augmentation_robust_score, best_lr, compute_scores,
-                          label_robust_score, parse_lrs)
+from ddray.core.protocol_dc import ProtocolDC
+from ddray.evaluation.held_out import (EvalJob, evaluate_distilled, full_data_cache, predict_nets, random_subset,
+                                       score_distilled, set_bytes)
+from ddray.inputs.problem import build_problem, to_distilled
+from ddray.evaluation.scores import (Accuracies, FullDataCache, augmentation_robust_score, best_lr, compute_scores,
+                                     label_robust_score)
+from ddray.validation import parse_lrs
 
 E, E_1 = math.e, math.exp(-1)
 
@@ -152,8 +153,8 @@ def test_the_scores_rest_on_the_evaluations_they_name(scored: dict[str, Any]) ->
 
 def test_evaluate_reports_the_scores(scored: dict[str, Any], tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from ddray.artifact import save_distilled
     from ddray.cli import main
+    from ddray.store.artifact import save_distilled
 
     save_distilled(tmp_path / "set", scored["set"])
     argv = ["evaluate", str(tmp_path / "set"), "--nets", "2", "--epochs", "3", "--full-epochs", "1", "--no-progress",
@@ -168,8 +169,8 @@ def test_evaluate_reports_the_scores(scored: dict[str, Any], tmp_path: Path,
 
 def test_a_learned_label_set_is_scored_on_its_hard_labels_too_and_pays_for_its_labels(
         scored: dict[str, Any], tmp_path: Path) -> None:
-    from ddray.artifact import read_distilled, save_distilled
     from ddray.core.synthetic import label_logits
+    from ddray.store.artifact import read_distilled, save_distilled
 
     problem, hard = scored["problem"], scored["set"]
     z = label_logits(hard.labels, 10) + torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
@@ -190,9 +191,9 @@ def test_a_learned_label_set_is_scored_on_its_hard_labels_too_and_pays_for_its_l
 
 def test_compare_refuses_mixed_labels_unless_allowed(scored: dict[str, Any], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from ddray.artifact import save_distilled
     from ddray.cli import main
     from ddray.core.synthetic import label_logits
+    from ddray.store.artifact import save_distilled
 
     soft = to_distilled(scored["problem"], scored["problem"].initial_synthetic(), 0)
     soft.label_logits = label_logits(soft.labels, 10)

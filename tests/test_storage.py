@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddray.storage import check_uri, filesystem, join, where
+from ddray.store.storage import check_uri, filesystem, join, where
 
 
 @pytest.mark.parametrize("uri, what", [
@@ -52,7 +52,7 @@ def test_join_keeps_uris_and_paths_apart(tmp_path) -> None:  # type: ignore[no-u
 
 
 def test_tracking_uri_with_a_password_is_refused() -> None:
-    from ddray.tracking import TrackingUnavailable, check_tracking_reachable
+    from ddray.tracking.tracker import TrackingUnavailable, check_tracking_reachable
 
     with pytest.raises(TrackingUnavailable, match="user:password part") as e:
         check_tracking_reachable("http://ddray:hunter2-secret@127.0.0.1:9/")

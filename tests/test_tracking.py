@@ -26,8 +26,8 @@ from mlflow import MlflowClient
 import ddray
 from ddray.cli import main
 from ddray.config import load_config
-from ddray.tracking import (MlflowTracker, NullTracker, TrackingUnavailable, make_tracker, resolve_tracking_uri,
-                            tracked)
+from ddray.tracking.tracker import (MlflowTracker, NullTracker, TrackingUnavailable, make_tracker, resolve_tracking_uri,
+                                    tracked)
 
 TINY = ["--steps", "2", "--epochs", "1", "--ipc", "1", "--nets", "1", "--batch-size", "64", "--eval-nets", "2",
         "--no-scores"]
@@ -117,7 +117,7 @@ def test_load_runs_uri_from_cli_and_python(distill_run: Any, store: Store,
     assert main(["load", uri, "--nets", "2", "--json", "--no-scores"]) == 0
     r = json.loads(capsys.readouterr().out)
     d = ddray.load_distilled(uri)
-    from ddray.evaluation import evaluate_distilled, problem_for
+    from ddray.evaluation.held_out import evaluate_distilled, problem_for
 
     again = evaluate_distilled(problem_for(d), d, 2)  # the same two networks, trained from the downloaded set
     assert (r["n"], r["mean"], r["std"]) == (2, again.mean, again.std)
@@ -234,7 +234,7 @@ def test_metrics_are_written_in_batches_off_the_step(tmp_path: Path) -> None:
 def test_queued_metrics_survive_a_process_that_never_finishes_its_run(tmp_path: Path, ending: str) -> None:
     """A process that exits (or dies of an exception) without finish() still writes every queued step."""
     s = _store(tmp_path)
-    code = (f"from ddray.tracking import MlflowTracker\n"
+    code = (f"from ddray.tracking.tracker import MlflowTracker\n"
             f"t = MlflowTracker({s.uri!r}, 'ddray', run_name='no-finish', flush_s=3600)\n"
             f"for step in range(1, 31):\n"
             f"    t.log_metrics({{'loss': float(step)}}, step=step)\n"

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ddray.config import load_config
-from ddray.tracking import MlflowTracker, end_run, exit_status, tracked
+from ddray.tracking.tracker import MlflowTracker, end_run, exit_status, tracked
 
 
 @pytest.mark.parametrize("error, status", [

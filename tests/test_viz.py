@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddray.artifact import Distilled
 from ddray.data import CLASS_NAMES, DATASETS, class_names, register_dataset
-from ddray.viz import grid_array, grid_figure, grid_title, grid_view, row_label, save_grid, step_sizes
+from ddray.evaluation.viz import grid_array, grid_figure, grid_title, grid_view, row_label, save_grid, step_sizes
+from ddray.store.artifact import Distilled
 
 
 def make_set(steps: int, epochs: int, ipc: int, classes: int = 10, shape: tuple[int, int, int] = (1, 28, 28),

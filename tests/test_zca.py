@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddray.artifact import read_distilled, save_distilled
 from ddray.config import Config
 from ddray.core.images import Zca
 from ddray.data import Dataset, load_dataset
-from ddray.experts import ExpertSettings, load_experts, train_experts
-from ddray.problem import build_problem, to_distilled
-from ddray.sources import fitted_zca, load_data
-from ddray.viz import _pixels
+from ddray.evaluation.viz import _pixels
+from ddray.inputs.experts import ExpertSettings, load_experts, train_experts
+from ddray.inputs.problem import build_problem, to_distilled
+from ddray.inputs.sources import fitted_zca, load_data
+from ddray.store.artifact import read_distilled, save_distilled
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_the_artifact_carries_the_transform_and_consumers_use_it(tmp_path: Path)
     assert pix.min() >= 0 and pix.max() <= 1
     assert abs(float(pix.mean()) - float(unit.mean())) < 0.1
     # evaluation uses the set's own transform, even when the data would now fit another one
-    from ddray.evaluation import problem_for
+    from ddray.evaluation.held_out import problem_for
 
     other = replace(back, zca=Zca(back.zca.mean, back.zca.matrix * 2, back.zca.inverse / 2, 0.1))
     assert torch.equal(problem_for(other).data.zca.matrix, other.zca.matrix)

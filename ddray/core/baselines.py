@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from ddray.core.images import ImageSource
-from ddray.core.evaluate import EvalResult, evaluate_set, predict
 from ddray.core.inits import BASELINE, InitSampler, generator
+from ddray.core.protocol_dd import EvalResult, evaluate_set, predict
 from ddray.core.synthetic import class_labels
 from ddray.core.unroll import unroll
 

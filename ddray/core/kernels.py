@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from ddray.core.chunking import chunk_size, chunked_grad
+from ddray.core.batch_chunks import chunk_size, chunked_grad
 
 Params = dict[str, torch.Tensor]
 StepFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], Params]
@@ -112,7 +112,7 @@ def eager_step(model: nn.Module) -> StepFn:
 
 def eager_real_grad(model: nn.Module, chunk: int | None = None) -> GradFn:
     """Σₖ ∇θ ℓ(x, y; θ⁽ᵏ⁾) per network (first order, one network at a time, the batch in cache-sized
-    chunks: :mod:`ddray.core.chunking`) and Σₖ ℓ. ``chunk``: images per pass (default: by the cache)."""
+    chunks: :mod:`ddray.core.batch_chunks`) and Σₖ ℓ. ``chunk``: images per pass (default: by the cache)."""
 
     def real_grad(params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[Params, float]:
         k = next(iter(params.values())).shape[0]
@@ -167,7 +167,7 @@ class Kernels:
             with one warning where that is unavailable.
         device: where the kernels will run (decides which compiler is needed).
         chunk: images per pass of the real-batch gradient (default: cache-sized on CPU, the whole
-            batch on a GPU; :mod:`ddray.core.chunking`).
+            batch on a GPU; :mod:`ddray.core.batch_chunks`).
     """
 
     def __init__(self, model: nn.Module, compile: bool = False, device: torch.device | str = "cpu",

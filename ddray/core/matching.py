@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ddray.core.augment import apply_aug, sample_aug
-from ddray.core.chunking import chunked_embed, chunked_grad
+from ddray.core.batch_chunks import chunked_embed, chunked_grad
 from ddray.core.images import ImageSource, subset
 from ddray.core.inits import AUGMENT, DISTILL, NET_TRAIN, REAL_BATCH, InitSampler, generator
 from ddray.core.models import Params
@@ -192,7 +192,7 @@ class DistributionMatching(_PerClass):
     """DM meta-gradient ∂L_DM/∂x̃ for a share of a meta-step's networks (see the module docstring).
 
     DM's classes are independent, so each network embeds all classes' (augmented) real
-    images together, in cache-sized chunks on CPU (:mod:`ddray.core.chunking`; ``chunk``
+    images together, in cache-sized chunks on CPU (:mod:`ddray.core.batch_chunks`; ``chunk``
     images per forward if set), and all synthetic images in one forward.
     """
 

@@ -36,7 +36,7 @@ from ddray.core.unroll import MetaGrad, Rows, Transform, unroll_vjp
 
 
 class Expert(Protocol):
-    """An expert trajectory: its parameters after ``epoch`` epochs (``ddray.experts.Trajectory``)."""
+    """An expert trajectory: its parameters after ``epoch`` epochs (``ddray.inputs.experts.Trajectory``)."""
 
     @property
     def epochs(self) -> int: ...

@@ -55,7 +55,7 @@ class CompiledStep:
             return self.graph
         from ray.dag import InputNode
 
-        from ddray.chunks import assign
+        from ddray.core.net_chunks import assign
 
         fleet = self.fleet
         if len(fleet.servers) != 1:

@@ -1,13 +1,13 @@
 """The Ray driver: the outer distillation loop over an elastic fleet of workers and parameter servers.
 
-Same stages as :func:`ddray.distill.distill` — sample θ₀s → meta-gradients →
+Same stages as :func:`ddray.run.loop.distill` — sample θ₀s → meta-gradients →
 aggregate → apply → checkpoint → log — but the meta-gradients are computed by
 worker actors and the apply stage runs on parameter-server actors; the driver only
 submits tasks, reads small per-step statistics and logs. It computes nothing:
 evaluation (every ``--eval-every`` steps and at the end) and the baselines run on
 the workers too.
 
-* ``sync`` (default): meta-step s's chunks of networks (:mod:`ddray.chunks`) are
+* ``sync`` (default): meta-step s's chunks of networks (:mod:`ddray.core.net_chunks`) are
   handed to the workers alive at that moment; the server sums the chunks in chunk
   order, divides by K and takes one step — bitwise the single-process result,
   whatever joined or left. Meta-step s+1 is submitted before s finishes (it waits on
@@ -20,7 +20,7 @@ the workers too.
 The fleet starts once MIN workers are placed (waiting up to ``--placement-timeout``
 for an autoscaler), grows to MAX as nodes join, and shrinks as nodes leave; below MIN
 it waits for capacity, then stops with a checkpoint and says how to resume.
-Checkpoints have :mod:`ddray.state`'s format, so ``--resume`` continues a run made by
+Checkpoints have :mod:`ddray.run.state`'s format, so ``--resume`` continues a run made by
 either path.
 """
 
@@ -40,17 +40,17 @@ from tqdm import tqdm
 
 from ddray.config import Config
 from ddray.data import Dataset
-from ddray.lifecycle import (DistillResult, begin, checkpoint_location, evaluate_snapshot, finish, publish, run_dir,
-                             start_state, synthetic)
+from ddray.run.lifecycle import (DistillResult, begin, checkpoint_location, evaluate_snapshot, finish, publish, run_dir,
+                                 start_state, synthetic)
 from ddray.distributed.fleet import Fleet, Round
 from ddray.distributed.messages import StepStats, Version, synthetic_of
 from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes, connect, current_group,
                                          trial_layout, worker_resources)
 from ddray.distributed.pool import call_mapper, is_loss
 from ddray.distributed.shards import shard_layout
-from ddray.evaluation import run_baselines
-from ddray.problem import Problem, build_problem, to_distilled
-from ddray.tracking import NullTracker, Tracker
+from ddray.evaluation.held_out import run_baselines
+from ddray.inputs.problem import Problem, build_problem, to_distilled
+from ddray.tracking.tracker import NullTracker, Tracker
 
 log = logging.getLogger("ddray")
 LOOKAHEAD = 2  # meta-steps in flight in sync mode
@@ -272,7 +272,7 @@ def distill_ray(config: Config, tracker: Tracker | None = None, progress: bool =
                 baselines: bool = False) -> DistillResult:
     """Distil a data set with Ray worker actors and parameter servers (see the module docstring).
 
-    Args and result as :func:`ddray.distill.distill`. Connects to ``--address`` /
+    Args and result as :func:`ddray.run.loop.distill`. Connects to ``--address`` /
     $RAY_ADDRESS, else starts a local Ray (and shuts it down at the end). Nothing is
     written before MIN workers are placed.
     """

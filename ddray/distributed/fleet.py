@@ -4,7 +4,7 @@ A :class:`Fleet` has MAX worker slots (:mod:`.slots`) with a worker actor in eac
 placed one (:mod:`.pool`), and J parameter-server shards riding, with no resources
 of their own, in the bundles of alive workers (so they never land on a head node
 that has no CPUs). A synchronous meta-step (a :class:`Round`) hands the step's chunks
-(:mod:`ddray.chunks`) to the workers alive at that moment, in contiguous runs, and
+(:mod:`ddray.core.net_chunks`) to the workers alive at that moment, in contiguous runs, and
 never fetches a gradient on the driver. When a worker is lost, the chunks it held
 are recomputed by the others (the ones that finished are kept); a worker that joins
 takes chunks from the next meta-step on. A parameter server that died — restarted
@@ -25,8 +25,8 @@ import ray
 from ray import ObjectRef
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
-from ddray.chunks import assign, net_chunks
 from ddray.config import Config
+from ddray.core.net_chunks import assign, net_chunks
 from ddray.distributed.messages import GradShare, ServerInfo, StepStats, Version, merge_states
 from ddray.distributed.param_server import ParamServerActor
 from ddray.distributed.placement import TrialLayout, WorkerResources
@@ -34,7 +34,7 @@ from ddray.distributed.pool import Job, RemoteWorker, WorkerPool, actor_options,
 from ddray.distributed.shards import Shard
 from ddray.distributed.slots import Slots
 from ddray.distributed.worker import InStore
-from ddray.state import RunState
+from ddray.run.state import RunState
 from ddray.threads import worker_env
 
 log = logging.getLogger("ddray")

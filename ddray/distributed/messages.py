@@ -7,7 +7,7 @@ Every payload is a frozen dataclass of numpy arrays / tensors and plain numbers:
 * :class:`GradShare` — what a worker sends back: the meta-gradient of one *chunk* of a
   meta-step's networks for one shard; the server sums the chunks in chunk order;
 * :class:`ShardState` — what a shard checkpoints and restores: its part of a
-  :class:`ddray.state.RunState`;
+  :class:`ddray.run.state.RunState`;
 * :class:`StepStats` — what a shard reports for each update it applies;
 * :class:`ServerInfo`, :class:`WorkerInfo` — who answers a health check: its process and node.
 
@@ -25,13 +25,13 @@ import numpy as np
 
 from ddray.config import Config
 from ddray.distributed.shards import Shard
-from ddray.state import RunState
+from ddray.run.state import RunState
 
 if TYPE_CHECKING:  # imported where states are sliced, so that simulated workers never load torch
     import torch
 
     from ddray.core.synthetic import SyntheticSet
-    from ddray.problem import Problem
+    from ddray.inputs.problem import Problem
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Version:
 class GradShare:
     """Σ over one chunk's networks of ∂ℓ/∂(x̃[:, lo:hi], ρ), computed at version ``step``.
 
-    ``chunk`` is the chunk's index within the meta-step (:func:`ddray.chunks.net_chunks`);
+    ``chunk`` is the chunk's index within the meta-step (:func:`ddray.core.net_chunks.net_chunks`);
     the server adds the chunks in that order, so the sum does not depend on which
     worker computed which chunk. ``loss`` is Σ of the outer loss over the chunk's
     ``nets`` networks (divide by K to average).
@@ -65,7 +65,7 @@ class GradShare:
 
 @dataclass(frozen=True)
 class ShardState:
-    """One shard's part of a :class:`~ddray.state.RunState` (tensors are copies)."""
+    """One shard's part of a :class:`~ddray.run.state.RunState` (tensors are copies)."""
 
     step: int
     images: torch.Tensor  # (S, hi−lo, C, H, W)

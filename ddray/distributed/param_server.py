@@ -10,7 +10,7 @@ shards update exactly what one server would.
 
 Sync mode sums the :class:`~.messages.GradShare` of every chunk of a meta-step in
 chunk order — whichever workers computed them — divides by K and takes one step:
-exactly what :func:`ddray.chunks.step_gradient` does in one process.
+exactly what :func:`ddray.core.net_chunks.step_gradient` does in one process.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 
 from ddray.core.synthetic import OuterOptimizer, SyntheticSet
 from ddray.distributed.messages import (GradShare, ServerInfo, ShardState, StepStats, Version, merge_states,
-                                       slice_state)
+                                        slice_state)
 from ddray.distributed.shards import Shard
-from ddray.state import RunState, load_state, save_state
+from ddray.run.state import RunState, load_state, save_state
 
 if TYPE_CHECKING:
     from ddray.config import Config
@@ -39,7 +39,7 @@ class ParamServer:
     Args:
         state: this shard's part of the run state (:func:`.messages.slice_state`).
         shard: which block of classes it owns.
-        config: the run config (the outer optimiser: :meth:`ddray.problem.Problem.outer_optimizer`'s
+        config: the run config (the outer optimiser: :meth:`ddray.inputs.problem.Problem.outer_optimizer`'s
             settings; K = ``nets``; ``iterations``; async ``max_staleness``).
     """
 
@@ -168,7 +168,7 @@ def restart_state(storage: str, config: "Config", start: int) -> RunState:
     if start > 0:
         raise RuntimeError(f"parameter server: no checkpoint visible in {storage} from this node; "
                            "use storage all nodes share (a shared path or a URI)")
-    from ddray.problem import build_problem
+    from ddray.inputs.problem import build_problem
 
     return RunState.initial(build_problem(config))
 

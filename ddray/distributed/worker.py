@@ -3,7 +3,7 @@
 :class:`MetaGradWorker` maps the real data from the object store — the driver puts it
 there once, and every worker of a node reads that node's one read-only copy without
 copying it (uint8, normalised per batch) — or, without it (``--data-cache-mb``), loads
-the data itself; it calls the core objective once per chunk (:mod:`ddray.chunks`): all
+the data itself; it calls the core objective once per chunk (:mod:`ddray.core.net_chunks`): all
 randomness of a chunk is derived from (run seed, step, net index, chunk), so a chunk
 gives the same gradient on any worker and a recomputed chunk equals the lost one.
 It also trains held-out networks on a version of the synthetic set
@@ -30,7 +30,7 @@ from ddray.distributed.shards import Shard
 
 if TYPE_CHECKING:
     from ddray.config import Config
-    from ddray.evaluation import EvalJob
+    from ddray.evaluation.held_out import EvalJob
 
 Chunk = tuple[int, list[int]]  # (chunk index, the net indices in it)
 
@@ -77,7 +77,7 @@ class MetaGradWorker:
         import torch
 
         from ddray.data import Dataset
-        from ddray.problem import build_problem
+        from ddray.inputs.problem import build_problem
         from ddray.threads import apply_threads
 
         apply_threads(max(1, threads))  # intra-op = the CPUs Ray assigned, one inter-op thread
@@ -98,7 +98,7 @@ class MetaGradWorker:
 
     @property
     def objective(self) -> Any:
-        """The method's meta-gradient (:data:`ddray.problem.OBJECTIVES`), built on first use."""
+        """The method's meta-gradient (:data:`ddray.inputs.problem.OBJECTIVES`), built on first use."""
         if self._objective is None:
             objective = self.problem.objective()
             self._objective = objective.to(self.device) if self.device.type != "cpu" else objective
@@ -108,7 +108,7 @@ class MetaGradWorker:
         """Each chunk's Σ of ∂ℓ/∂(x̃, ρ) at ``versions`` (one per shard) → per shard, one GradShare per chunk."""
         import torch
 
-        from ddray.chunks import chunk_gradient
+        from ddray.core.net_chunks import chunk_gradient
 
         if any(v.step != step for v in versions):
             raise RuntimeError(f"worker {self.index}: meta-step {step} was given versions "
@@ -127,8 +127,8 @@ class MetaGradWorker:
 
     def predict(self, job: "EvalJob", ids: list[int], versions: list[Version]) -> np.ndarray:
         """Held-out networks ``ids`` trained on the set of ``versions`` → test predictions (len(ids), M)."""
-        from ddray.evaluation import predict_nets
-        from ddray.problem import to_distilled
+        from ddray.evaluation.held_out import predict_nets
+        from ddray.inputs.problem import to_distilled
 
         d = to_distilled(self.problem, synthetic_of(versions, self.problem), versions[0].step)
         return predict_nets(self.problem, d, job, ids).cpu().numpy()

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from ddray.storage import filesystem, has_entries, is_uri, join, read_text, without_directory_markers, write_text
-from ddray.tracking import end_run, finishing, make_tracker
+from ddray.store.storage import filesystem, has_entries, is_uri, join, read_text, without_directory_markers, write_text
+from ddray.tracking.tracker import end_run, finishing, make_tracker
 from ddray.tune.spec import TuneSpec
 from ddray.tune.summary import SearchSummary, summarize
 from ddray.tune.trial import FINISHED, STOPPED_EARLY, TIME_ATTR, tune_trial
@@ -27,7 +27,7 @@ STATE_FILE = "ddray_tune.json"  # in the experiment directory: the MLflow parent
 
 def _close_trial_runs_callback(tracking_uri: str | None) -> Any:
     """A Tune callback that ends a trial's MLflow run when Tune stops it (ASHA) or it errors
-    (:func:`ddray.tracking.end_run`: the trial's own process could not)."""
+    (:func:`ddray.tracking.tracker.end_run`: the trial's own process could not)."""
     from ray import tune
 
     class CloseTrialRuns(tune.Callback):
@@ -84,7 +84,7 @@ def _make_scheduler(spec: TuneSpec) -> Any:
 
 def _tune_storage(spec: TuneSpec) -> tuple[Any, str]:
     """(pyarrow filesystem or None, storage path for Tune): a URI goes through ddray's own S3 settings
-    (endpoint, path-style addressing, credentials from the environment: :mod:`ddray.storage`)."""
+    (endpoint, path-style addressing, credentials from the environment: :mod:`ddray.store.storage`)."""
     if is_uri(spec.storage_path):
         fs, path = filesystem(str(spec.storage_path), "--storage-path")
         return (without_directory_markers(fs) if fs.type_name == "s3" else fs), path
@@ -124,7 +124,7 @@ def run_search(spec: TuneSpec, resume: bool | str = False, verbose: int = 1) -> 
                              "with --resume, or change name / storage_path")
         state = {}
     if not ray.is_initialized():  # --address / $RAY_ADDRESS, else Ray's own discovery or a new local Ray
-        from ddray.tracking import tracking_runtime_env
+        from ddray.tracking.tracker import tracking_runtime_env
 
         address = spec.fixed.cluster.address or os.environ.get("RAY_ADDRESS") or None
         try:

@@ -4,7 +4,7 @@ A search file (every key but ``search`` is optional)::
 
     name: mnist5k_quick           # Tune directory and MLflow parent-run name (default: the file's stem)
     storage_path: runs/tune       # Tune results + trial checkpoints go to STORAGE_PATH/NAME (a path or a
-                                  # URI such as s3://bucket/prefix, see ddray/storage.py)
+                                  # URI such as s3://bucket/prefix, see ddray/store/storage.py)
     fixed:                        # the run config every trial starts from (a distill YAML's sections)
       distill: {iterations: 60}
       run: {eval_every: 20, eval_nets: 10}
@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ddray.config import FIELD_SECTION, SECTIONS, Config
-from ddray.storage import check_uri, is_uri, join
-from ddray.tracking import resolve_tracking_uri
+from ddray.store.storage import check_uri, is_uri, join
+from ddray.tracking.tracker import resolve_tracking_uri
 from ddray.validation import (each, error, is_int, is_number, nonneg_number, one_of, positive_int, positive_number,
                               read_yaml, reported_as, require)
 

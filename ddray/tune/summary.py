@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from ddray.storage import is_uri, join, write_bytes
+from ddray.store.storage import is_uri, join, write_bytes
 from ddray.tune.report import write_report
 from ddray.tune.results import TrialRow, trial_rows
 from ddray.tune.spec import TuneSpec

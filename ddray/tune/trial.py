@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ddray.config import Config
-from ddray.tracking import Tracker, finishing, log_final_checkpoint, make_tracker
+from ddray.tracking.tracker import Tracker, finishing, log_final_checkpoint, make_tracker
 from ddray.tune.spec import TuneSpec
 
 if TYPE_CHECKING:
-    from ddray.lifecycle import DistillResult
+    from ddray.run.lifecycle import DistillResult
 
 TIME_ATTR = "step"  # the scheduler's clock: meta-steps done
 TRIAL_FILE = "trial.json"  # in every trial checkpoint: the trial's MLflow run, for resumed trials
@@ -55,7 +55,7 @@ def _tune_checkpoint(out: Path, state: dict[str, Any], final: bool = False) -> A
     """A ray.tune.Checkpoint of the run directory: newest ddray checkpoint (+ distilled data when final)."""
     from ray import tune
 
-    from ddray.checkpoint import list_checkpoints
+    from ddray.store.checkpoint import list_checkpoints
 
     tmp = Path(tempfile.mkdtemp(prefix="ddray-ckpt-"))
     found = [p for p in list_checkpoints(out / "checkpoints") if isinstance(p, Path)]

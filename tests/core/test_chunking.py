@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ddray.core.chunking import CACHE_BYTES, chunk_size, chunked_embed, chunked_grad, largest_activation_bytes
+from ddray.core.batch_chunks import CACHE_BYTES, chunk_size, chunked_embed, chunked_grad, largest_activation_bytes
 from ddray.core.kernels import Kernels
 from ddray.core.models import ConvNet, LeNet, init_params
 from ddray.core.unroll import meta_gradient

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddray.core.protocol import ProtocolDC, predict_protocol_dc, soft_label_loss
+from ddray.core.protocol_dc import ProtocolDC, predict_protocol_dc, soft_label_loss
 from ddray.core.synthetic import LABEL_CONFIDENCE, OuterOptimizer, SyntheticSet, label_logits
 from ddray.core.unroll import meta_gradient, targets, unroll
 

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-import ddray.core.protocol as protocol_module
 from ddray.core.models import ConvNet, build_model
-from ddray.core.protocol import ProtocolDC, evaluate_protocol_dc, lr_at, train_one
+import ddray.core.protocol_dc as protocol_module
+from ddray.core.protocol_dc import ProtocolDC, evaluate_protocol_dc, lr_at, train_one
 from ddray.data import Dataset, load_dataset
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from ddray.config import load_config
 from ddray.core.synthetic import SyntheticSet, class_labels, inverse_softplus
-from ddray.distill import distill
-from ddray.problem import build_problem
+from ddray.inputs.problem import build_problem
+from ddray.run.loop import distill
 
 
 def test_inverse_softplus_gives_the_initial_step_size() -> None:

@@ -17,8 +17,8 @@ from ddray.config import Config
 from ddray.core.images import Images
 from ddray.data import Dataset, load_dataset
 from ddray.data.rows import GROUP_ROWS, bounded
-from ddray.distill import distill
-from ddray.problem import build_problem
+from ddray.inputs.problem import build_problem
+from ddray.run.loop import distill
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_the_copy_on_a_storage_uri_serves_every_process(mnist: Dataset, tmp_path
     Ray worker) as its file and positions."""
     import pickle
 
-    from ddray.storage import filesystem
+    from ddray.store.storage import filesystem
 
     fs, base = filesystem(f"file://{tmp_path / 'bucket'}")
     small = bounded(mnist, 1, tmp_path / "unused", (fs, base))

@@ -12,7 +12,7 @@ import pytest
 from dist_support import tiny
 
 from ddray.cli import main
-from ddray.distill import distill
+from ddray.run.loop import distill
 
 FAST = ["--dataset", "mnist5k", "--steps", "2", "--epochs", "1", "--batch-size", "64", "--nets", "2",
         "--eval-nets", "2", "--no-tracking", "--no-progress", "--no-scores"]

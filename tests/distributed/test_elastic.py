@@ -23,7 +23,7 @@ import torch
 
 from dist_support import NO_FORWARD_HERE
 
-from ddray.artifact import read_distilled
+from ddray.store.artifact import read_distilled
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from dist_support import no_forward_here, tiny
 
 from ddray.cli import main
-from ddray.distill import distill
+from ddray.run.loop import distill
 
 COMMON = ["--no-tracking", "--no-progress"]
 POOL = ["--workers", "2", "--cpus-per-worker", "1"]
@@ -31,8 +31,8 @@ def distilled(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_evaluate_on_workers_equals_evaluate_here(distilled: Path, capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Two chunks of 3 networks on two workers = the same two chunks trained here, with one thread each."""
-    from ddray.artifact import read_distilled
-    from ddray.evaluation import evaluate_distilled, problem_for
+    from ddray.evaluation.held_out import evaluate_distilled, problem_for
+    from ddray.store.artifact import read_distilled
 
     d = read_distilled(distilled)
     n = torch.get_num_threads()

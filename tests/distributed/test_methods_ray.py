@@ -13,8 +13,8 @@ from dist_support import tiny
 
 from ddray.cli import main
 from ddray.config import Config
-from ddray.distill import distill
 from ddray.distributed.driver import distill_ray
+from ddray.run.loop import distill
 
 # DD-only options (steps, epochs, batch_size) back at their defaults
 METHOD = dict(model="convnet", width=8, real_per_class=16, eval_nets=1, eval_epochs=5, steps=10, epochs=3,

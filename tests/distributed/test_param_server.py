@@ -11,7 +11,7 @@ from ddray.core.synthetic import OuterOptimizer, SyntheticSet, class_labels
 from ddray.distributed.messages import GradShare, ShardState, merge_states, slice_state
 from ddray.distributed.param_server import ParamServer
 from ddray.distributed.shards import Shard, shard_layout
-from ddray.state import RunState
+from ddray.run.state import RunState
 
 S, C, IPC, E = 2, 4, 2, 2  # steps, classes, images per class, epochs → x̃ (2, 8, 1, 5, 5), ρ (4,)
 CONFIG = Config.from_dict({"steps": S, "epochs": E, "ipc": IPC, "nets": 4, "iterations": 10, "lr": 0.01,
@@ -68,7 +68,7 @@ def test_sync_apply_matches_outer_optimizer_bitwise() -> None:
 
 
 def test_chunks_are_summed_in_chunk_order_whatever_order_they_arrive_in() -> None:
-    """The sum is (g0 + g1) + g2 as ddray.chunks.step_gradient adds them, bitwise, in any arrival order."""
+    """The sum is (g0 + g1) + g2 as ddray.core.net_chunks.step_gradient adds them, bitwise, in any arrival order."""
     gs = [grad(10 + c, nets=1, chunk=c) for c in range(3)]
     syn, opt = fresh()
     total = (torch.from_numpy(gs[0].images) + torch.from_numpy(gs[1].images)) + torch.from_numpy(gs[2].images)

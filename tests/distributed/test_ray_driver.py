@@ -16,11 +16,11 @@ import torch
 
 from dist_support import named_actor, tiny
 
-from ddray.artifact import read_distilled
-from ddray.checkpoint import list_checkpoints
-from ddray.distill import distill
-from ddray.lifecycle import DistillResult
 from ddray.distributed.driver import distill_ray
+from ddray.run.lifecycle import DistillResult
+from ddray.run.loop import distill
+from ddray.store.artifact import read_distilled
+from ddray.store.checkpoint import list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ def test_cli_driver_sigkilled_then_resumed_is_bitwise(ray_local: Any, tmp_path: 
     import sys
     import time
 
-    from ddray.artifact import read_distilled
     from ddray.cli import main
+    from ddray.store.artifact import read_distilled
 
     steps = 40
     reference = distill_ray(tiny(tmp_path / "ref", iterations=steps), progress=False)

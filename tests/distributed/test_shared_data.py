@@ -15,11 +15,11 @@ from PIL import Image
 from dist_support import tiny
 
 from ddray.data import load_dataset
-from ddray.distill import distill
 from ddray.distributed.driver import distill_ray
 from ddray.distributed.pool import RemoteWorker
 from ddray.distributed.shards import shard_layout
 from ddray.distributed.worker import InStore
+from ddray.run.loop import distill
 
 
 def test_two_workers_map_the_one_copy_in_the_object_store(ray_local: Any) -> None:

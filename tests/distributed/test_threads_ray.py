@@ -16,7 +16,7 @@ from ddray.core.synthetic import OuterOptimizer, SyntheticSet, class_labels
 from ddray.distributed.fleet import Fleet
 from ddray.distributed.placement import WorkerResources
 from ddray.distributed.shards import Shard
-from ddray.state import RunState
+from ddray.run.state import RunState
 from ddray.threads import worker_env
 
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from ddray.chunks import assign, net_chunks, step_gradient
+from ddray.core.net_chunks import assign, net_chunks, step_gradient
 from ddray.distributed.messages import Version, slice_state
 from ddray.distributed.param_server import ParamServer
 from ddray.distributed.shards import shard_layout
 from ddray.distributed.worker import MetaGradWorker, SimulatedWorker, async_loop
-from ddray.evaluation import eval_job, evaluate_distilled
-from ddray.problem import build_problem
-from ddray.state import RunState
+from ddray.evaluation.held_out import eval_job, evaluate_distilled
+from ddray.inputs.problem import build_problem
+from ddray.run.state import RunState
 
 from dist_support import tiny
 
@@ -78,8 +78,8 @@ def test_a_chunk_is_the_same_on_any_worker(setup: tuple) -> None:
 
 def test_evaluation_chunks_on_a_worker_equal_the_local_evaluation(setup: tuple) -> None:
     cfg, problem, layout, state, worker, versions = setup
-    from ddray.lifecycle import synthetic
-    from ddray.problem import to_distilled
+    from ddray.inputs.problem import to_distilled
+    from ddray.run.lifecycle import synthetic
 
     d = to_distilled(problem, synthetic(problem, state), 0)
     local = evaluate_distilled(problem, d, 5)

@@ -2,7 +2,7 @@
 
 The bucket is served by ``rclone serve s3`` on 127.0.0.1 (:func:`servers.s3_server`); the
 tables go in with boto3, as a user would upload them; ddray reads them with the
-filesystem that :func:`ddray.storage.filesystem` makes from the AWS_* environment.
+filesystem that :func:`ddray.store.storage.filesystem` makes from the AWS_* environment.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from botocore.config import Config
 from PIL import Image
 
 from ddray.data import parquet
-from ddray.storage import filesystem
+from ddray.store.storage import filesystem
 from servers import S3_CLIENT_COMPAT, s3_server
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from tune_support import REPO
 
-from ddray.sources import load_data
+from ddray.inputs.sources import load_data
 from ddray.tune.spec import load_tune_spec
 
 SPEC = REPO / "tune_configs" / "cifar10_dd.yaml"

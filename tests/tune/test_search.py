@@ -20,9 +20,9 @@ import pytest
 from mlflow import MlflowClient
 from tune_support import make_store, runs, tiny_spec, write
 
-from ddray.artifact import read_distilled
 from ddray.cli import main
 from ddray.config import load_config
+from ddray.store.artifact import read_distilled
 from ddray.tune.search import run_search
 from ddray.tune.spec import parse_tune_spec
 
@@ -179,7 +179,7 @@ def test_resume_restarts_errored_trials(ray_session: None, tmp_path: Path) -> No
     assert parent.info.status == "FAILED"
 
     from ddray.data import load_dataset
-    from ddray.pretrain import pretrain
+    from ddray.inputs.pretrain import pretrain
 
     pretrain(load_dataset("mnist5k"), "lenet", "xavier", nets=1, epochs=1, out=pool, progress=False)
     summary = run_search(spec, resume=True, verbose=0)
@@ -204,8 +204,8 @@ def test_failed_trial_continues_from_its_tune_checkpoint_on_the_ray_driver(ray_s
         """
         import time
 
-        import ddray.tune.trial as dt
         from ddray.distributed.driver import trial_group
+        import ddray.tune.trial as dt
 
         orig = dt.__dict__.setdefault("_orig_run_trial_distillation", dt.run_trial_distillation)
 

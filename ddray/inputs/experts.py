@@ -51,13 +51,13 @@ from tqdm import tqdm
 
 from ddray._version import __version__
 from ddray.config import INIT_SCHEMES, DataConfig
-from ddray.core.images import ImageSource
 from ddray.core.augment import parse_strategy
+from ddray.core.images import ImageSource
 from ddray.core.inits import EXPERT, generator
 from ddray.core.models import MODEL_REGISTRY, Params, build_model, init_params
-from ddray.artifact import write_json_atomic
 from ddray.data import Dataset
-from ddray.storage import write_atomic
+from ddray.store.artifact import write_json_atomic
+from ddray.store.storage import write_atomic
 from ddray.validation import (each, is_int, is_number, nonneg_int, nonneg_number, one_of, positive_int, positive_number,
                               require)
 
@@ -341,7 +341,7 @@ def expert_job(source: DataConfig, settings: ExpertSettings, index: int) -> tupl
     """Expert ``index`` trained where this runs (a Ray worker): loads the data set, augments as
     ``settings.dsa_strategy`` says → (trajectory, test accuracy)."""
     from ddray.core.augment import augment
-    from ddray.sources import load_data
+    from ddray.inputs.sources import load_data
 
     data = load_data(source)
     strategy = settings.dsa_strategy

@@ -19,7 +19,7 @@ DD-Ranking's code (``ddranking/metrics/*.py``, 0.2.0) applies the exponential to
 differences of accuracies in percent, which its paper and README define on fractions;
 ddray follows the paper, so LRS and ARS stay in [0, 1].
 
-Every accuracy comes from the DC line's protocol (:class:`ddray.core.protocol.ProtocolDC`:
+Every accuracy comes from the DC line's protocol (:class:`ddray.core.protocol_dc.ProtocolDC`:
 the run's ``--eval-epochs`` and ``--eval-nets``, DSA on for "aug", off for "no aug"),
 whatever the set's own protocol, so sets of every method are scored alike. The set,
 the random subset and the full training split train the same held-out networks (net i
@@ -132,19 +132,6 @@ def summarise_scores(acc: Accuracies, lr: dict[str, float], set_bytes: int, labe
 # ----------------------------------------------------------------------------- learning-rate selection
 
 
-def parse_lrs(text: str | Sequence[float], option: str = "--score-lrs") -> tuple[float, ...]:
-    """``"0.001,0.01"`` (or a sequence) → (0.001, 0.01); ValueError naming ``option`` otherwise."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        lrs = tuple(float(x) for x in items)
-    except (TypeError, ValueError):
-        lrs = ()
-    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
-        raise ValueError(f"{option}: invalid value {text!r}; expected comma-separated learning rates > 0, "
-                         "e.g. 0.001,0.005,0.01,0.05,0.1 (DD-Ranking's search)")
-    return lrs
-
-
 Trainer = Callable[[float | None], Sequence[float]]  # lr (None: the set's own) → per-network accuracies
 
 
@@ -176,14 +163,14 @@ class FullDataCache:
     hits: int = field(default=0, init=False)
 
     def path(self, key: dict[str, Any]) -> str | Path:
-        from ddray.storage import join
+        from ddray.store.storage import join
 
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
         return join(self.location, f"{digest}.json")
 
     def get(self, key: dict[str, Any]) -> tuple[float, list[float]] | None:
         """(lr, accuracies) stored for ``key``, or None."""
-        from ddray.storage import read_text
+        from ddray.store.storage import read_text
 
         try:
             text = read_text(self.path(key), "--storage")
@@ -196,7 +183,7 @@ class FullDataCache:
         return float(entry["lr"]), [float(a) for a in entry["accuracies"]]
 
     def put(self, key: dict[str, Any], lr: float, accuracies: Sequence[float]) -> None:
-        from ddray.storage import write_text
+        from ddray.store.storage import write_text
 
         entry = {"key": key, "lr": lr, "accuracies": list(accuracies)}
         try:

@@ -19,13 +19,13 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from ddray._version import __version__
-from ddray.artifact import write_json_atomic
-from ddray.core.evaluate import predict
+from ddray.config import DataConfig
 from ddray.core.inits import PRETRAIN, generator
 from ddray.core.models import Params, build_model, init_params
-from ddray.config import DataConfig
+from ddray.core.protocol_dd import predict
 from ddray.data import Dataset
-from ddray.problem import POOL_META
+from ddray.inputs.problem import POOL_META
+from ddray.store.artifact import write_json_atomic
 
 
 def train_network(model: torch.nn.Module, params: Params, data: Dataset, epochs: int, lr: float,
@@ -90,7 +90,7 @@ def pretrain(data: Dataset, model_name: str, scheme: str, nets: int, epochs: int
 def pretrain_job(source: DataConfig, model_name: str, scheme: str, seed: int, index: int, epochs: int, lr: float,
                  batch_size: int) -> Params:
     """Network ``index`` of a pool trained where this runs (a Ray worker, which loads the data set)."""
-    from ddray.sources import load_data
+    from ddray.inputs.sources import load_data
 
     data = load_data(source)
     return pool_network(data, model_name, scheme, seed, index, epochs, lr, batch_size)

@@ -7,7 +7,7 @@ CLI process, in a Ray Tune trial actor and after a restart). :func:`make_tracker
 builds the right one from a :class:`~ddray.config.RunConfig`, and :func:`tracked`
 wraps a command so its run ends FINISHED, FAILED or KILLED.
 
-Metrics are written in batches off the caller's critical path (:mod:`ddray.batch_writer`):
+Metrics are written in batches off the caller's critical path (:mod:`ddray.tracking.batch_writer`):
 :meth:`MlflowTracker.log_metrics` queues them and a background thread writes what has
 gathered every ``flush_s`` seconds; :meth:`MlflowTracker.finish`, pickling the tracker
 and the interpreter's exit write whatever is still queued.
@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
-from ddray.batch_writer import BatchWriter
+from ddray.tracking.batch_writer import BatchWriter
 
 if TYPE_CHECKING:
     from ddray.config import Config
@@ -454,7 +454,7 @@ def end_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = No
 
 def log_final_checkpoint(tracker: Tracker, config: "Config", out: str | Path) -> Path | None:
     """Log the newest checkpoint (and its digest) of a run under ``checkpoint/``; returns it or None."""
-    from ddray.checkpoint import list_checkpoints
+    from ddray.store.checkpoint import list_checkpoints
 
     storage = config.run.storage
     if storage and "://" in storage and not storage.startswith("file://"):
@@ -505,7 +505,7 @@ def download_distilled(uri: str, tracking_uri: str | None = None) -> Path:
         names = {Path(f.path).name for f in client.list_artifacts(run_id, artifact_path)}
     except Exception as e:
         raise ValueError(f"{uri}: cannot list the run's artifacts ({str(e).splitlines()[0]})") from None
-    from ddray.artifact import DATA_FILE, META_FILE
+    from ddray.store.artifact import DATA_FILE, META_FILE
 
     if not {DATA_FILE, META_FILE} <= names:
         raise ValueError(f"{uri}: the run holds no distilled data (no {artifact_path}/{DATA_FILE} and "

@@ -2,9 +2,9 @@
 
 :func:`distill` runs it here; the Ray driver (:mod:`ddray.distributed.driver`) swaps the
 meta-gradient stage for worker actors and the apply stage for parameter servers, around the
-same objective, chunks (:mod:`ddray.chunks`) and optimiser, so both give the same synthetic set
+same objective, chunks (:mod:`ddray.core.net_chunks`) and optimiser, so both give the same synthetic set
 bit for bit. What both share — where a run's files go, which state it starts from, how it ends —
-is :mod:`ddray.lifecycle`.
+is :mod:`ddray.run.lifecycle`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ddray.chunks import net_chunks, step_gradient
 from ddray.config import Config
-from ddray.evaluation import run_baselines
-from ddray.lifecycle import (DistillResult, begin, checkpoint_location, evaluate_snapshot, finish, publish, run_dir,
-                             start_state, synthetic)
-from ddray.problem import build_problem, to_distilled
-from ddray.state import RunState, save_state
-from ddray.tracking import NullTracker, Tracker
+from ddray.core.net_chunks import net_chunks, step_gradient
+from ddray.evaluation.held_out import run_baselines
+from ddray.run.lifecycle import (DistillResult, begin, checkpoint_location, evaluate_snapshot, finish, publish, run_dir,
+                                 start_state, synthetic)
+from ddray.inputs.problem import build_problem, to_distilled
+from ddray.run.state import RunState, save_state
+from ddray.tracking.tracker import NullTracker, Tracker
 
 
 def threads_as_worker(config: Config) -> None:
@@ -49,7 +49,7 @@ def distill(config: Config, tracker: Tracker | None = None, progress: bool = Tru
             (continue ``--out``'s run if it has a checkpoint of this config, else start fresh).
         on_step: called with (step, metrics) after each meta-step (e.g. Ray Tune reporting).
         baselines: also build and evaluate the real-image baselines of the same budget
-            (:func:`ddray.evaluation.run_baselines`; written to OUT/baselines/).
+            (:func:`ddray.evaluation.held_out.run_baselines`; written to OUT/baselines/).
     """
     tracker = tracker or NullTracker()
     out = run_dir(config, resume)

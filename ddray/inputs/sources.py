@@ -4,7 +4,7 @@ Every process that needs the real data — the local loop, the Ray driver and wo
 ``evaluate``, ``pretrain``, ``experts`` — loads it through :func:`load_data`, so all of them
 see the same images:
 
-* Parquet under ``s3://bucket/prefix`` is read through :func:`ddray.storage.filesystem`
+* Parquet under ``s3://bucket/prefix`` is read through :func:`ddray.store.storage.filesystem`
   (the credentials and endpoint of ``--storage``);
 * the user's files are decoded once into the uint8 cache (``--cache-dir``);
 * ``--zca`` fits the whitening on the training split once and keeps it in the cache,
@@ -28,7 +28,7 @@ def load_data(data: DataConfig, storage: str | None = None) -> Dataset:
     ``storage``: the run's ``--storage``; when it is a URI, the ``--data-cache-mb`` copy lives there (one copy
     for all nodes) instead of under each node's cache directory.
     """
-    from ddray.storage import filesystem, is_uri
+    from ddray.store.storage import filesystem, is_uri
 
     root, fs = data.data_root, None
     if root is not None and is_uri(root):
@@ -58,7 +58,7 @@ def fitted_zca(ds: Dataset, eps: float, cache_dir: str | None = None) -> Zca:
     """The ZCA transform of ``ds``'s training split (``--zca-eps`` ``eps``), read from the cache when fitted before."""
     from safetensors.torch import load_file, save
 
-    from ddray.storage import write_atomic
+    from ddray.store.storage import write_atomic
 
     h = hashlib.sha256(f"zca-v1 eps={eps!r} mean={ds.mean} std={ds.std}".encode())
     raw = ds.x_train.take_raw(slice(None))

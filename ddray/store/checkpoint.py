@@ -17,7 +17,7 @@ understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``, ``abfs://``, …):
   single upload, which the store makes visible atomically — there is no rename.
 
 How a URI becomes a filesystem (S3 endpoint, path-style addressing, credentials from
-the environment) and how its errors read: :mod:`ddray.storage`. A storage that cannot
+the environment) and how its errors read: :mod:`ddray.store.storage`. A storage that cannot
 be used (wrong credentials, endpoint down, no bucket) is a one-line ``ValueError``
 naming the URI and the endpoint.
 """
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ddray._version import __version__
-from ddray.storage import filesystem, is_uri, storage_error, write_atomic
+from ddray.store.storage import filesystem, is_uri, storage_error, write_atomic
 
 PATTERN = re.compile(r"^step-(\d+)\.pt$")
 KEEP = 3

@@ -1,4 +1,4 @@
-"""A run's lifecycle, shared by the single-process loop (:mod:`ddray.distill`) and the Ray driver
+"""A run's lifecycle, shared by the single-process loop (:mod:`ddray.run.loop`) and the Ray driver
 (:mod:`ddray.distributed.driver`): where its files go (run directory, checkpoint location), which state it
 starts from (fresh, ``--resume DIR``, ``--resume auto``), and how it ends (artifact, evaluation and scores,
 tracking, publishing to a URI ``--storage``). Neither loop imports the other's helpers; both import these.
@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ddray.artifact import Distilled, save_distilled
-from ddray.checkpoint import is_uri, list_checkpoints
 from ddray.config import Config
-from ddray.core.evaluate import EvalResult
+from ddray.core.protocol_dd import EvalResult
 from ddray.core.synthetic import SyntheticSet, class_labels
-from ddray.evaluation import Predictor, evaluate_distilled, score_distilled
-from ddray.problem import Problem, to_distilled
-from ddray.scores import Scores
-from ddray.state import RunState, load_state, resume_differences
-from ddray.tracking import Tracker
+from ddray.evaluation.held_out import Predictor, evaluate_distilled, score_distilled
+from ddray.evaluation.scores import Scores
+from ddray.inputs.problem import Problem, to_distilled
+from ddray.run.state import RunState, load_state, resume_differences
+from ddray.store.artifact import Distilled, save_distilled
+from ddray.store.checkpoint import is_uri, list_checkpoints
+from ddray.tracking.tracker import Tracker
 
 CKPT_DIR = "checkpoints"
 AUTO = "auto"  # --resume auto: continue OUT's run if it has one, else start fresh
@@ -127,7 +127,7 @@ def publish(out: Path, storage: str) -> None:
     every user finds them."""
     if not is_uri(storage):
         return
-    from ddray.storage import join, write_bytes
+    from ddray.store.storage import join, write_bytes
 
     for name in RUN_FILES:
         if (out / name).is_file():
@@ -144,7 +144,7 @@ def evaluate_snapshot(problem: Problem, snapshot: Distilled, out: Path, tracker:
 
 def log_eval_grid(tracker: Tracker, distilled: Distilled, out: str | Path, step: int) -> Path:
     """Write the image grid at meta-step ``step`` to OUT/grids/ and log it under ``grids/``."""
-    from ddray.viz import save_grid
+    from ddray.evaluation.viz import save_grid
 
     d = Path(out) / "grids"
     d.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def log_eval_grid(tracker: Tracker, distilled: Distilled, out: str | Path, step:
 
 def finish(problem: Problem, syn: SyntheticSet, iterations: int, out: Path, tracker: Tracker,
            seconds_per_step: float, predictor: Predictor | None = None) -> DistillResult:
-    """Write the artifact, evaluate it (schedule order and shuffled) and score it (:mod:`ddray.scores`),
+    """Write the artifact, evaluate it (schedule order and shuffled) and score it (:mod:`ddray.evaluation.scores`),
     log everything.
 
     ``predictor``: where the held-out networks are trained (Ray workers); default here.
@@ -172,7 +172,7 @@ def finish(problem: Problem, syn: SyntheticSet, iterations: int, out: Path, trac
               "protocol": problem.config.protocol, "iterations": iterations, "seconds_per_step": seconds_per_step,
               "scores": scores and scores.to_dict()}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
-    from ddray.viz import save_grid, save_lr_plot
+    from ddray.evaluation.viz import save_grid, save_lr_plot
 
     grid, plot = save_grid(d, out / "grid.png"), save_lr_plot(d, out / "lrs.png")
     metrics = {"eval_acc_mean": result.mean, "eval_acc_std": result.std}

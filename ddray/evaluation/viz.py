@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ddray.artifact import Distilled
+from ddray.store.artifact import Distilled
 
 MAX_ROWS = 20  # image rows in one picture
 MAX_PER_CLASS = 10  # images of one class shown per step
@@ -235,7 +235,7 @@ def save_lr_plot(d: Distilled, path: str | Path) -> Path:
 def save_comparison_chart(labels: list[str], means: list[float], stds: list[float], path: str | Path,
                           title: str, scores: Sequence[Any] | None = None) -> Path:
     """Bar chart of test accuracy (%), mean with ± std error bars, one bar per set (PNG); with ``scores``
-    (:class:`ddray.scores.Scores` per set), a second panel of their LRS and ARS."""
+    (:class:`ddray.evaluation.scores.Scores` per set), a second panel of their LRS and ARS."""
     import matplotlib
 
     matplotlib.use("Agg")

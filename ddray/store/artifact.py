@@ -90,8 +90,8 @@ class Distilled:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` whole or not at all (:func:`ddray.storage.write_atomic`)."""
-    from ddray.storage import write_atomic
+    """Write JSON to ``path`` whole or not at all (:func:`ddray.store.storage.write_atomic`)."""
+    from ddray.store.storage import write_atomic
 
     write_atomic(path, json.dumps(obj, indent=2).encode())
 

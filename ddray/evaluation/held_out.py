@@ -23,14 +23,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ddray.artifact import Distilled, save_distilled
-from ddray.chunks import net_chunks
 from ddray.config import Config
-from ddray.core.evaluate import EvalResult, shuffled_order, summarise, train_predict
-from ddray.core.protocol import ProtocolDC, predict_protocol_dc
+from ddray.core.net_chunks import net_chunks
+from ddray.core.protocol_dc import ProtocolDC, predict_protocol_dc
+from ddray.core.protocol_dd import EvalResult, shuffled_order, summarise, train_predict
+from ddray.evaluation.scores import Accuracies, FullDataCache, Scores, best_lr, summarise_scores
+from ddray.inputs.problem import Problem, build_problem
 from ddray.methods import METHODS
-from ddray.problem import Problem, build_problem
-from ddray.scores import Accuracies, FullDataCache, Scores, best_lr, parse_lrs, summarise_scores
+from ddray.store.artifact import Distilled, save_distilled
+from ddray.validation import parse_lrs
 
 MAX_CHUNK = 20  # held-out networks trained at once (the vmap width of protocol dd)
 
@@ -142,7 +143,7 @@ def set_bytes(d: Distilled) -> tuple[int, int]:
 
 def score_distilled(problem: Problem, d: Distilled, predictor: Predictor | None = None, workers: int | None = None,
                     cache: FullDataCache | None = None) -> Scores:
-    """DD-Ranking's scores of ``d`` (:mod:`ddray.scores`): the set, a random real subset of its size and the
+    """DD-Ranking's scores of ``d`` (:mod:`ddray.evaluation.scores`): the set, a random real subset of its size and the
     full training split, each by protocol dc with and without DSA over the config's held-out networks.
 
     ``predictor``/``workers``: where the networks train (:func:`evaluate_distilled`); ``cache``: where the
@@ -194,7 +195,7 @@ def full_data_cache(config: Config) -> FullDataCache:
     """``--storage``/full-data when it is a URI (shared by the nodes of a cluster), else the data cache
     directory's full-data/ (``--cache-dir``)."""
     from ddray.data.cache import default_cache_dir
-    from ddray.storage import is_uri, join
+    from ddray.store.storage import is_uri, join
 
     s = config.run.storage
     if s and is_uri(s):
@@ -245,7 +246,7 @@ def baseline_set(config: Config, method: str, candidates: int = 50) -> tuple[Dis
     """One baseline of ``config``'s budget, tuned and evaluated by the config's protocol (a job for any worker)."""
     from ddray.core.baselines import make_baseline
     from ddray.core.synthetic import SyntheticSet, inverse_softplus
-    from ddray.problem import to_distilled
+    from ddray.inputs.problem import to_distilled
 
     problem = build_problem(config)
     c, data = config.distill, problem.data

@@ -1,8 +1,8 @@
 """``ddray compare``: several distilled sets scored by one evaluation protocol, side by side.
 
 Every set (a distilled set, its baselines, another run's set) is evaluated — and scored as
-DD-Ranking does (:mod:`ddray.scores`) — with the functions ``ddray evaluate`` uses,
-:func:`ddray.evaluation.evaluate_distilled` on :func:`ddray.evaluation.problem_for` the set, under
+DD-Ranking does (:mod:`ddray.evaluation.scores`) — with the functions ``ddray evaluate`` uses,
+:func:`ddray.evaluation.held_out.evaluate_distilled` on :func:`ddray.evaluation.held_out.problem_for` the set, under
 one protocol, with one number of held-out networks and one seed, so that every set meets the same
 held-out θ₀ draws. Sets of
 different data sets (or image shapes) cannot be compared: that is a one-line error.
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ddray.artifact import Distilled
 from ddray.config import Config
-from ddray.core.evaluate import EvalResult
-from ddray.core.protocol import ProtocolDC
-from ddray.problem import Problem
-from ddray.scores import SCORE_NAMES, Scores
+from ddray.core.protocol_dc import ProtocolDC
+from ddray.core.protocol_dd import EvalResult
+from ddray.evaluation.scores import SCORE_NAMES, Scores
+from ddray.inputs.problem import Problem
+from ddray.store.artifact import Distilled
 
 PROTOCOLS = ("dd", "dc")
 
@@ -35,7 +35,7 @@ class Scored:
         method: the set's ``method`` (``dd``, ``dc``, …, ``baseline-random``, …).
         images: how many synthetic images the set holds (S × M × C).
         result: its test accuracy over the held-out networks.
-        scores: DD-Ranking's scores (:mod:`ddray.scores`), unless ``--no-scores``.
+        scores: DD-Ranking's scores (:mod:`ddray.evaluation.scores`), unless ``--no-scores``.
     """
 
     source: str
@@ -92,8 +92,8 @@ def choose_protocol(sources: Sequence[str], sets: Sequence[Distilled], given: st
 
 
 def eval_protocol(problem: Problem, name: str, nets: int, epochs: int, dsa: bool) -> ProtocolDC | str:
-    """What :func:`ddray.evaluation.evaluate_distilled` takes for protocol ``name`` (``ddray evaluate``'s flags;
-    soft labels are trained on with the set's ``--label-loss``)."""
+    """What :func:`ddray.evaluation.held_out.evaluate_distilled` takes for protocol ``name``
+    (``ddray evaluate``'s flags; soft labels are trained on with the set's ``--label-loss``)."""
     if name == "dd":
         return "dd"
     strategy = problem.config.distill.dsa_strategy if dsa else None
@@ -148,12 +148,13 @@ def compare_sets(sources: Sequence[str], sets: Sequence[Distilled], protocol: st
         mapper: trains the chunks of held-out networks on Ray workers
             (:func:`ddray.distributed.pool.call_mapper`), ``workers`` chunks per set; default here.
         scores: (``--score-lrs``, ``--full-epochs``) to score every set as well
-            (:func:`ddray.evaluation.score_distilled`, over the same ``nets`` networks, ``epochs`` and ``seed``).
+            (:func:`ddray.evaluation.held_out.score_distilled`, over the same ``nets`` networks, ``epochs``
+            and ``seed``).
         label_loss: the loss on learned labels (``--label-loss``; default each set's own).
     """
     import torch
 
-    from ddray.evaluation import evaluate_distilled, predict_job, problem_for, score_distilled
+    from ddray.evaluation.held_out import evaluate_distilled, predict_job, problem_for, score_distilled
 
     out = []
     for src, label, d in zip(sources, labels(sources, sets), sets):

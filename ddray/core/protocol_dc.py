@@ -36,11 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ddray.core.images import ImageSource
 from ddray.core.augment import DEFAULT_STRATEGY, augment, parse_strategy
-from ddray.core.evaluate import EvalResult, summarise
+from ddray.core.images import ImageSource
 from ddray.core.inits import EVAL, generator
 from ddray.core.models import init_params
+from ddray.core.protocol_dd import EvalResult, summarise
 
 INIT_KEY, SHUFFLE_KEY, AUG_KEY = 2_000_000, 3_000_000, 4_000_000  # + net index, in the EVAL stream
 

@@ -10,26 +10,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from ddray._version import __version__
-from ddray.artifact import Distilled
 from ddray.config import Config, parse_attack
-from ddray.core.inits import SYN_INIT, InitSampler, fixed_params, generator, make_sampler
-from ddray.core.models import Params, build_model
-from ddray.core.matching import ClassBatches, DistributionMatching, GradientMatching
-from ddray.core.objective import DDObjective
+from ddray.core.dd_objective import DDObjective
 from ddray.core.images import ImageSource, subset
+from ddray.core.inits import SYN_INIT, InitSampler, fixed_params, generator, make_sampler
+from ddray.core.matching import ClassBatches, DistributionMatching, GradientMatching
+from ddray.core.models import Params, build_model
+from ddray.core.objective import Objective
 from ddray.core.synthetic import OuterOptimizer, SyntheticSet, class_labels, label_logits
 from ddray.core.trajectory import TrajectoryMatching
-from ddray.core.unroll import MetaGrad
 from ddray.data import Dataset
-from ddray.experts import Trajectory, load_experts
+from ddray.inputs.experts import Trajectory, load_experts
+from ddray.inputs.sources import load_data
 from ddray.methods import optimizer_options
-from ddray.sources import load_data
+from ddray.store.artifact import Distilled
 
 POOL_META = "pool.json"
 
@@ -87,16 +87,6 @@ class Problem:
         """The method's outer optimiser on ``syn`` (:func:`ddray.methods.optimizer_options`)."""
         d = self.config.distill
         return OuterOptimizer(syn, d.outer_lr, d.lr_decay, d.lr_decay_every, **optimizer_options(d))
-
-
-class Objective(Protocol):
-    """What workers call: Σ over ``nets`` (indices within meta-step ``step``) of ∂L/∂(x̃, ρ) (and ∂L/∂z̃ for
-    learned ``labels``: DD and MTT)."""
-
-    def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int],
-                 labels: torch.Tensor | None = None) -> MetaGrad: ...
-
-    def to(self, device: torch.device) -> "Objective": ...
 
 
 @torch.no_grad()

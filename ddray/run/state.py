@@ -1,9 +1,9 @@
 """A run's state: what a checkpoint holds and what a resumed or restarted run continues from.
 
 :class:`RunState` is the one definition, used by the single-process loop
-(:mod:`ddray.distill`), the parameter servers (:mod:`ddray.distributed.param_server`,
+(:mod:`ddray.run.loop`), the parameter servers (:mod:`ddray.distributed.param_server`,
 which own slices of it) and ``--resume``. On disk it is one ``torch.save`` dict
-(:meth:`RunState.to_checkpoint`) written by :mod:`ddray.checkpoint`:
+(:meth:`RunState.to_checkpoint`) written by :mod:`ddray.store.checkpoint`:
 
     images     x̃, (S, N, C, H, W) float32
     raw_lrs    ρ, (T,) float32 (η̃ = softplus(ρ))
@@ -26,7 +26,7 @@ from ddray.config import Config
 if TYPE_CHECKING:  # torch is imported by what builds a state, not by this module (simulated workers stay light)
     import torch
 
-    from ddray.problem import Problem
+    from ddray.inputs.problem import Problem
 
 RNG_RULE = "every draw is ddray.core.inits.derive_seed(seed, purpose, step, net)"
 
@@ -56,7 +56,7 @@ class RunState:
                    syn.labels if syn.learns_labels else None)
 
     def to_checkpoint(self) -> dict[str, Any]:
-        """The dict :func:`ddray.checkpoint.save_checkpoint` writes (the step is its file name too)."""
+        """The dict :func:`ddray.store.checkpoint.save_checkpoint` writes (the step is its file name too)."""
         saved = {"images": self.images, "raw_lrs": self.raw_lrs, "optimizer": self.optimizer,
                  "step": self.step, "config": self.config.to_dict(), "rng": self.rng}
         if self.labels is not None:
@@ -72,7 +72,7 @@ class RunState:
 
 def save_state(storage: str | Path, state: RunState) -> Path | str:
     """Write ``state`` as checkpoint ``step-<step>.pt`` in ``storage`` (atomic, verified on read)."""
-    from ddray.checkpoint import save_checkpoint
+    from ddray.store.checkpoint import save_checkpoint
 
     payload = state.to_checkpoint()
     return save_checkpoint(storage, payload.pop("step"), payload)
@@ -80,7 +80,7 @@ def save_state(storage: str | Path, state: RunState) -> Path | str:
 
 def load_state(storage: str | Path) -> RunState | None:
     """The newest valid checkpoint in ``storage`` as a :class:`RunState`, or None if there is none."""
-    from ddray.checkpoint import load_latest
+    from ddray.store.checkpoint import load_latest
 
     saved = load_latest(storage)
     return None if saved is None else RunState.from_checkpoint(saved)
