@@ -5,9 +5,10 @@
 Steps (each is run, timed and recorded even if an earlier one failed):
 
 1. ``cuda-tests`` — the tests marked ``cuda`` (``pytest -m cuda``);
-2. ``core`` — one DD meta-step (default MNIST-5k config) on the GPU at K = 1, 8, 32,
-   eager and ``--compile``: median seconds of 5 meta-steps after 2 warm-up ones
-   (CUDA-synchronised), and the compiled/eager ratio;
+2. ``core`` — one DD meta-step (default MNIST-5k config) on the GPU at K = 1, 8, 32: eager,
+   ``--compile`` and replayed from a CUDA graph (``--cuda-graphs``, :mod:`ddray.core.capture`):
+   median seconds of 5 meta-steps after 2 warm-up ones (CUDA-synchronised), each against eager,
+   and how K = 32 compares with K = 1 for each;
 3. ``shared-gpu`` — ``ddray distill --workers 2 --gpus-per-worker 0.5`` (two workers on one GPU),
    ``one-gpu`` — the same seed on one worker, and ``shared-vs-one`` — the two sets agree (to float
    rounding: two chunks are summed where one worker computes one);
@@ -132,7 +133,7 @@ def compare(a: Path, b: Path, rtol: float = 1e-3, atol: float = 1e-5) -> dict[st
     """The two distilled sets agree to float rounding (images and step sizes): the largest differences."""
     import torch
 
-    from ddray.artifact import read_distilled
+    from ddray.store.artifact import read_distilled
 
     x, y = read_distilled(a), read_distilled(b)
     torch.testing.assert_close(x.images, y.images, rtol=rtol, atol=atol)
@@ -159,8 +160,12 @@ def run_step(step: Step, timeout: float) -> Step:
     return step
 
 
+KINDS = {"eager": {"compile": False, "cuda_graphs": False}, "compiled": {"compile": True, "cuda_graphs": False},
+         "captured": {"compile": False, "cuda_graphs": True}}
+
+
 def core_figures(nets: list[int], reps: int = 5) -> dict[str, Any]:
-    """Seconds per DD meta-step on cuda:0, eager and compiled, per K (run inside the ``core`` step)."""
+    """Seconds per DD meta-step on cuda:0 per K, eager, compiled and captured (run inside the ``core`` step)."""
     import torch
 
     from ddray.config import Config
@@ -169,8 +174,8 @@ def core_figures(nets: list[int], reps: int = 5) -> dict[str, Any]:
     out: dict[str, Any] = {}
     dev = torch.device("cuda")
     for k in nets:
-        for compiled in (False, True):
-            problem = build_problem(Config().override(nets=k, tracking=False, compile=compiled))
+        for kind, flags in KINDS.items():
+            problem = build_problem(Config().override(nets=k, tracking=False, **flags))
             objective = problem.objective().to(dev)
             syn = problem.initial_synthetic()
             images, raw = syn.images.to(dev), syn.raw_lrs.to(dev)
@@ -182,8 +187,14 @@ def core_figures(nets: list[int], reps: int = 5) -> dict[str, Any]:
                 torch.cuda.synchronize()
                 if step >= 2:
                     times.append(time.perf_counter() - t0)
-            out[f"K={k} {'compiled' if compiled else 'eager'}"] = statistics.median(times)
-        out[f"K={k} compiled/eager"] = out[f"K={k} compiled"] / out[f"K={k} eager"]
+            out[f"K={k} {kind}"] = statistics.median(times)
+            if kind == "captured" and objective.graphs is not None and objective.graphs.refused:
+                out[f"K={k} captured"] = float("nan")  # not captured: the figure would be eager's
+        for kind in ("compiled", "captured"):
+            out[f"K={k} {kind}/eager"] = out[f"K={k} {kind}"] / out[f"K={k} eager"]
+    if len(nets) > 1:
+        for kind in KINDS:
+            out[f"K={max(nets)}/K={min(nets)} {kind}"] = out[f"K={max(nets)} {kind}"] / out[f"K={min(nets)} {kind}"]
     return out
 
 
@@ -204,7 +215,7 @@ def write_results(out: Path, info: dict[str, Any], steps: list[Step]) -> tuple[P
     figs = {k: v for s in steps for k, v in s.figures.items()}
     if figs:
         lines += ["", "| core (DD meta-step, default config) | value |", "| --- | ---: |"]
-        lines += [f"| {k} | {v:.2f}× |" if k.endswith("/eager") else
+        lines += [f"| {k} | {v:.2f}× |" if "/" in k else
                   f"| {k} | {v:.2e} |" if k.startswith("max") else f"| {k} | {1000 * v:.1f} ms |"
                   for k, v in figs.items()]
     failed = [s for s in steps if s.ok is False]

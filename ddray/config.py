@@ -318,7 +318,12 @@ class RunConfig:
     (SGD for ``eval_epochs`` epochs, :mod:`ddray.core.protocol_dc`). ``None``: ``dd``
     for ``--method dd``, ``dc`` for the others. ``compile``: ``torch.compile`` the inner
     step and the real-batch gradient of the DD and MTT unrolls (:mod:`ddray.core.kernels`;
-    same gradients up to float rounding; eager with a warning where unavailable).
+    same gradients up to float rounding; eager with a warning where unavailable). ``cuda_graphs``:
+    on a CUDA device, DD's meta-step (unroll, its vector-Jacobian product, the real-batch gradient)
+    is captured whole as one CUDA graph per shape and replayed (:mod:`ddray.core.capture`; the
+    same gradients to float tolerance, each graph checked against eager once; eager with a log
+    line where capture fails); the graph holds the eager kernels, so with it ``compile`` applies
+    only to shapes that could not be captured. No effect on CPU.
     ``label_loss``: how evaluation trains on soft labels: ``ce`` (soft cross-entropy) or ``kl``
     (KL divergence; the same gradients at temperature 1, :func:`ddray.core.protocol_dc.soft_label_loss`).
     ``scores``: DD-Ranking's HLR, IOR, LRS and ARS beside the accuracy at the end (:mod:`ddray.evaluation.scores`),
@@ -343,9 +348,10 @@ class RunConfig:
     tracking_optional: bool = False
     experiment: str = "ddray"
     compile: bool = False
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
-        each(boolean, self, "compile")
+        each(boolean, self, "compile", "cuda_graphs")
         each(nonneg_int, self, "seed", "eval_every")
         each(boolean, self, "scores")
         one_of("--label-loss", self.label_loss, LABEL_LOSSES)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ddray.core.capture import MetaStepGraphs
 from ddray.core.images import ImageSource
 from ddray.core.inits import DISTILL, REAL_BATCH, DeviceSampler, InitSampler, generator
 from ddray.core.kernels import Kernels
@@ -38,16 +39,22 @@ class DDObjective:
         attack: (a, b) for the malicious-data objective, else None.
         memory: ``full`` or ``recompute``.
         compile: compile the inner step and the real-batch gradient (:mod:`ddray.core.kernels`).
+        cuda_graphs: on a CUDA device (:meth:`to`), replay each meta-step from a CUDA graph captured
+            once per shape (:mod:`ddray.core.capture`; eager kernels inside the graph, so ``compile``
+            applies only where a shape cannot be captured). No effect on CPU.
     """
 
     def __init__(self, model: nn.Module, sampler: InitSampler, x_train: ImageSource,
                  y_train: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 attack: tuple[int, int] | None = None, memory: str = "full", compile: bool = False) -> None:
+                 attack: tuple[int, int] | None = None, memory: str = "full", compile: bool = False,
+                 cuda_graphs: bool = True) -> None:
         self.model, self.sampler = model, sampler
         self.x_train, self.y_train = x_train, y_train
         self.labels, self.seed, self.attack, self.memory = labels, seed, attack, memory
         self.batch_size = min(batch_size, len(x_train))
         self.kernels = Kernels(model, compile)
+        self.cuda_graphs = cuda_graphs
+        self.graphs: MetaStepGraphs | None = None  # made by to(a CUDA device)
 
     def real_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The real batch of meta-step ``step`` (same on every worker), targets relabelled for attacks."""
@@ -61,12 +68,17 @@ class DDObjective:
         ``labels`` are learned label logits z̃ (N, classes); None: the fixed hard labels."""
         params0 = self.sampler.sample([(DISTILL, step, k) for k in nets])
         x, y = self.real_batch(step)
-        return meta_gradient(self.model, params0, images, self.labels if labels is None else labels, raw_lrs, x, y,
-                             self.memory, self.kernels)
+        labels = self.labels if labels is None else labels
+        if self.graphs is not None:
+            replayed = self.graphs(params0, images, labels, raw_lrs, x, y)
+            if replayed is not None:
+                return replayed
+        return meta_gradient(self.model, params0, images, labels, raw_lrs, x, y, self.memory, self.kernels)
 
     def to(self, device: torch.device) -> "DDObjective":
         """Keep the real data on ``device`` and hand θ₀ draws over there."""
         self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
         self.labels, self.sampler = self.labels.to(device), DeviceSampler(self.sampler, device)
         self.kernels = Kernels(self.model, self.kernels.compiled, device)
+        self.graphs = MetaStepGraphs(self.model, self.memory) if self.cuda_graphs and device.type == "cuda" else None
         return self

@@ -116,7 +116,7 @@ def _dd(problem: Problem) -> Objective:
     c = problem.config
     return DDObjective(problem.model, problem.sampler(), problem.data.x_train, problem.data.y_train,
                        _syn_labels(problem), c.distill.batch_size, c.run.seed, problem.attack, c.distill.memory,
-                       c.run.compile)
+                       c.run.compile, c.run.cuda_graphs)
 
 
 def _class_batches(problem: Problem) -> ClassBatches:
