@@ -4,9 +4,11 @@ A :class:`WorkerPool` puts one actor into every placed slot (:mod:`.slots`) and 
 a view of which ones answer. Nothing here blocks on a missing worker: an actor whose
 node died is restarted by Ray once its slot is placed again (``max_restarts=-1``), and
 the pool notices when it answers a probe; a slot placed late (an autoscaled node)
-gets its actor then. Every join and loss is one log line. :meth:`WorkerPool.run`
-spreads independent jobs (evaluation chunks, baselines, experts) over the alive
-workers and redoes the jobs of a worker that was lost.
+gets its actor then. Every join and loss is one log line. While fewer than MIN
+answer, :meth:`WorkerPool.ensure` waits or stops, as the :mod:`.recovery` policy
+decides. :meth:`WorkerPool.run` spreads independent jobs (evaluation chunks,
+baselines, experts) over the alive workers and redoes the jobs of a worker that was
+lost.
 """
 
 from __future__ import annotations
