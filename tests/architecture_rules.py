@@ -35,8 +35,8 @@ FLOORS: dict[str, tuple[str, ...]] = {
 #: below, never one above (the package's ``__init__``, its public face, stands above them all).
 ROOMS: dict[str, tuple[tuple[str, ...], ...]] = {
     "ddray.tune": (("search",), ("summary",), ("report",), ("results",), ("trial",), ("spec",)),
-    "ddray.distributed": (("driver",), ("compiled",), ("fleet",), ("pool", "param_server"), ("worker",),
-                          ("messages", "slots"), ("placement", "shards")),
+    "ddray.distributed": (("driver",), ("compiled",), ("fleet",), ("supervision",), ("pool", "param_server"),
+                          ("worker",), ("messages", "slots"), ("placement", "shards", "recovery")),
     "ddray.run": (("loop",), ("lifecycle",), ("state",)),
     "ddray.evaluation": (("compare",), ("held_out", "viz"), ("scores",)),
     "ddray.inputs": (("pretrain",), ("problem",), ("experts",), ("sources",)),

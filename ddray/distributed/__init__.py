@@ -6,7 +6,10 @@
 * :mod:`.placement` — connecting to Ray, each worker's CPUs/GPU share and threads;
 * :mod:`.slots` — one placement group per worker slot, placed as capacity appears;
 * :mod:`.pool` — actors in the slots: joins, losses, jobs spread over whoever is alive;
-* :mod:`.fleet` — the run's workers and parameter servers, their rounds and their repair;
+* :mod:`.recovery` — what to do when a meta-step fails or the fleet is below MIN: go on, shrink, wait,
+  stop, restart, raise or give up (:class:`~.recovery.RecoveryPolicy`, from a frozen snapshot of facts);
+* :mod:`.supervision` — the parameter-server shards: started, watched, replaced and restored;
+* :mod:`.fleet` — the run's workers and parameter servers, and the work handed to them;
 * :mod:`.compiled` — the experimental compiled-graph transport;
 * :mod:`.driver` — :func:`distill_ray`, the outer loop.
 

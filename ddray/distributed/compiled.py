@@ -23,14 +23,13 @@ import logging
 from collections import deque
 from typing import Any, Callable
 
-import ray
 from ray.exceptions import RayActorError, RayError
 
 from ddray.distributed.fleet import Fleet  # one way: the fleet knows the graph only as its holder
+from ddray.distributed.recovery import Action
 
 log = logging.getLogger("ddray.distributed")
 LOOKAHEAD = 2  # executions in flight: step s+1's version read queues behind step s's apply
-MAX_RECOVERIES = 20
 
 
 class CompiledStep:
@@ -58,13 +57,11 @@ class CompiledStep:
         from ddray.core.net_chunks import assign
 
         fleet = self.fleet
-        if len(fleet.servers) != 1:
-            raise ValueError("DDRAY_TRANSPORT=compiled: needs --shards 1")
-        ps = fleet.servers[0]
+        ps = fleet.single_server()
         alive = fleet.alive()
         with InputNode() as job:
             version = ps.dag_version.bind(job)
-            grads = [fleet.pool.handle(w).dag_compute.bind(job, [(c, fleet.chunks[c]) for c in cs], version)
+            grads = [fleet.worker_handle(w).dag_compute.bind(job, [(c, fleet.chunks[c]) for c in cs], version)
                      for w, cs in assign(len(fleet.chunks), alive).items()]
             dag = ps.dag_apply.bind(job, *grads)
         self.graph, self.members = dag.experimental_compile(_max_inflight_executions=LOOKAHEAD), tuple(alive)
@@ -92,8 +89,8 @@ def compiled_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bo
         pending: deque[Any] = deque()
         nxt = step
         try:
-            fleet.pool.poll()
-            fleet.pool.ensure()
+            fleet.poll_joins()
+            fleet.ensure_capacity()
             if compiled.graph is not None and tuple(fleet.alive()) != compiled.members:
                 compiled.teardown()  # workers joined: hand them chunks from this step on
             graph = compiled.compile()
@@ -105,7 +102,7 @@ def compiled_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bo
                     nxt += 1
                 stats = pending.popleft().get(timeout=-1)  # a real meta-step may take minutes
                 step, recoveries = step + 1, 0
-                draining = draining or bool(fleet.pool.poll())
+                draining = draining or bool(fleet.poll_joins())
                 if not pending and (draining or barrier(step)) and step < stop:
                     compiled.teardown()  # evaluation runs on the workers, outside the graph
                     report(stats)
@@ -116,25 +113,19 @@ def compiled_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bo
             pending.clear()
             compiled.teardown()
             recoveries += 1
-            if recoveries > MAX_RECOVERIES:
-                raise RuntimeError(f"meta-step {step + 1}: gave up after {MAX_RECOVERIES} recoveries") from e
-            if fleet.servers_lost():
+
+            def lose() -> int:  # a graph failure does not say which actor died: ask each
+                gone = [w for w in compiled.members if not fleet.answers(w)]
+                for w in gone:
+                    fleet.lose_worker(w, e)
+                return len(gone)
+
+            decision = fleet.recover(recoveries, isinstance(e, RayActorError), lose)
+            if decision.action is Action.GIVE_UP:
+                raise RuntimeError(f"meta-step {step + 1}: {decision.why}") from e
+            if decision.action is Action.RESTART:
                 step, _ = fleet.restore()
                 continue
-            gone = [w for w in compiled.members if not _answers(fleet, w)]
-            for w in gone:
-                fleet.pool.lost(w, e)
-            if not gone and not isinstance(e, RayActorError):
+            if decision.action is Action.RAISE:
                 raise
-            step = ray.get(fleet.servers[0].info.remote()).step
-
-
-def _answers(fleet: Fleet, slot: int) -> bool:
-    """Whether worker ``slot`` answers now as the same process (a graph failure does not say which actor died;
-    one that Ray restarted meanwhile answers from a new process and has lost what it held)."""
-    try:
-        info = ray.get(fleet.pool.handle(slot).ping.remote(), timeout=30)
-    except (RayError, ray.exceptions.GetTimeoutError):
-        return False
-    known = fleet.pool.members[slot].pid
-    return known is None or info.pid == known
+            step = fleet.server_steps()[0]  # SHRINK or WAIT: redo from where the server is

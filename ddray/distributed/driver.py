@@ -42,11 +42,12 @@ from ddray.config import Config
 from ddray.data import Dataset
 from ddray.run.lifecycle import (DistillResult, begin, checkpoint_location, evaluate_snapshot, finish, publish, run_dir,
                                  start_state, synthetic)
-from ddray.distributed.fleet import Fleet, Round
+from ddray.distributed.fleet import Fleet, Round, Share
 from ddray.distributed.messages import StepStats, Version, synthetic_of
 from ddray.distributed.placement import (CapacityError, TrialLayout, alive_nodes, connect, current_group,
                                          trial_layout, worker_resources)
-from ddray.distributed.pool import call_mapper, is_loss
+from ddray.distributed.pool import is_loss
+from ddray.distributed.recovery import Action
 from ddray.distributed.shards import shard_layout
 from ddray.evaluation.held_out import run_baselines
 from ddray.inputs.problem import Problem, build_problem, to_distilled
@@ -54,7 +55,6 @@ from ddray.tracking.tracker import NullTracker, Tracker
 
 log = logging.getLogger("ddray")
 LOOKAHEAD = 2  # meta-steps in flight in sync mode
-MAX_RECOVERIES = 20  # consecutive recoveries without progress before giving up
 POLL_S = 0.5  # async mode: how often the driver reads the servers' statistics
 
 
@@ -155,8 +155,8 @@ def sync_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bool],
     pending: deque[Round] = deque()
     recoveries = 0
     while pending or step < stop:
-        fleet.pool.poll()  # joins: from the next submitted step on
-        fleet.pool.ensure()  # below MIN: wait for capacity (CapacityError at the timeout)
+        fleet.poll_joins()  # joins: from the next submitted step on
+        fleet.ensure_capacity()  # below MIN: wait for capacity (CapacityError at the timeout)
         # submit: step s+1 queues behind s's update inside Ray (pipelining; nothing is fetched)
         while step < stop and len(pending) < LOOKAHEAD and not (pending and barrier(pending[-1].step + 1)):
             pending.append(fleet.submit(step, inputs, due(step + 1)))
@@ -169,16 +169,22 @@ def sync_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bool],
         except RayError as e:
             # recovery: everything after r depended on it and will fail on its own
             recoveries += 1
-            if recoveries > MAX_RECOVERIES:
-                raise RuntimeError(f"meta-step {r.step + 1}: gave up after {MAX_RECOVERIES} recoveries") from e
             pending.clear()
-            if fleet.servers_lost():
+            kept: list[Share] = []
+
+            def lose() -> int:  # the shares that finished are kept; the others' workers are lost
+                kept.extend(fleet.finished_shares(r))
+                return len(r.shares) - len(kept)
+
+            decision = fleet.recover(recoveries, is_loss(e), lose)
+            if decision.action is Action.GIVE_UP:
+                raise RuntimeError(f"meta-step {r.step + 1}: {decision.why}") from e
+            if decision.action is Action.RESTART:
                 step, inputs = fleet.restore()
                 continue
-            kept = fleet.finished_shares(r)
-            if len(kept) == len(r.shares) and not is_loss(e):
+            if decision.action is Action.RAISE:
                 raise  # not a lost actor: a real error
-            fleet.pool.ensure()
+            fleet.ensure_capacity()  # SHRINK goes on at once; WAIT waits for MIN here
             pending.append(fleet.submit(r.step, r.inputs, due(r.step + 1), kept))
             inputs, step = pending[-1].outputs, r.step + 1
             continue
@@ -189,19 +195,19 @@ def sync_rounds(fleet: Fleet, start: int, stop: int, due: Callable[[int], bool],
 def run_async(fleet: Fleet, start: int, config: Config, report: Reporter) -> None:
     """Workers pull/compute/push on their own; the driver reads statistics, checkpoints, follows joins and losses."""
     iters, every = config.distill.iterations, config.run.checkpoint_every
-    fleet.pool.ensure()
+    fleet.ensure_capacity()
     loops = {i: fleet.start_loop(i) for i in fleet.alive()}
     next_ckpt = (start // every + 1) * every
     while True:
-        for i in fleet.pool.poll():
+        for i in fleet.poll_joins():
             if i not in loops:
                 loops[i] = fleet.start_loop(i)
         ready, _ = ray.wait(list(loops.values()), num_returns=1, timeout=POLL_S) if loops else ([], [])
         try:
-            stats = ray.get(fleet.servers[0].drain.remote())
+            stats = fleet.drain()
         except RayActorError:
             stats = []
-            if fleet.servers_lost():
+            if fleet.recover().action is Action.RESTART:  # a shard is back: roll back with it
                 fleet.restore()
         for st in stats:
             report(st)
@@ -212,19 +218,23 @@ def run_async(fleet: Fleet, start: int, config: Config, report: Reporter) -> Non
             try:
                 ray.get(loops.pop(i))  # the run is complete as far as this worker can tell
             except RayError as e:
-                if fleet.servers_lost():
+                def lose() -> int:  # its loop starts again once it is back
+                    if not is_loss(e):
+                        return 0
+                    fleet.lose_worker(i, e)
+                    return 1
+
+                decision = fleet.recover(loss=is_loss(e), lose=lose)
+                if decision.action is Action.RESTART:
                     fleet.restore()
-                elif not is_loss(e):
+                elif decision.action is Action.RAISE:
                     raise
-                else:
-                    fleet.pool.lost(i, e)
         if not loops:
-            steps = [info.step for info in ray.get([s.info.remote() for s in fleet.servers])]
-            if min(steps) >= iters:
+            if min(fleet.server_steps()) >= iters:
                 break
-            fleet.pool.ensure()
+            fleet.ensure_capacity()
             loops = {i: fleet.start_loop(i) for i in fleet.alive()}  # rolled back or shrunk meanwhile
-    for st in ray.get(fleet.servers[0].drain.remote()):
+    for st in fleet.drain():
         report(st)
     ray.get(fleet.checkpoint(iters))
 
@@ -306,7 +316,7 @@ def distill_ray(config: Config, tracker: Tracker | None = None, progress: bool =
                             predictor=lambda job, chunks: fleet.predict(job, chunks))
             publish(out, storage)
             if baselines:
-                result.baselines = run_baselines(config, out, mapper=call_mapper(fleet.pool))
+                result.baselines = run_baselines(config, out, mapper=fleet.mapper())
         finally:
             fleet.shutdown()
     finally:

@@ -4,9 +4,11 @@ A :class:`WorkerPool` puts one actor into every placed slot (:mod:`.slots`) and 
 a view of which ones answer. Nothing here blocks on a missing worker: an actor whose
 node died is restarted by Ray once its slot is placed again (``max_restarts=-1``), and
 the pool notices when it answers a probe; a slot placed late (an autoscaled node)
-gets its actor then. Every join and loss is one log line. :meth:`WorkerPool.run`
-spreads independent jobs (evaluation chunks, baselines, experts) over the alive
-workers and redoes the jobs of a worker that was lost.
+gets its actor then. Every join and loss is one log line. While fewer than MIN
+answer, :meth:`WorkerPool.ensure` waits or stops, as the :mod:`.recovery` policy
+decides. :meth:`WorkerPool.run` spreads independent jobs (evaluation chunks,
+baselines, experts) over the alive workers and redoes the jobs of a worker that was
+lost.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ray.exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, RayA
 from ddray.distributed.messages import WorkerInfo
 from ddray.distributed.placement import (CapacityError, WorkerResources, alive_nodes, cluster_summary, connect,
                                         worker_resources)
+from ddray.distributed.recovery import Action, Facts, RecoveryPolicy
 from ddray.distributed.slots import NOTICE_AFTER_S, Slots
 from ddray.distributed.worker import WorkerActor
 from ddray.threads import worker_env
@@ -80,11 +83,13 @@ class WorkerPool:
         min_alive: MIN; :meth:`ensure` waits (up to ``timeout``) while fewer answer.
         timeout: ``--placement-timeout`` in seconds.
         what: the actors' name in log lines and errors.
+        policy: decides whether to go on, wait, or stop while fewer than MIN answer.
     """
 
     def __init__(self, slots: Slots, make: Callable[[int, Any], Any], min_alive: int, timeout: float,
-                 what: str = "worker") -> None:
+                 what: str = "worker", policy: RecoveryPolicy | None = None) -> None:
         self.slots, self.make, self.min_alive, self.timeout, self.what = slots, make, min_alive, timeout, what
+        self.policy = policy or RecoveryPolicy()
         self.members = [Member(i) for i in range(slots.count)]
         self.restarts = 0
         self.on_lost: Callable[[int], None] = lambda slot: None  # the fleet forgets what the slot held
@@ -160,17 +165,20 @@ class WorkerPool:
                 self.lost(m.slot, "its node is gone")
 
     def ensure(self) -> None:
-        """Return once ≥ MIN actors answer; print once what is missing; CapacityError after ``timeout``."""
+        """Return once ≥ MIN actors answer; print once what is missing; CapacityError after ``timeout``
+        (the policy decides: go on, wait, or stop)."""
         self.poll()
-        if len(self.alive()) >= self.min_alive:
-            return
         t0, noticed = time.monotonic(), False
-        while len(self.alive()) < self.min_alive:
+        while True:
             waited = time.monotonic() - t0
-            if waited >= self.timeout:
+            decision = self.policy.decide(self.facts(waited=waited))
+            if decision.action is Action.GO_ON:
+                return
+            if decision.action is Action.STOP:
                 raise CapacityError(f"--placement-timeout {self.timeout:g}: only {len(self.alive())} of the "
                                     f"{self.min_alive} {self.what}(s) needed answered for {self.timeout:g} s; the "
                                     f"cluster has {cluster_summary()}")
+            assert decision.action is Action.WAIT, decision
             placed = len(self.slots.placed()) >= self.min_alive  # then the actors are only starting up
             if not noticed and waited >= (60.0 if placed else NOTICE_AFTER_S):
                 noticed = True
@@ -180,6 +188,10 @@ class WorkerPool:
                             self.slots.pending(), cluster_summary(), self.timeout)
             time.sleep(0.2)
             self.poll()
+
+    def facts(self, **failure: Any) -> Facts:
+        """The pool's side of a :class:`Facts` snapshot (alive, MIN, ``--placement-timeout``) with ``failure``'s."""
+        return Facts(alive=len(self.alive()), min_alive=self.min_alive, timeout=self.timeout, **failure)
 
     def start(self) -> None:
         """Wait for MIN placed slots and MIN answering actors (the run's start)."""

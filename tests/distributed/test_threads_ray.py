@@ -45,8 +45,8 @@ def test_worker_actors_and_servers_start_with_the_thread_environment(ray_local: 
             assert len(pids) == 2 and None not in pids
             for i, pid in enumerate(pids):
                 _check(pid, worker_env(resources.threads), f"worker {i}")
-            (server_pid,) = fleet.server_pids
+            (server_pid,) = fleet.servers.pids
             _check(server_pid, worker_env(1), "parameter server")
-            assert ray.get(fleet.servers[0].info.remote()).pid == server_pid
+            assert ray.get(fleet.single_server().info.remote()).pid == server_pid
         finally:
             fleet.shutdown()
