@@ -57,7 +57,7 @@ class CompiledStep:
         from ddray.core.net_chunks import assign
 
         fleet = self.fleet
-        ps = fleet.single_server()
+        ps = fleet.single_server("DDRAY_TRANSPORT=compiled")
         alive = fleet.alive()
         with InputNode() as job:
             version = ps.dag_version.bind(job)

@@ -162,10 +162,10 @@ class Fleet:
 
     # -- parameter servers ---------------------------------------------------------------------
 
-    def single_server(self) -> Any:
-        """The parameter server's actor, when there is one shard (ValueError otherwise)."""
+    def single_server(self, needed_by: str) -> Any:
+        """The parameter server's actor, when there is one shard (ValueError naming ``needed_by`` otherwise)."""
         if len(self.servers.handles) != 1:
-            raise ValueError("DDRAY_TRANSPORT=compiled: needs --shards 1")
+            raise ValueError(f"{needed_by} needs --shards 1; this run has {len(self.servers.handles)} shards")
         return self.servers.handles[0]
 
     def server_steps(self) -> list[int]:

@@ -26,6 +26,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ddray.distributed.placement import CapacityError, WorkerResources, alive_nodes, cluster_summary, missing
+from ddray.distributed.recovery import Action, Facts, RecoveryPolicy
 
 log = logging.getLogger("ddray")
 NODE_LABEL = "ray.io/node-id"
@@ -140,15 +141,17 @@ class Slots:
         return PlacementGroupSchedulingStrategy(s.group, placement_group_bundle_index=s.bundle)
 
     def wait(self, placed: int, timeout: float, what: str = "worker") -> None:
-        """Block until ``placed`` slots are placed; print once what is pending; CapacityError at ``timeout``."""
-        t0, noticed = time.monotonic(), False
+        """Block until ``placed`` slots are placed; print once what is pending; CapacityError at ``timeout``
+        (the recovery policy decides: go on, wait, or stop)."""
+        t0, noticed, policy = time.monotonic(), False, RecoveryPolicy()
         while True:
             self.poll()
             have = len(self.placed())
-            if have >= placed:
-                return
             waited = time.monotonic() - t0
-            if waited >= timeout:
+            decision = policy.decide(Facts(alive=have, min_alive=placed, waited=waited, timeout=timeout))
+            if decision.action is Action.GO_ON:
+                return
+            if decision.action is Action.STOP:
                 nodes = alive_nodes()
                 why = missing(self.resources, nodes)
                 raise CapacityError(

@@ -47,6 +47,6 @@ def test_worker_actors_and_servers_start_with_the_thread_environment(ray_local: 
                 _check(pid, worker_env(resources.threads), f"worker {i}")
             (server_pid,) = fleet.servers.pids
             _check(server_pid, worker_env(1), "parameter server")
-            assert ray.get(fleet.single_server().info.remote()).pid == server_pid
+            assert ray.get(fleet.single_server("test").info.remote()).pid == server_pid
         finally:
             fleet.shutdown()
