@@ -98,8 +98,9 @@ def run_cli(args: list[str], iterations: int, workdir: Path, timeout: float) -> 
     """(wall seconds, the "seconds per meta-step" ddray prints) of one ``ddray distill`` run of
     ``iterations`` meta-steps (fresh output directory)."""
     out = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    # --no-scores: the scores' full-data training is cached after the first run, so it would not cancel
     cmd = [*ddray_exe(), "distill", *args, "--iterations", str(iterations), "--out", str(out), "--no-progress",
-           "--tracking-uri", f"sqlite:///{workdir}/mlflow.db"]
+           "--no-scores", "--tracking-uri", f"sqlite:///{workdir}/mlflow.db"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from ddray._version import __version__
 
-from ddray.threads import passive_wait as _passive_wait  # noqa: E402
+from ddray.threads import set_wait_policy as _set_wait_policy  # noqa: E402
 
-_passive_wait()  # before torch loads OpenMP: idle threads sleep instead of spinning (see ddray/threads.py)
+_set_wait_policy()  # before torch loads OpenMP: a bounded spin, or sleep where the cores are taken (ddray/threads.py)
 
 from typing import TYPE_CHECKING, Any
 
