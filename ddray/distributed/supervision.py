@@ -89,7 +89,7 @@ class Servers:
         else:
             self.hosts.append(host)
         return RemoteParamServer.options(num_cpus=cpus, name=f"{self.name}/ps-{j}.{self.generation}",
-                                         runtime_env={"env_vars": worker_env(1)},  # one thread, asleep when idle
+                                         runtime_env={"env_vars": worker_env(1)},  # one thread
                                          scheduling_strategy=where).remote(
             self.layout[j], self.storage, self.config, self.start, restore)
 
