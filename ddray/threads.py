@@ -50,19 +50,23 @@ CHOSEN = "DDRAY_WAIT_POLICY"
 def machine_load() -> float:
     """CPUs' worth of other work on this machine: the smaller of the 1-minute load average (it has been
     busy) and the tasks running at this instant besides this process (it still is), from /proc/loadavg;
-    the load average alone where that cannot be read."""
+    the load average alone where that cannot be read (and 0 where neither can: not Linux nor Unix)."""
     try:
         fields = Path("/proc/loadavg").read_text().split()
         return min(float(fields[0]), int(fields[3].split("/")[0]) - 1)
     except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0]
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
 
 
 def wait_policy(load: float | None = None, cpus: int | None = None) -> str:
     """``"passive"`` where other work (``load``, default :func:`machine_load`) already fills twice the CPUs
     this process may use (``cpus``, default its affinity), else ``"spin"``."""
     load = machine_load() if load is None else load
-    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return "passive" if load >= 2 * cpus else "spin"
 
 
