@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from ddray.validation import (boolean, each, is_int, is_number, nonneg_int, one_of, positive_int, positive_number,
-                              read_yaml, require)
+from ddray.validation import (boolean, each, is_int, is_number, nonneg_int, one_of, parse_lrs, positive_int,
+                              positive_number, read_yaml, require)
 
 if TYPE_CHECKING:
     from ddray.methods import Method
@@ -351,13 +351,10 @@ class RunConfig:
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
-        each(boolean, self, "compile", "cuda_graphs")
+        each(boolean, self, "compile", "cuda_graphs", "scores")
         each(nonneg_int, self, "seed", "eval_every")
-        each(boolean, self, "scores")
         one_of("--label-loss", self.label_loss, LABEL_LOSSES)
         each(positive_int, self, "checkpoint_every", "eval_nets", "eval_epochs", "full_epochs")
-        from ddray.validation import parse_lrs
-
         parse_lrs(self.score_lrs)
         if self.eval_protocol is not None:
             one_of("--eval-protocol", self.eval_protocol, PROTOCOLS)

@@ -255,12 +255,17 @@ def test_a_claim_names_a_class_that_does_not_exist(preflight, gpu) -> None:  # t
                  "efs-sc, gp3")
 
 
+def _without_autoscaler(cluster: dict) -> None:
+    """No node autoscaler: nothing can add nodes the cluster lacks."""
+    cluster["objects"]["deployments"] = [d for d in _objects(cluster, "deployments")
+                                         if "autoscaler" not in d["metadata"]["name"]]
+
+
 def test_no_gpu_nodes_and_no_autoscaler(preflight, gpu) -> None:  # type: ignore[no-untyped-def]
     cluster = fine_cluster()
     cluster["objects"]["nodes"] = [n for n in _objects(cluster, "nodes")
                                    if "nvidia.com/gpu" not in n["status"]["allocatable"]]
-    cluster["objects"]["deployments"] = [d for d in _objects(cluster, "deployments")
-                                         if "autoscaler" not in d["metadata"]["name"]]
+    _without_autoscaler(cluster)
     r = preflight(cluster, docs=gpu["shipped"])
     _one_problem(r, "gpu", "no node has nvidia.com/gpu allocatable and no node autoscaler",
                  "(7 CPU, 26 GiB, 1 GPU)")
@@ -269,8 +274,7 @@ def test_no_gpu_nodes_and_no_autoscaler(preflight, gpu) -> None:  # type: ignore
 def test_gpu_nodes_too_small_for_the_pods(preflight, gpu) -> None:  # type: ignore[no-untyped-def]
     """A GPU node whose allocatable memory is below the GPU pod's request, and nothing to add others."""
     cluster = fine_cluster()
-    cluster["objects"]["deployments"] = [d for d in _objects(cluster, "deployments")
-                                         if "autoscaler" not in d["metadata"]["name"]]
+    _without_autoscaler(cluster)
     node = next(n for n in _objects(cluster, "nodes") if "nvidia.com/gpu" in n["status"]["allocatable"])
     node["status"]["allocatable"].update(cpu="3920m", memory="15000000Ki")  # a g4dn.xlarge
     r = preflight(cluster, docs=gpu["shipped"])
