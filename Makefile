@@ -27,8 +27,9 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/ddray distill --baselines --compile
 
+# the whole suite: pyproject's addopts leave the slow tests out of a bare `pytest`
 test: $(VENV)/.installed e2e-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m 'slow or not slow'
 
 test-e2e: $(VENV)/.installed e2e-deps
 	$(PY) -m pytest -q -m e2e

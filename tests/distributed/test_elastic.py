@@ -82,10 +82,12 @@ def nodes(cluster: Any) -> Iterator[Callable[[int], list[Any]]]:
     gone = set()
     for node in added:
         if node in cluster.worker_nodes:
-            cluster.remove_node(node, allow_graceful=False)
+            # gracefully: a raylet stopped by SIGTERM tells the GCS it is leaving, where a killed one is
+            # found dead by the health checks only after ~15 s (the tests' own kills stay ungraceful)
+            cluster.remove_node(node, allow_graceful=True)
             gone.add(node.node_id)
     # the next test counts the cluster's nodes (and its error messages name them): wait until Ray has
-    # noticed that these are gone, which takes its health checks a few seconds
+    # noticed that these are gone
     wait_for("the removed nodes to be reported dead",
              lambda: not any(n["NodeID"] in gone and n["Alive"] for n in ray.nodes()))
 
