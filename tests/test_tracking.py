@@ -26,8 +26,8 @@ from mlflow import MlflowClient
 import ddray
 from ddray.cli import main
 from ddray.config import load_config
-from ddray.tracking.tracker import (MlflowTracker, NullTracker, TrackingUnavailable, make_tracker, resolve_tracking_uri,
-                                    tracked)
+from ddray.tracking.tracker import (MlflowTracker, NullTracker, TrackingUnavailable, artifact_location, make_tracker,
+                                    resolve_tracking_uri, tracked)
 
 TINY = ["--steps", "2", "--epochs", "1", "--ipc", "1", "--nets", "1", "--batch-size", "64", "--eval-nets", "2",
         "--no-scores"]
@@ -266,6 +266,24 @@ def test_tracking_uri_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"  # the flag wins
     with pytest.raises(TrackingUnavailable, match="does not exist"):
         MlflowTracker(f"sqlite:///{tmp_path}/missing/m.db")
+
+
+def test_a_new_experiments_artifacts_live_beside_its_sqlite_store(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in ./mlruns of the directory the first run happened to start in (MLflow's default)."""
+    elsewhere, db_dir = tmp_path / "cwd", tmp_path / "store"
+    elsewhere.mkdir()
+    db_dir.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{db_dir}/mlflow.db"
+    (tmp_path / "f.txt").write_text("x")
+    t = MlflowTracker(uri, "my team/dd")
+    t.log_artifact(tmp_path / "f.txt")
+    t.finish("FINISHED")
+    assert (db_dir / "mlruns" / "my_team_dd" / t.run_id / "artifacts" / "f.txt").read_text() == "x"
+    assert list(elsewhere.iterdir()) == []
+    assert artifact_location("http://127.0.0.1:5000", "dd") is None  # a server keeps its own artifact root
+    assert artifact_location("sqlite:///:memory:", "dd") is None
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -93,6 +94,16 @@ class TrackingUnavailable(ValueError):
 
 
 # ----------------------------------------------------------------------------- URIs
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artifacts: ``mlruns/<experiment>`` beside the
+    database file, not MLflow's default ``./mlruns`` of whatever directory the first run started in. None
+    (MLflow's choice: the server's artifact root) for every other store."""
+    db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / "mlruns" / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -308,7 +319,7 @@ class MlflowTracker:
                                           "(`mlflow experiments restore`) or pick another --experiment")
             return str(exp.experiment_id)
         try:
-            return str(self.client.create_experiment(name))
+            return str(self.client.create_experiment(name, artifact_location=artifact_location(self.uri, name)))
         except Exception:  # created concurrently by another trial
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
