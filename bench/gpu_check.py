@@ -9,12 +9,15 @@ Steps (each is run, timed and recorded even if an earlier one failed):
    ``--compile`` and replayed from a CUDA graph (``--cuda-graphs``, :mod:`ddray.core.capture`):
    median seconds of 5 meta-steps after 2 warm-up ones (CUDA-synchronised), each against eager,
    and how K = 32 compares with K = 1 for each;
-3. ``shared-gpu`` — ``ddray distill --workers 2 --gpus-per-worker 0.5`` (two workers on one GPU),
+3. ``methods-vs-plain`` — a DM and an MTT iteration at CIFAR-10's shapes (ConvNet-128, 10 images per
+   class) through ddray's objectives, beside plain eager PyTorch loops of the same iterations
+   (``bench/bench_methods.py``): ms per iteration and the ratio;
+4. ``shared-gpu`` — ``ddray distill --workers 2 --gpus-per-worker 0.5`` (two workers on one GPU),
    ``one-gpu`` — the same seed on one worker, and ``shared-vs-one`` — the two sets agree (to float
    rounding: two chunks are summed where one worker computes one);
-4. ``dc``, ``dm``, ``mtt`` — short runs of each method on the GPU workers (ConvNet width 32;
+5. ``dc``, ``dm``, ``mtt`` — short runs of each method on the GPU workers (ConvNet width 32;
    MTT on tiny experts made first);
-5. ``cifar10-dm`` — a short DM run on CIFAR-10 from the archive ``../shared/gpu/pack.sh --cifar``
+6. ``cifar10-dm`` — a short DM run on CIFAR-10 from the archive ``../shared/gpu/pack.sh --cifar``
    carries (``.device/cifar10-jpeg.tar.gz``; ``--cifar PATH`` for another); without it, on MNIST-5k,
    and the step's name says so (``mnist5k-dm``).
 
@@ -42,6 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CONVNET = ["--model", "convnet", "--width", "32"]
 METHOD_EVAL = ["--eval-epochs", "2"]  # the final evaluation is not what is checked
+FIGURES = "FIGURES "  # a step's line of figures (JSON) for the results file
 
 
 @dataclass
@@ -108,6 +112,8 @@ def plan(work: Path, quick: bool, cifar: Path | None = CIFAR) -> list[Step]:
                             str(ROOT / "tests")]),
         Step("core", [sys.executable, str(Path(__file__).resolve()), "--core",
                       json.dumps([1, 8] if quick else [1, 8, 32])]),
+        Step("methods-vs-plain", [sys.executable, str(Path(__file__).resolve().parent / "bench_methods.py"),
+                                  "--device", "cuda", "--reps", "3" if quick else "5"]),
         Step("shared-gpu", ddray("distill", "--workers", "2", "--gpus-per-worker", "0.5", *shared,
                                  "--out", str(work / "shared"))),
         Step("one-gpu", ddray("distill", "--workers", "1", "--gpus-per-worker", "1", *shared,
@@ -155,8 +161,8 @@ def run_step(step: Step, timeout: float) -> Step:
     step.seconds = time.perf_counter() - t0
     step.tail = "\n".join(str(out).strip().splitlines()[-15:])
     for line in str(out).splitlines():
-        if line.startswith("CORE "):
-            step.figures = json.loads(line[len("CORE "):])
+        if line.startswith(FIGURES):
+            step.figures = json.loads(line[len(FIGURES):])
     return step
 
 
@@ -236,14 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", nargs=2, type=Path, help=argparse.SUPPRESS)  # inside shared-vs-one
     args = ap.parse_args(argv)
     if args.compare:
-        print("CORE " + json.dumps(compare(*args.compare)), flush=True)
+        print(FIGURES + json.dumps(compare(*args.compare)), flush=True)
         return 0
     reason = no_gpu_reason()
     if reason:
         print(reason, file=sys.stderr)
         return 2
     if args.core:
-        print("CORE " + json.dumps(core_figures(json.loads(args.core))), flush=True)
+        print(FIGURES + json.dumps(core_figures(json.loads(args.core))), flush=True)
         return 0
     info = card()
     print(f"gpu-check on {info['gpus']} × {info['gpu']} (driver {info['driver']}, CUDA {info['cuda']})", flush=True)

@@ -29,9 +29,11 @@ def test_refuses_at_once_without_a_gpu(tmp_path: Path) -> None:
 
 def test_plan_covers_the_checks_in_order(tmp_path: Path) -> None:
     steps = gpu_check.plan(tmp_path, quick=False, cifar=None)
-    assert [s.name for s in steps] == ["cuda-tests", "core", "shared-gpu", "one-gpu", "shared-vs-one", "dc", "dm",
-                                       "mtt-experts", "mtt", "mnist5k-dm"]
+    assert [s.name for s in steps] == ["cuda-tests", "core", "methods-vs-plain", "shared-gpu", "one-gpu",
+                                       "shared-vs-one", "dc", "dm", "mtt-experts", "mtt", "mnist5k-dm"]
     cmd = {s.name: s.command for s in steps}
+    methods = cmd["methods-vs-plain"]
+    assert Path(methods[1]).name == "bench_methods.py" and methods[methods.index("--device") + 1] == "cuda"
     tests = cmd["cuda-tests"]
     assert tests[1:3] == ["-m", "pytest"] and tests[tests.index("cuda") - 1] == "-m"
     assert json.loads(cmd["core"][-1]) == [1, 8, 32]
@@ -76,7 +78,8 @@ def test_shared_vs_one_compares_the_two_sets(tmp_path: Path) -> None:
 
 
 def test_a_step_records_pass_fail_time_and_figures() -> None:
-    ok = gpu_check.run_step(gpu_check.Step("echo", [sys.executable, "-c", "print('CORE {\"K=1 eager\": 0.5}')"]), 60)
+    echo = [sys.executable, "-c", "print('FIGURES {\"K=1 eager\": 0.5}')"]
+    ok = gpu_check.run_step(gpu_check.Step("echo", echo), 60)
     assert ok.ok and ok.figures == {"K=1 eager": 0.5} and ok.seconds > 0
     bad = gpu_check.run_step(gpu_check.Step("bad", [sys.executable, "-c", "import sys; sys.exit('boom')"]), 60)
     assert bad.ok is False and "boom" in bad.tail

@@ -1,0 +1,226 @@
+"""DM and MTT iterations at CIFAR-10's shapes: ddray's objective beside a plain eager PyTorch loop of the same iteration.
+
+Issue 16, item 3: "DM and MTT iterations on CIFAR-10 (ConvNet-128, 10 images per class): ms per
+iteration beside a plain eager PyTorch loop of the same iteration, run in the same call". Shapes:
+3×32×32 images, 10 classes, 10 images per class (N = 100), ConvNet-128 (three 3×3 conv layers,
+instance norm, average pooling), the papers' DSA strategy; random pixels stand in for CIFAR-10
+(an iteration's cost does not depend on them).
+
+* **DM** (one fresh network, ``--real-per-class`` real images of each class). ddray:
+  :class:`ddray.core.matching.DistributionMatching` (every class's real images embedded together,
+  the synthetic ones in one forward). Plain: DM's own loop — the network as a module, class by
+  class an embedding of the real images without a graph and one of the synthetic ones, Σ‖mean
+  difference‖², one backward.
+* **MTT** (one student, ``--syn-steps`` steps on all N images from an expert segment). ddray:
+  :class:`ddray.core.trajectory.TrajectoryMatching` (the unroll's VJP with the first-order distance
+  gradient). Plain: MTT's own loop — a list of student parameters, ``autograd.grad(create_graph=True)``
+  per step, the normalised parameter distance, one backward through everything.
+
+Both rows of a method get the same θ₀ (or expert segment), real images and augmentation draws,
+so they compute the same gradient (tests/test_bench_methods.py checks it in float64); only the
+way they compute it differs. Each figure is the median of ``--reps`` iterations after two
+warm-up ones, on ``--device`` (synchronised on a GPU).
+
+Usage: python bench/bench_methods.py [--device cuda] [--reps 5] [--methods dm mtt] [--syn-steps 30]
+       [--real-per-class 256] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+SHAPE, CLASSES, STRATEGY = (3, 32, 32), 10, "color_crop_cutout_flip_scale_rotate"
+Grad = Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]  # iteration → (∂/∂x̃, ∂/∂ρ or None)
+
+
+@dataclass
+class Sizes:
+    ipc: int = 10
+    width: int = 128
+    real_per_class: int = 256
+    syn_steps: int = 30
+    expert_epochs: int = 2
+
+
+class RandomExpert:
+    """An expert trajectory of random walks from one θ₀: (epochs + 1) snapshots, in memory."""
+
+    def __init__(self, theta0: dict[str, torch.Tensor], epochs: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.snapshots = [theta0]
+        for _ in range(epochs):
+            self.snapshots.append({n: v + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+                                   for n, v in self.snapshots[-1].items()})
+
+    @property
+    def epochs(self) -> int:
+        return len(self.snapshots) - 1
+
+    def at(self, epoch: int) -> dict[str, torch.Tensor]:
+        return self.snapshots[epoch]
+
+
+def _inputs(sizes: Sizes, dtype: torch.dtype, seed: int) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(model, real images, their labels, synthetic images (1, N, C, H, W)) on the CPU."""
+    from ddray.core.models import build_model
+
+    g = torch.Generator().manual_seed(seed)
+    model = build_model("convnet", SHAPE, CLASSES, sizes.width).to(dtype)
+    per_class = sizes.real_per_class + 3  # a pool a little larger than a draw
+    x_real = torch.randn(CLASSES * per_class, *SHAPE, generator=g, dtype=dtype)
+    y_real = torch.arange(CLASSES).repeat_interleave(per_class)
+    images = torch.randn(1, CLASSES * sizes.ipc, *SHAPE, generator=g, dtype=dtype)
+    return model, x_real, y_real, images
+
+
+class _Cast:
+    """A θ₀ sampler in ``dtype`` (ddray's samplers draw float32)."""
+
+    def __init__(self, inner: Any, dtype: torch.dtype) -> None:
+        self.inner, self.dtype = inner, dtype
+
+    def sample(self, keys: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.dtype) for k, v in self.inner.sample(keys).items()}
+
+
+def dm(sizes: Sizes, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, Grad]:
+    """ddray's and the plain DM iteration: ``row(step) → (∂L/∂x̃, None)``."""
+    import copy
+
+    from ddray.core.augment import apply_aug, sample_aug
+    from ddray.core.inits import AUGMENT, DISTILL, RandomInit, generator
+    from ddray.core.matching import ClassBatches, DistributionMatching
+
+    model, x_real, y_real, images = _inputs(sizes, dtype, seed)
+    sampler = _Cast(RandomInit(model, "default", seed), dtype)
+    real = ClassBatches(x_real, y_real, CLASSES, sizes.real_per_class, seed)
+    objective = DistributionMatching(model, sampler, real, sizes.ipc, seed, STRATEGY).to(device)
+    images, raw = images.to(device), torch.zeros(1, dtype=dtype, device=device)
+    net = copy.deepcopy(model).to(device)
+
+    def ddray_row(step: int) -> tuple[torch.Tensor, None]:
+        return objective(images, raw, step, [0]).images, None
+
+    def plain_row(step: int) -> tuple[torch.Tensor, None]:
+        net.load_state_dict({n: v[0] for n, v in sampler.sample([(DISTILL, step, 0)]).items()})
+        for p in net.parameters():
+            p.requires_grad_(False)
+        x_syn = images[0].detach().clone().requires_grad_()
+        loss = torch.zeros((), dtype=dtype, device=device)
+        for c, x_c in enumerate(objective.real.draw(step)):
+            omega = sample_aug(STRATEGY, 1, generator(seed, AUGMENT, step, 0, c))
+            with torch.no_grad():
+                out_real = net(apply_aug(x_c, omega), embed=True)
+            out_syn = net(apply_aug(x_syn[c * sizes.ipc:(c + 1) * sizes.ipc], omega), embed=True)
+            loss = loss + ((out_real.mean(0) - out_syn.mean(0)) ** 2).sum()
+        loss.backward()
+        assert x_syn.grad is not None
+        return x_syn.grad.unsqueeze(0), None
+
+    return {"ddray": ddray_row, "plain": plain_row}
+
+
+def mtt(sizes: Sizes, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, Grad]:
+    """ddray's and the plain MTT iteration: ``row(step) → (∂L/∂x̃, ∂L/∂ρ)``."""
+    from ddray.core.augment import apply_aug, sample_aug
+    from ddray.core.inits import AUGMENT, RandomInit, generator
+    from ddray.core.trajectory import TrajectoryMatching
+
+    model, _, _, images = _inputs(sizes, dtype, seed)
+    theta0 = {n: v[0] for n, v in _Cast(RandomInit(model, "default", seed), dtype).sample([(0, 0, 0)]).items()}
+    expert = RandomExpert(theta0, sizes.expert_epochs + 1, seed)
+    labels = torch.arange(CLASSES).repeat_interleave(sizes.ipc)
+    objective = TrajectoryMatching(model, [expert], labels, sizes.syn_steps, sizes.expert_epochs, 2, seed,
+                                   STRATEGY).to(device)
+    images, raw = images.to(device), torch.full((1,), -4.6, dtype=dtype, device=device)  # step size ≈ 0.01
+    model, y = model.to(device), labels.to(device)
+
+    def ddray_row(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = objective(images, raw, step, [0])
+        return g.images, g.raw_lrs
+
+    def plain_row(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, target = (({n: v.to(device) for n, v in p.items()}) for p in objective.segment(step, 0))
+        x_syn = images[0].detach().clone().requires_grad_()
+        rho = raw.detach().clone().requires_grad_()
+        lr = F.softplus(rho)[0]
+        params = [{n: v.clone().requires_grad_() for n, v in start.items()}]
+        for n in range(sizes.syn_steps):
+            x = apply_aug(x_syn, sample_aug(STRATEGY, len(x_syn), generator(seed, AUGMENT, step, n)))
+            ce = F.cross_entropy(functional_call(model, params[-1], (x,)), y)
+            grads = torch.autograd.grad(ce, list(params[-1].values()), create_graph=True)
+            params.append({k: v - lr * g for (k, v), g in zip(params[-1].items(), grads)})
+        distance = torch.stack([((params[-1][k] - target[k]) ** 2).sum() for k in start]).sum()
+        scale = torch.stack([((start[k] - target[k]) ** 2).sum() for k in start]).sum()
+        (distance / scale).backward()
+        assert x_syn.grad is not None and rho.grad is not None
+        return x_syn.grad.unsqueeze(0), rho.grad
+
+    return {"ddray": ddray_row, "plain": plain_row}
+
+
+METHODS = {"dm": dm, "mtt": mtt}
+
+
+def time_rows(rows: dict[str, Grad], device: torch.device, reps: int) -> dict[str, float]:
+    """Median ms per iteration of each row, the rows interleaved iteration by iteration (the same minutes)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for step in range(reps + 2):
+        for name, row in rows.items():
+            sync()
+            t0 = time.perf_counter()
+            row(step)
+            sync()
+            if step >= 2:  # two warm-up iterations (cuDNN's choices, the allocator)
+                times[name].append(1000 * (time.perf_counter() - t0))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def table(figures: dict[str, dict[str, float]]) -> str:
+    lines = ["| method | ddray (ms / iteration) | plain eager loop (ms / iteration) | ddray / plain |",
+             "| --- | ---: | ---: | ---: |"]
+    for method, f in figures.items():
+        lines.append(f"| {method} | {f['ddray']:.1f} | {f['plain']:.1f} | {f['ddray'] / f['plain']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["dm", "mtt"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--ipc", type=int, default=Sizes.ipc)
+    ap.add_argument("--width", type=int, default=Sizes.width)
+    ap.add_argument("--real-per-class", type=int, default=Sizes.real_per_class)
+    ap.add_argument("--syn-steps", type=int, default=Sizes.syn_steps)
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    import ddray  # noqa: F401  (its thread settings, as users get them)
+
+    device = torch.device(args.device)
+    sizes = Sizes(args.ipc, args.width, args.real_per_class, args.syn_steps)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"
+    print(f"# {where}, torch {torch.__version__}, {sizes}, median of {args.reps}")
+    figures = {m: time_rows(METHODS[m](sizes, device), device, args.reps) for m in args.methods}
+    print(table(figures))
+    flat = {f"{m} {row} ms": ms for m, rows in figures.items() for row, ms in rows.items()}
+    flat.update({f"{m} ddray/plain": rows["ddray"] / rows["plain"] for m, rows in figures.items()})
+    print("FIGURES " + json.dumps(flat))  # for bench/gpu_check.py's results file
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": where, "sizes": vars(sizes), "ms": figures}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
