@@ -143,7 +143,7 @@ def _distill_argv(archive: str, cache: Path, out: Path, method: str, iterations:
                   nets: int = 1) -> list[str]:
     base = [*DDRAY, "distill", "--dataset", "imagefolder", "--data-root", archive, "--cache-dir", str(cache),
             "--out", str(out), "--iterations", str(iterations), "--no-progress", "--eval-nets", "1",
-            "--checkpoint-every", str(iterations)]
+            "--checkpoint-every", str(iterations), "--no-scores"]  # the scores' full-data training is not data loading
     if method == "dd":
         return [*base, "--model", "alexcifarnet", "--init", "fixed", "--nets", str(nets), *extra]
     return [*base, "--method", "dm", "--model", "convnet", "--width", "32", "--real-per-class", "64",

@@ -81,7 +81,7 @@ def config(out: Path, iterations: int, **kw: Any) -> Any:
     from ddray.config import Config
 
     return Config.from_dict({"iterations": iterations, "workers": "1:2", "cpus_per_worker": 1, "eval_nets": 2,
-                             "checkpoint_every": 10, "tracking": False, "out": str(out), **kw})
+                             "checkpoint_every": 10, "tracking": False, "scores": False, "out": str(out), **kw})
 
 
 def in_background(run: Any) -> threading.Thread:

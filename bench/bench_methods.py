@@ -1,4 +1,4 @@
-"""DM and MTT iterations at CIFAR-10's shapes: ddray's objective beside a plain eager PyTorch loop of the same iteration.
+"""DM and MTT iterations at CIFAR-10's shapes: ddray's objectives beside plain eager loops of the same iterations.
 
 Issue 16, item 3: "DM and MTT iterations on CIFAR-10 (ConvNet-128, 10 images per class): ms per
 iteration beside a plain eager PyTorch loop of the same iteration, run in the same call". Shapes:
