@@ -1,6 +1,6 @@
 """GPU readiness in one command: CUDA tests, the core on the GPU, a shared-GPU Ray run, DC/DM/MTT on CUDA.
 
-    make gpu-check            # or: bench/gpu_check.sh [--out DIR] [--quick]
+    make gpu-check            # or: bench/gpu_check.sh [--out DIR] [--quick] [--budget-s S] [--steps A,B]
 
 Steps (each is run, timed and recorded even if an earlier one failed):
 
@@ -22,8 +22,13 @@ Steps (each is run, timed and recorded even if an earlier one failed):
    and the step's name says so (``mnist5k-dm``).
 
 Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (default ``runs/gpu-check``), both
-naming the card, the driver and torch's CUDA version; exits 1 if a step failed. Without a
-CUDA GPU it refuses at once with a one-line message (exit 2).
+naming the card, the driver and torch's CUDA version, after every step (a run cut off by its
+machine's time limit leaves the steps it finished); exits 1 if a step failed or did not run.
+``--budget-s`` (default 480, the issue's 8 minutes) bounds the whole run: each step's timeout is
+at most what is left of it, and steps that would start after it are recorded as not run. Without a
+CUDA GPU it refuses at once with a one-line message (exit 2). ``--steps core,mtt`` runs only those
+steps (and the steps they read from: ``shared-vs-one`` the two runs, ``mtt`` its experts), to finish a
+run that the budget cut short.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ class Step:
     seconds: float = 0.0
     tail: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def result(self) -> str:
+        return "pass" if self.ok else ("not run" if self.ok is None else "FAIL")
 
 
 def no_gpu_reason() -> str | None:
@@ -135,6 +144,22 @@ def plan(work: Path, quick: bool, cifar: Path | None = CIFAR) -> list[Step]:
     return steps
 
 
+NEEDS = {"shared-vs-one": ("shared-gpu", "one-gpu"), "mtt": ("mtt-experts",)}  # steps that read another's output
+
+
+def select(steps: list[Step], names: str | None) -> list[Step]:
+    """The steps named in ``names`` (comma-separated; None: all) and those they need, in plan order."""
+    if names is None:
+        return steps
+    known = [s.name for s in steps]
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    bad = next((n for n in wanted if n not in known), None) if wanted else names
+    if bad is not None:
+        raise ValueError(f"--steps: unknown step {bad!r}; choose from {', '.join(known)} (comma-separated)")
+    keep = set(wanted) | {need for n in wanted for need in NEEDS.get(n, ())}
+    return [s for s in steps if s.name in keep]
+
+
 def compare(a: Path, b: Path, rtol: float = 1e-3, atol: float = 1e-5) -> dict[str, Any]:
     """The two distilled sets agree to float rounding (images and step sizes): the largest differences."""
     import torch
@@ -150,6 +175,9 @@ def compare(a: Path, b: Path, rtol: float = 1e-3, atol: float = 1e-5) -> dict[st
 
 def run_step(step: Step, timeout: float) -> Step:
     """Run ``step`` from the repository root; record pass/fail, wall time and the output's last lines."""
+    if timeout <= 0:
+        step.tail = "not run: --budget-s spent"
+        return step
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}"
            f"{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
@@ -157,13 +185,18 @@ def run_step(step: Step, timeout: float) -> Step:
         r = subprocess.run(step.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         step.ok, out = r.returncode == 0, r.stdout + r.stderr
     except subprocess.TimeoutExpired as e:
-        step.ok, out = False, f"timed out after {timeout:.0f} s\n{e.stdout or ''}"
+        step.ok, out = False, f"timed out after {timeout:.0f} s\n{_text(e.stdout)}{_text(e.stderr)}"
     step.seconds = time.perf_counter() - t0
     step.tail = "\n".join(str(out).strip().splitlines()[-15:])
     for line in str(out).splitlines():
         if line.startswith(FIGURES):
             step.figures = json.loads(line[len(FIGURES):])
     return step
+
+
+def _text(output: str | bytes | None) -> str:
+    """A timed-out child's output: bytes whatever ``text`` asked for (subprocess.TimeoutExpired)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 KINDS = {"eager": {"compile": False, "cuda_graphs": False}, "compiled": {"compile": True, "cuda_graphs": False},
@@ -194,7 +227,8 @@ def core_figures(nets: list[int], reps: int = 5) -> dict[str, Any]:
                 if step >= 2:
                     times.append(time.perf_counter() - t0)
             out[f"K={k} {kind}"] = statistics.median(times)
-            if kind == "captured" and objective.graphs is not None and objective.graphs.refused:
+            graphs = getattr(objective, "graphs", None)  # DD's objective has them (None where not captured)
+            if kind == "captured" and graphs is not None and graphs.refused:
                 out[f"K={k} captured"] = float("nan")  # not captured: the figure would be eager's
         for kind in ("compiled", "captured"):
             out[f"K={k} {kind}/eager"] = out[f"K={k} {kind}"] / out[f"K={k} eager"]
@@ -216,14 +250,11 @@ def write_results(out: Path, info: dict[str, Any], steps: list[Step]) -> tuple[P
              f"{info.get('cuda', '?')}, torch {info.get('torch', '?')}, Python {info.get('python', '?')}.", "",
              "| step | result | seconds |", "| --- | --- | ---: |"]
     for s in steps:
-        result = "pass" if s.ok else ("not run" if s.ok is None else "FAIL")
-        lines.append(f"| {s.name} | {result} | {s.seconds:.1f} |")
+        lines.append(f"| {s.name} | {s.result} | {s.seconds:.1f} |")
     figs = {k: v for s in steps for k, v in s.figures.items()}
     if figs:
-        lines += ["", "| core (DD meta-step, default config) | value |", "| --- | ---: |"]
-        lines += [f"| {k} | {v:.2f}× |" if "/" in k else
-                  f"| {k} | {v:.2e} |" if k.startswith("max") else f"| {k} | {1000 * v:.1f} ms |"
-                  for k, v in figs.items()]
+        lines += ["", "| figure | value |", "| --- | ---: |"]
+        lines += [f"| {k} | {_value(k, v)} |" for k, v in figs.items()]
     failed = [s for s in steps if s.ok is False]
     for s in failed:
         lines += ["", f"## {s.name} failed", "", "```", s.tail, "```"]
@@ -232,15 +263,44 @@ def write_results(out: Path, info: dict[str, Any], steps: list[Step]) -> tuple[P
     return js, md
 
 
+def run_all(steps: list[Step], out: Path, info: dict[str, Any], timeout: float,
+            budget_s: float) -> tuple[Path, Path]:
+    """Run the steps in order within ``budget_s`` seconds in all, writing the results files after each."""
+    deadline = time.monotonic() + budget_s
+    js, md = write_results(out, info, steps)
+    for step in steps:
+        run_step(step, min(timeout, deadline - time.monotonic()))
+        print(f"  {step.name:16s} {step.result:7s}  {step.seconds:6.1f} s", flush=True)
+        js, md = write_results(out, info, steps)
+    return js, md
+
+
+def _value(name: str, v: float) -> str:
+    """A figure as the results table shows it: ratios (a "/" in the name) as ×, maxima as they are, figures
+    named "… ms" in ms, the rest (seconds) in ms."""
+    if "/" in name:
+        return f"{v:.2f}×"
+    if name.startswith("max"):
+        return f"{v:.2e}"
+    return f"{v if name.endswith(' ms') else 1000 * v:.1f} ms"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-check", help="where the results files go")
     ap.add_argument("--quick", action="store_true", help="fewer meta-steps, K up to 8")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per step")
+    ap.add_argument("--budget-s", type=float, default=480, help="seconds for the whole run (steps past it do not run)")
+    ap.add_argument("--steps", help="run only these steps (comma-separated names, as the results file lists them; "
+                                    "a step's prerequisites come with it): to finish a run that --budget-s cut short")
     ap.add_argument("--cifar", type=Path, default=CIFAR, help="the CIFAR-10 archive (default: pack.sh --cifar's)")
     ap.add_argument("--core", help=argparse.SUPPRESS)  # inside the core step: JSON list of K
     ap.add_argument("--compare", nargs=2, type=Path, help=argparse.SUPPRESS)  # inside shared-vs-one
     args = ap.parse_args(argv)
+    try:
+        select(plan(args.out, args.quick, args.cifar), args.steps)
+    except ValueError as e:
+        ap.error(str(e))
     if args.compare:
         print(FIGURES + json.dumps(compare(*args.compare)), flush=True)
         return 0
@@ -253,12 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     info = card()
     print(f"gpu-check on {info['gpus']} × {info['gpu']} (driver {info['driver']}, CUDA {info['cuda']})", flush=True)
-    steps = []
     with tempfile.TemporaryDirectory(prefix="ddray-gpu-check-") as tmp:
-        for step in plan(Path(tmp), args.quick, args.cifar):
-            steps.append(run_step(step, args.timeout))
-            print(f"  {step.name:12s} {'pass' if step.ok else 'FAIL'}  {step.seconds:6.1f} s", flush=True)
-    js, md = write_results(args.out, info, steps)
+        steps = select(plan(Path(tmp), args.quick, args.cifar), args.steps)
+        js, md = run_all(steps, args.out, info, args.timeout, args.budget_s)
     print(f"results: {md} and {js}")
     return 0 if all(s.ok for s in steps) else 1
 

@@ -83,8 +83,11 @@ def test_a_step_records_pass_fail_time_and_figures() -> None:
     assert ok.ok and ok.figures == {"K=1 eager": 0.5} and ok.seconds > 0
     bad = gpu_check.run_step(gpu_check.Step("bad", [sys.executable, "-c", "import sys; sys.exit('boom')"]), 60)
     assert bad.ok is False and "boom" in bad.tail
-    slow = gpu_check.run_step(gpu_check.Step("slow", [sys.executable, "-c", "import time; time.sleep(30)"]), 1)
+    slow = gpu_check.run_step(gpu_check.Step("slow", [sys.executable, "-c", "import sys, time; print('started', "
+                                                       "flush=True); print('on stderr', file=sys.stderr, "
+                                                       "flush=True); time.sleep(30)"]), 3)
     assert slow.ok is False and "timed out" in slow.tail
+    assert "started" in slow.tail and "b'" not in slow.tail  # what it printed, as text
 
 
 def test_results_files_name_the_card(tmp_path: Path) -> None:
@@ -92,12 +95,41 @@ def test_results_files_name_the_card(tmp_path: Path) -> None:
             "cuda": "12.4", "torch": "2.14.1", "python": "3.11.7"}
     steps = [gpu_check.Step("cuda-tests", ["x"], True, 12.0),
              gpu_check.Step("core", ["y"], True, 30.0, figures={"K=1 eager": 0.012, "K=1 compiled/eager": 0.5}),
+             gpu_check.Step("methods-vs-plain", ["m"], True, 20.0,
+                            figures={"dm ddray ms": 1365.0, "dm ddray/plain": 0.44}),
              gpu_check.Step("mtt", ["z"], False, 3.0, tail="RuntimeError: CUDA error")]
     js, md = gpu_check.write_results(tmp_path / "out", info, steps)
     text = md.read_text()
     assert text.startswith("# ddray gpu-check — NVIDIA H100 80GB HBM3") and "driver 550.54" in text
     assert "| core | pass | 30.0 |" in text and "| mtt | FAIL | 3.0 |" in text
     assert "| K=1 eager | 12.0 ms |" in text and "| K=1 compiled/eager | 0.50× |" in text
+    assert "| dm ddray ms | 1365.0 ms |" in text and "| dm ddray/plain | 0.44× |" in text  # bench_methods' own ms
     assert "## mtt failed" in text and "RuntimeError: CUDA error" in text
     data = json.loads(js.read_text())
-    assert data["card"]["gpu"] == "NVIDIA H100 80GB HBM3" and [s["ok"] for s in data["steps"]] == [True, True, False]
+    assert data["card"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert [s["ok"] for s in data["steps"]] == [True, True, True, False]
+
+
+def test_the_budget_bounds_the_run_and_each_step_leaves_its_results(tmp_path: Path) -> None:
+    steps = [gpu_check.Step("quick", [sys.executable, "-c", "print('FIGURES {\"K=1 eager\": 0.5}')"]),
+             gpu_check.Step("slow", [sys.executable, "-c", "import time; time.sleep(60)"]),
+             gpu_check.Step("after", [sys.executable, "-c", "pass"])]
+    js, md = gpu_check.run_all(steps, tmp_path, {"gpu": "test"}, timeout=600, budget_s=5)
+    assert [s.result for s in steps] == ["pass", "FAIL", "not run"]
+    assert "timed out" in steps[1].tail and steps[1].seconds < 30  # cut at the budget, not the step timeout
+    text = md.read_text()
+    assert "| quick | pass |" in text and "| slow | FAIL |" in text and "| after | not run |" in text
+    assert [s["ok"] for s in json.loads(js.read_text())["steps"]] == [True, False, None]
+
+
+def test_steps_picks_a_subset_with_what_it_needs(tmp_path: Path) -> None:
+    steps = gpu_check.plan(tmp_path, quick=True, cifar=None)
+    names = [s.name for s in gpu_check.select(steps, "mtt, shared-vs-one")]
+    assert names == ["shared-gpu", "one-gpu", "shared-vs-one", "mtt-experts", "mtt"]
+    assert gpu_check.select(steps, None) == steps
+    for bad in ("core,nope", ","):
+        with pytest.raises(ValueError, match="--steps: unknown step .*choose from cuda-tests, core"):
+            gpu_check.select(steps, bad)
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--steps", "nope", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--steps: unknown step 'nope'; choose from cuda-tests" in r.stderr
