@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ def test_plan_covers_the_checks_in_order(tmp_path: Path) -> None:
     assert Path(methods[1]).name == "bench_methods.py" and methods[methods.index("--device") + 1] == "cuda"
     tests = cmd["cuda-tests"]
     assert tests[1:3] == ["-m", "pytest"] and tests[tests.index("cuda") - 1] == "-m"
+    files = {str(Path(f).relative_to(ROOT)) for f in tests if f.endswith(".py")}
+    assert {"tests/test_cuda.py", "tests/core/test_capture.py"} <= files and "tests/test_tracking.py" not in files
     assert json.loads(cmd["core"][-1]) == [1, 8, 32]
     assert json.loads(gpu_check.plan(tmp_path, True, None)[1].command[-1]) == [1, 8]
     shared = cmd["shared-gpu"]
@@ -133,3 +136,13 @@ def test_steps_picks_a_subset_with_what_it_needs(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--steps", "nope", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--steps: unknown step 'nope'; choose from cuda-tests" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_the_cuda_tests_collect_without_mlflow(tmp_path: Path) -> None:
+    """The GPU machine has torch but no MLflow: the cuda-tests step must still collect (here: all skipped)."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['mlflow'] = None  # as if not installed\n")
+    step = gpu_check.plan(tmp_path, quick=True, cifar=None)[0]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    r = subprocess.run(step.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and " skipped" in r.stdout and "error" not in r.stdout.lower(), r.stdout[-2000:]

