@@ -12,12 +12,17 @@ Steps (each is run, timed and recorded even if an earlier one failed):
 3. ``methods-vs-plain`` — a DM and an MTT iteration at CIFAR-10's shapes (ConvNet-128, 10 images per
    class) through ddray's objectives, beside plain eager PyTorch loops of the same iterations
    (``bench/bench_methods.py``): ms per iteration and the ratio;
-4. ``shared-gpu`` — ``ddray distill --workers 2 --gpus-per-worker 0.5`` (two workers on one GPU),
-   ``one-gpu`` — the same seed on one worker, and ``shared-vs-one`` — the two sets agree (to float
-   rounding: two chunks are summed where one worker computes one);
-5. ``dc``, ``dm``, ``mtt`` — short runs of each method on the GPU workers (ConvNet width 32;
+4. ``shared-gpu`` — ``ddray distill --workers 2 --gpus-per-worker 0.5 --nets 8`` (two workers on one GPU)
+   for one meta-step, ``one-gpu`` — the same seed on one worker, and ``shared-vs-one`` — the two sets
+   agree (:func:`compare` says how far, and why after one meta-step); each worker's log line must name
+   a CUDA device;
+5. ``cli-vs-core`` — ``ddray distill --nets 8`` on one GPU worker for 20 meta-steps: its own seconds
+   per meta-step (the first one's warm-up and capture included) against the ``core`` step's K = 8
+   (captured, or eager where capture was refused): the issue's "through the CLI with Ray, ≤ 1.3× the
+   core";
+6. ``dc``, ``dm``, ``mtt`` — short runs of each method on the GPU workers (ConvNet width 32;
    MTT on tiny experts made first);
-6. ``cifar10-dm`` — a short DM run on CIFAR-10 from the archive ``../shared/gpu/pack.sh --cifar``
+7. ``cifar10-dm`` — a short DM run on CIFAR-10 from the archive ``../shared/gpu/pack.sh --cifar``
    carries (``.device/cifar10-jpeg.tar.gz``; ``--cifar PATH`` for another); without it, on MNIST-5k,
    and the step's name says so (``mnist5k-dm``).
 
@@ -28,7 +33,8 @@ machine's time limit leaves the steps it finished); exits 1 if a step failed or 
 at most what is left of it, and steps that would start after it are recorded as not run. Without a
 CUDA GPU it refuses at once with a one-line message (exit 2). ``--steps core,mtt`` runs only those
 steps (and the steps they read from: ``shared-vs-one`` the two runs, ``mtt`` its experts), to finish a
-run that the budget cut short.
+run that the budget cut short. ``--cpu-smoke`` (for the tests) runs every step on the CPU at toy sizes,
+workers without GPUs, the core without compiling.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -48,9 +55,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CONVNET = ["--model", "convnet", "--width", "32"]
-METHOD_EVAL = ["--eval-epochs", "2"]  # the final evaluation is not what is checked
 FIGURES = "FIGURES "  # a step's line of figures (JSON) for the results file
+CLI = "CLI K=8"  # seconds per meta-step of `ddray distill` on one GPU worker, beside the core's K = 8
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Step:
     seconds: float = 0.0
     tail: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
+    expect: tuple[str, ...] = ()  # patterns the output must contain (e.g. the workers' devices)
+    reads: dict[str, str] = field(default_factory=dict)  # figure → pattern whose group is its value
 
     @property
     def result(self) -> str:
@@ -113,39 +121,58 @@ def cuda_test_files(tests: Path = ROOT / "tests") -> list[Path]:
     return sorted(p for p in tests.rglob("test_*.py") if "mark.cuda" in p.read_text(encoding="utf-8"))
 
 
-def plan(work: Path, quick: bool, cifar: Path | None = CIFAR) -> list[Step]:
-    """The steps, in order (``quick``: fewer meta-steps and K up to 8; ``cifar``: the CIFAR-10 archive, if any)."""
-    iters = "4" if quick else "20"
+SMOKE_METHODS = ["--reps", "1", "--ipc", "1", "--width", "8", "--real-per-class", "4", "--syn-steps", "2"]
+
+
+def plan(work: Path, quick: bool, cifar: Path | None = CIFAR, smoke: bool = False) -> list[Step]:
+    """The steps, in order (``quick``: fewer meta-steps and K up to 8; ``cifar``: the CIFAR-10 archive, if any;
+    ``smoke``: the same steps on the CPU at toy sizes, workers without GPUs: ``--cpu-smoke``, for the tests)."""
+    quick = quick or smoke
+    iters = "2" if smoke else "4" if quick else "20"
     run = ["--no-tracking", "--no-progress", "--eval-nets", "2", "--no-scores"]
-    method_iters = "2" if quick else "5"
+    method_iters = "1" if smoke else "2" if quick else "5"
+    convnet = ["--model", "convnet", "--width", "8" if smoke else "32"]
+    method_eval = ["--eval-epochs", "1" if smoke else "2"]  # the final evaluation is not what is checked
     experts = work / "experts"
-    shared = ["--nets", "4", "--iterations", iters, "--seed", "0", *run]
+    once = ["--nets", "8", "--iterations", "1", "--seed", "0", *run]  # compared after one meta-step: see compare()
     data = (["--dataset", "imagefolder", "--data-root", str(cifar), "--cache-dir", str(work / "cache")]
             if cifar is not None and cifar.exists() else [])
+    here = str(Path(__file__).resolve())
+
+    def gpus(share: str) -> list[str]:
+        return ["--gpus-per-worker", "0", "--cpus-per-worker", "1"] if smoke else ["--gpus-per-worker", share]
+
+    def on(*workers: int) -> tuple[str, ...]:  # each worker's "joined" log line names its device
+        device = "cpu" if smoke else "cuda:"
+        return tuple(rf"worker {w} joined on node \S+ \(pid \d+, {device}" for w in workers)
+
     steps = [
         Step("cuda-tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                             *map(str, cuda_test_files())]),
-        Step("core", [sys.executable, str(Path(__file__).resolve()), "--core",
-                      json.dumps([1, 8] if quick else [1, 8, 32])]),
-        Step("methods-vs-plain", [sys.executable, str(Path(__file__).resolve().parent / "bench_methods.py"),
-                                  "--device", "cuda", "--reps", "3" if quick else "5"]),
-        Step("shared-gpu", ddray("distill", "--workers", "2", "--gpus-per-worker", "0.5", *shared,
-                                 "--out", str(work / "shared"))),
-        Step("one-gpu", ddray("distill", "--workers", "1", "--gpus-per-worker", "1", *shared,
-                              "--out", str(work / "one"))),
-        Step("shared-vs-one", [sys.executable, str(Path(__file__).resolve()), "--compare", str(work / "shared"),
-                               str(work / "one")]),
-        Step("dc", ddray("distill", "--method", "dc", *CONVNET, "--iterations", method_iters,
-                         "--out", str(work / "dc"), *run, *METHOD_EVAL)),
-        Step("dm", ddray("distill", "--method", "dm", *CONVNET, "--iterations", method_iters,
-                         "--out", str(work / "dm"), *run, *METHOD_EVAL)),
-        Step("mtt-experts", ddray("experts", *CONVNET, "--num-experts", "1", "--train-epochs", "3",
+        Step("core", [sys.executable, here, "--core", json.dumps([1, 8] if quick else [1, 8, 32]),
+                      *(["--cpu-smoke"] if smoke else [])]),
+        Step("methods-vs-plain", [sys.executable, str(Path(here).parent / "bench_methods.py"),
+                                  *(["--device", "cpu", *SMOKE_METHODS] if smoke else
+                                    ["--device", "cuda", "--reps", "3" if quick else "5"])]),
+        Step("shared-gpu", ddray("distill", "--workers", "2", *gpus("0.5"), *once, "--out", str(work / "shared")),
+             expect=on(0, 1)),
+        Step("one-gpu", ddray("distill", "--workers", "1", *gpus("1"), *once, "--out", str(work / "one")),
+             expect=on(0)),
+        Step("shared-vs-one", [sys.executable, here, "--compare", str(work / "shared"), str(work / "one")]),
+        Step("cli-vs-core", ddray("distill", "--workers", "1", *gpus("1"), "--nets", "8", "--iterations", iters,
+                                  *run, "--out", str(work / "cli")),
+             expect=on(0), reads={CLI: r"seconds per meta-step: ([0-9.]+)"}),
+        Step("dc", ddray("distill", "--method", "dc", *convnet, "--iterations", method_iters,
+                         "--out", str(work / "dc"), *run, *method_eval)),
+        Step("dm", ddray("distill", "--method", "dm", *convnet, "--iterations", method_iters,
+                         "--out", str(work / "dm"), *run, *method_eval)),
+        Step("mtt-experts", ddray("experts", *convnet, "--num-experts", "1", "--train-epochs", "3",
                                   "--out", str(experts), "--no-tracking", "--no-progress")),
-        Step("mtt", ddray("distill", "--method", "mtt", *CONVNET, "--experts", str(experts), "--max-start-epoch",
-                          "2", "--iterations", method_iters, "--out", str(work / "mtt"), *run, *METHOD_EVAL)),
+        Step("mtt", ddray("distill", "--method", "mtt", *convnet, "--experts", str(experts), "--max-start-epoch",
+                          "2", "--iterations", method_iters, "--out", str(work / "mtt"), *run, *method_eval)),
         Step("cifar10-dm" if data else "mnist5k-dm",
-             ddray("distill", "--method", "dm", *CONVNET, *data, "--ipc", "10", "--iterations", method_iters,
-                   "--out", str(work / "cifar"), *run, *METHOD_EVAL)),
+             ddray("distill", "--method", "dm", *convnet, *data, "--ipc", "10", "--iterations", method_iters,
+                   "--out", str(work / "cifar"), *run, *method_eval)),
     ]
     return steps
 
@@ -166,16 +193,30 @@ def select(steps: list[Step], names: str | None) -> list[Step]:
     return [s for s in steps if s.name in keep]
 
 
-def compare(a: Path, b: Path, rtol: float = 1e-3, atol: float = 1e-5) -> dict[str, Any]:
-    """The two distilled sets agree to float rounding (images and step sizes): the largest differences."""
+def compare(a: Path, b: Path, atol: float = 1e-4, share: float = 1e-3) -> dict[str, Any]:
+    """Two sets distilled for one meta-step from the same seed agree: at most ``share`` of the pixels differ
+    by more than ``atol`` (1 % of DD's outer learning rate), and the step sizes to 0.1 %.
+
+    One meta-step, because the runs split the meta-step's networks into other chunks (chunks follow
+    ``--workers``) and a GPU adds its own rounding, and DD amplifies rounding: on the CPU a meta-gradient
+    that differs by 1e-10 gives pixels 3.5e-6 apart after the first Adam step and 0.019 apart after
+    the second (a max-pool that picks another input flips gradients). Adam's first step moves a pixel by
+    η·g/(|g| + ε), so rounding moves only the pixels whose gradient is near ε (0.09 % of them have
+    |g| < 1e-8 there); a meta-gradient assembled from the wrong networks or without a chunk moves most
+    pixels by up to 2η. (A gradient scaled by a constant moves none: Adam does not see it; the Ray-vs-local
+    tests on the CPU do.)"""
     import torch
 
     from ddray.store.artifact import read_distilled
 
     x, y = read_distilled(a), read_distilled(b)
-    torch.testing.assert_close(x.images, y.images, rtol=rtol, atol=atol)
-    torch.testing.assert_close(x.lrs, y.lrs, rtol=rtol, atol=atol)
-    return {"max |Δ image|": float((x.images - y.images).abs().max()),
+    diff = (x.images - y.images).abs()
+    off = float((diff > atol).float().mean())
+    torch.testing.assert_close(x.lrs, y.lrs, rtol=1e-3, atol=1e-6)
+    if off > share:
+        raise AssertionError(f"{off:.2%} of the pixels differ by more than {atol:g} (allowed: {share:.1%}); "
+                             f"largest difference {float(diff.max()):.3g}")
+    return {"max |Δ image|": float(diff.max()), "max share of pixels off": off,
             "max |Δ step size|": float((x.lrs - y.lrs).abs().max())}
 
 
@@ -193,10 +234,17 @@ def run_step(step: Step, timeout: float) -> Step:
     except subprocess.TimeoutExpired as e:
         step.ok, out = False, f"timed out after {timeout:.0f} s\n{_text(e.stdout)}{_text(e.stderr)}"
     step.seconds = time.perf_counter() - t0
+    missing = [p for p in step.expect if not re.search(p, out)]
+    if step.ok and missing:
+        step.ok, out = False, out + "\n" + "\n".join(f"gpu-check: not in the output: {p}" for p in missing)
     step.tail = "\n".join(str(out).strip().splitlines()[-15:])
     for line in str(out).splitlines():
         if line.startswith(FIGURES):
             step.figures = json.loads(line[len(FIGURES):])
+    for name, pattern in step.reads.items():
+        found = re.search(pattern, out)
+        if found:
+            step.figures[name] = float(found.group(1))
     return step
 
 
@@ -209,37 +257,40 @@ KINDS = {"eager": {"compile": False, "cuda_graphs": False}, "compiled": {"compil
          "captured": {"compile": False, "cuda_graphs": True}}
 
 
-def core_figures(nets: list[int], reps: int = 5) -> dict[str, Any]:
-    """Seconds per DD meta-step on cuda:0 per K, eager, compiled and captured (run inside the ``core`` step)."""
+def core_figures(nets: list[int], reps: int = 5, device: str = "cuda") -> dict[str, Any]:
+    """Seconds per DD meta-step on ``device`` per K, eager, compiled and captured (run inside the ``core`` step;
+    on the CPU, ``--cpu-smoke``, eager and captured only: captured is eager there, and compiling takes minutes)."""
     import torch
 
     from ddray.config import Config
     from ddray.inputs.problem import build_problem
 
     out: dict[str, Any] = {}
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    kinds = {kind: flags for kind, flags in KINDS.items() if dev.type == "cuda" or not flags["compile"]}
     for k in nets:
-        for kind, flags in KINDS.items():
+        for kind, flags in kinds.items():
             problem = build_problem(Config().override(nets=k, tracking=False, **flags))
             objective = problem.objective().to(dev)
             syn = problem.initial_synthetic()
             images, raw = syn.images.to(dev), syn.raw_lrs.to(dev)
             times = []
             for step in range(reps + 2):
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 objective(images, raw, step, list(range(k)))
-                torch.cuda.synchronize()
+                sync()
                 if step >= 2:
                     times.append(time.perf_counter() - t0)
             out[f"K={k} {kind}"] = statistics.median(times)
             graphs = getattr(objective, "graphs", None)  # DD's objective has them (None where not captured)
             if kind == "captured" and graphs is not None and graphs.refused:
                 out[f"K={k} captured"] = float("nan")  # not captured: the figure would be eager's
-        for kind in ("compiled", "captured"):
+        for kind in kinds.keys() - {"eager"}:
             out[f"K={k} {kind}/eager"] = out[f"K={k} {kind}"] / out[f"K={k} eager"]
     if len(nets) > 1:
-        for kind in KINDS:
+        for kind in kinds:
             out[f"K={max(nets)}/K={min(nets)} {kind}"] = out[f"K={max(nets)} {kind}"] / out[f"K={min(nets)} {kind}"]
     return out
 
@@ -258,9 +309,13 @@ def write_results(out: Path, info: dict[str, Any], steps: list[Step]) -> tuple[P
     for s in steps:
         lines.append(f"| {s.name} | {s.result} | {s.seconds:.1f} |")
     figs = {k: v for s in steps for k, v in s.figures.items()}
+    core = figs.get("K=8 captured")
+    core = figs.get("K=8 eager") if core is None or core != core else core  # NaN: not captured, eager ran
+    if figs.get(CLI) and core:
+        figs[f"{CLI}/core K=8"] = figs[CLI] / core
     if figs:
         lines += ["", "| figure | value |", "| --- | ---: |"]
-        lines += [f"| {k} | {_value(k, v)} |" for k, v in figs.items()]
+        lines += [f"| {k.replace('|', chr(92) + '|')} | {_value(k, v)} |" for k, v in figs.items()]
     failed = [s for s in steps if s.ok is False]
     for s in failed:
         lines += ["", f"## {s.name} failed", "", "```", s.tail, "```"]
@@ -302,25 +357,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cifar", type=Path, default=CIFAR, help="the CIFAR-10 archive (default: pack.sh --cifar's)")
     ap.add_argument("--core", help=argparse.SUPPRESS)  # inside the core step: JSON list of K
     ap.add_argument("--compare", nargs=2, type=Path, help=argparse.SUPPRESS)  # inside shared-vs-one
+    ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # the steps on the CPU, toy sizes
     args = ap.parse_args(argv)
     try:
-        select(plan(args.out, args.quick, args.cifar), args.steps)
+        select(plan(args.out, args.quick, args.cifar, args.cpu_smoke), args.steps)
     except ValueError as e:
         ap.error(str(e))
     if args.compare:
         print(FIGURES + json.dumps(compare(*args.compare)), flush=True)
         return 0
-    reason = no_gpu_reason()
+    reason = None if args.cpu_smoke else no_gpu_reason()
     if reason:
         print(reason, file=sys.stderr)
         return 2
     if args.core:
-        print(FIGURES + json.dumps(core_figures(json.loads(args.core))), flush=True)
+        figures = (core_figures(json.loads(args.core), reps=1, device="cpu") if args.cpu_smoke else
+                   core_figures(json.loads(args.core)))
+        print(FIGURES + json.dumps(figures), flush=True)
         return 0
-    info = card()
-    print(f"gpu-check on {info['gpus']} × {info['gpu']} (driver {info['driver']}, CUDA {info['cuda']})", flush=True)
+    info = {"gpu": "none (--cpu-smoke)"} if args.cpu_smoke else card()
+    print(f"gpu-check on {info.get('gpus', 0)} × {info['gpu']} (driver {info.get('driver')}, CUDA {info.get('cuda')})",
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="ddray-gpu-check-") as tmp:
-        steps = select(plan(Path(tmp), args.quick, args.cifar), args.steps)
+        steps = select(plan(Path(tmp), args.quick, args.cifar, args.cpu_smoke), args.steps)
         js, md = run_all(steps, args.out, info, args.timeout, args.budget_s)
     print(f"results: {md} and {js}")
     return 0 if all(s.ok for s in steps) else 1

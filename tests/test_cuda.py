@@ -84,3 +84,9 @@ def test_objectives_on_the_gpu_match_the_cpu(method: str, monkeypatch: pytest.Mo
     got = problem.objective().to(CUDA)(syn.images.to(CUDA), syn.raw_lrs.to(CUDA), 0, [0, 1])
     torch.testing.assert_close(got.images.cpu(), want.images, rtol=1e-3, atol=1e-5)
     assert got.loss == pytest.approx(want.loss, rel=1e-3)
+
+
+def test_a_worker_on_the_gpu_says_which_card() -> None:
+    from ddray.distributed.worker import describe_device
+
+    assert describe_device(torch.device("cuda")) == f"cuda:0 ({torch.cuda.get_device_name(0)})"

@@ -123,6 +123,7 @@ class WorkerInfo:
     pid: int
     node: str  # Ray node id
     restarted: bool  # Ray rebuilt this actor after its process died
+    device: str = "cpu"  # where it computes: "cpu", or "cuda:0 (<the card's name>)"
 
 
 def synthetic_of(versions: list[Version], problem: "Problem") -> "SyntheticSet":

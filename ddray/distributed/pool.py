@@ -142,8 +142,8 @@ class WorkerPool:
         if again and info.pid != m.pid:
             self.restarts += 1
         m.alive, m.pid, m.node = True, info.pid, info.node
-        log.info("%s %d %s on node %s (pid %s); %d alive", self.what, m.slot,
-                 "is back" if again else "joined", str(m.node)[:8], m.pid, len(self.alive()))
+        log.info("%s %d %s on node %s (pid %s, %s); %d alive", self.what, m.slot,
+                 "is back" if again else "joined", str(m.node)[:8], m.pid, info.device, len(self.alive()))
 
     def lost(self, slot: int, error: BaseException | str) -> None:
         """Mark slot ``slot``'s actor as absent (its work is redone elsewhere) and keep probing it."""

@@ -44,6 +44,17 @@ def slice_grads(step: int, chunk: int, g_images: np.ndarray, g_raw: np.ndarray, 
 
 
 
+def describe_device(device: Any) -> str:
+    """Where a worker computes, for the log: ``"cpu"``, or ``"cuda:0 (NVIDIA H100 80GB HBM3)"``."""
+    import torch
+
+    d = torch.device(device or "cpu")
+    if d.type != "cuda":
+        return d.type
+    index = d.index if d.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def mapping_of(address: int) -> str | None:
     """What the memory at ``address`` of this process is: the file of its mapping (the object store's shared
     memory, e.g. ``/dev/shm/plasma…``), ``""`` for anonymous memory (a private copy), None off Linux."""
@@ -216,7 +227,8 @@ class WorkerActor:
     def ping(self) -> WorkerInfo:
         import ray
 
-        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), self.restarted)
+        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), self.restarted,
+                          describe_device(getattr(self.impl, "device", None)))
 
     def compute(self, step: int, chunks: list[Chunk], *versions: Version) -> Any:
         """``versions``: the shards' current versions → the chunks' GradShares for shard 0, …, shard J−1."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ def test_lost_workers_and_server_lose_nothing(straight: DistillResult, tmp_path:
     assert same(r, straight)
     assert sorted(seen) == [1, 2, 3, 4, 5, 6] and seen[6]["restarts"] == 3
     log = caplog.text
+    assert re.search(r"worker 0 joined on node \w+ \(pid \d+, cpu\); \d alive", log)  # where it computes
     assert "worker 1 lost" in log and "worker 1 is back" in log
     assert "worker 0 lost" in log and "worker 0 is back" in log
     assert "parameter-server shard 0 died" in log and "rolled back to the checkpoint of meta-step 3" in log

@@ -11,7 +11,7 @@ from ddray.core.net_chunks import assign, net_chunks, step_gradient
 from ddray.distributed.messages import Version, slice_state
 from ddray.distributed.param_server import ParamServer
 from ddray.distributed.shards import shard_layout
-from ddray.distributed.worker import MetaGradWorker, SimulatedWorker, async_loop
+from ddray.distributed.worker import MetaGradWorker, SimulatedWorker, async_loop, describe_device
 from ddray.evaluation.held_out import eval_job, evaluate_distilled
 from ddray.inputs.problem import build_problem
 from ddray.run.state import RunState
@@ -117,3 +117,7 @@ def test_async_loop_runs_the_servers_to_completion(setup: tuple) -> None:
     pushes = async_loop(worker, index=0, slots=2, nets=2, pull=pull, push=push)
     assert pushes == 6 and all(p.step == 3 for p in servers)  # a share is 1 of K = 2 nets: 2 pushes/update
     assert pull() is None
+
+
+def test_a_worker_on_the_cpu_says_so() -> None:
+    assert describe_device(None) == describe_device("cpu") == describe_device(torch.device("cpu")) == "cpu"
