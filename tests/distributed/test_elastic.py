@@ -210,7 +210,7 @@ def test_a_lost_node_replaced_the_fleet_grows_back_to_max_with_the_local_bits(
     assert finish(proc) == 0, log(tmp_path)
     text = log(tmp_path)
     loss = re.search(lost, text)
-    assert loss and re.search(rf"ddray: worker {loss[1]} is back on node \w+ \(pid \d+\); 2 alive",
+    assert loss and re.search(rf"ddray: worker {loss[1]} is back on node \w+ \(pid \d+, cpu\); 2 alive",
                               text[loss.end():]), text
     frames = [(n, p["alive"], p["restarts"]) for n, p in bars(text, total)]
     assert ("1", "0") in {f[1:] for f in frames} and frames[-1] == (total, "2", "1"), frames
