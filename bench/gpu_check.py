@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -310,7 +311,7 @@ def write_results(out: Path, info: dict[str, Any], steps: list[Step]) -> tuple[P
         lines.append(f"| {s.name} | {s.result} | {s.seconds:.1f} |")
     figs = {k: v for s in steps for k, v in s.figures.items()}
     core = figs.get("K=8 captured")
-    core = figs.get("K=8 eager") if core is None or core != core else core  # NaN: not captured, eager ran
+    core = figs.get("K=8 eager") if core is None or math.isnan(core) else core  # NaN: not captured, eager ran
     if figs.get(CLI) and core:
         figs[f"{CLI}/core K=8"] = figs[CLI] / core
     if figs:
@@ -359,10 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", nargs=2, type=Path, help=argparse.SUPPRESS)  # inside shared-vs-one
     ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # the steps on the CPU, toy sizes
     args = ap.parse_args(argv)
-    try:
-        select(plan(args.out, args.quick, args.cifar, args.cpu_smoke), args.steps)
-    except ValueError as e:
-        ap.error(str(e))
+    if args.steps is not None:  # a bad name fails here, before any step runs
+        try:
+            select(plan(args.out, args.quick, args.cifar, args.cpu_smoke), args.steps)
+        except ValueError as e:
+            ap.error(str(e))
     if args.compare:
         print(FIGURES + json.dumps(compare(*args.compare)), flush=True)
         return 0

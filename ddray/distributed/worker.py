@@ -223,12 +223,12 @@ class WorkerActor:
         args = tuple(ray.get(a.ref) if isinstance(a, InStore) else a for a in args)
         self.impl = WORKER_KINDS[kind](*args)
         self.restarted = reconstructed()
+        self.device = describe_device(getattr(self.impl, "device", None))  # once: ping answers every probe
 
     def ping(self) -> WorkerInfo:
         import ray
 
-        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), self.restarted,
-                          describe_device(getattr(self.impl, "device", None)))
+        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), self.restarted, self.device)
 
     def compute(self, step: int, chunks: list[Chunk], *versions: Version) -> Any:
         """``versions``: the shards' current versions → the chunks' GradShares for shard 0, …, shard J−1."""
