@@ -1,6 +1,7 @@
 """DD's meta-step captured whole as CUDA graphs (ddray/core/capture.py).
 
-Here (CPU): the function a graph captures equals the eager meta-gradient; a CPU objective never
+Here (CPU): the function a graph captures equals the eager meta-gradient and, on the ``meta``
+device, reads nothing back to the host; a CPU objective never
 captures; and the bookkeeping around capture — static buffers refilled on every call, outputs
 handed out as copies, one graph per shape, the least recently used dropped, a graph that
 disagrees with eager refused, a failed capture falling back with one warning. For that
@@ -49,6 +50,27 @@ def test_the_captured_function_equals_the_eager_meta_gradient(memory: str, learn
         torch.testing.assert_close(g_lab, want.labels, rtol=1e-12, atol=1e-14)
     else:
         assert g_lab is None and want.labels is None
+
+
+@pytest.mark.parametrize("memory", ["full", "recompute"])
+@pytest.mark.parametrize("learned", [False, True])
+def test_the_captured_function_reads_nothing_back_to_the_host(memory: str, learned: bool) -> None:
+    """On PyTorch's ``meta`` device tensors have shapes and no values, so any host read-back
+    (``.item()``, ``float(t)``, a branch on a tensor, a data-dependent shape) raises: what runs there
+    through to its outputs has nothing that breaks CUDA-graph capture. LeNet at the default shapes,
+    K = 2, 10 images per step, 30 inner steps, a real batch of 256."""
+    with pytest.raises(RuntimeError):  # the control: a read-back does fail there
+        torch.zeros((), device="meta").item()
+    meta = torch.device("meta")
+    model = LeNet(1, 28, 10).to(meta)
+    params0 = {n: torch.empty(2, *p.shape, device=meta) for n, p in model.named_parameters()}
+    images = torch.empty(10, 10, 1, 28, 28, device=meta)
+    labels = torch.empty(10, 10, device=meta) if learned else torch.arange(10, device=meta)
+    raw, x_real, y_real = (torch.empty(30, device=meta), torch.empty(256, 1, 28, 28, device=meta),
+                           torch.empty(256, dtype=torch.long, device=meta))
+    g_img, g_raw, g_lab, loss = static_meta_gradient(model, params0, images, labels, raw, x_real, y_real, memory)
+    assert g_img.shape == images.shape and g_raw.shape == raw.shape and loss.shape == ()
+    assert (g_lab is not None and g_lab.shape == labels.shape) if learned else g_lab is None
 
 
 def test_a_cpu_objective_never_captures() -> None:
