@@ -3,12 +3,14 @@
 * the uint8 path gives the meta-gradient of the float path (the images normalised up front, as before);
 * the class-partitioned Parquet copy returns the exact bytes, reads only a class's row groups for a
   class's pool, keeps its cache within the budget, and a run with ``--data-cache-mb`` distils the same
-  synthetic set bit for bit as the whole set in memory (DD and DM).
+  synthetic set bit for bit as the whole set in memory (DD and DM), and scores it the same, the scores'
+  full-data training read through the bounded cache.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -88,6 +90,39 @@ def test_a_bounded_run_distils_the_same_set_bit_for_bit(method: str, tmp_path: P
     assert torch.equal(whole.distilled.images, part.distilled.images)
     assert torch.equal(whole.distilled.lrs, part.distilled.lrs)
     assert part.result == whole.result  # the held-out networks score the same, test split read from the copy
+
+
+def test_the_scores_full_data_training_reads_the_bounded_copy_within_its_budget(mnist: Dataset,
+                                                                                tmp_path: Path) -> None:
+    """DD-Ranking's scores train networks on the whole training split; with ``--data-cache-mb`` that split
+    is read through the bounded cache, which stays within its MB, and the scores are those of the set in
+    memory."""
+    from ddray.evaluation.held_out import score_distilled
+    from ddray.evaluation.scores import FullDataCache
+    from ddray.inputs.problem import to_distilled
+
+    cfg = Config.from_dict({"dataset": "mnist5k", "steps": 1, "epochs": 1, "eval_nets": 1, "eval_epochs": 1,
+                            "full_epochs": 1, "score_lrs": "0.01", "seed": 2})
+    whole = build_problem(cfg, mnist)
+    part = build_problem(cfg, bounded(mnist, 1, tmp_path / "cache"))
+    cache = part.data.x_train.raw.cache
+    peak = 0
+    get = cache.get
+
+    def watched(*args: Any, **kwargs: Any) -> Any:  # the most the cache ever held, after each read
+        nonlocal peak
+        out = get(*args, **kwargs)
+        peak = max(peak, cache.used)
+        return out
+
+    cache.get = watched
+    d = to_distilled(whole, whole.initial_synthetic(), 0)
+    want = score_distilled(whole, d, cache=FullDataCache(tmp_path / "whole"))
+    reads = cache.reads
+    got = score_distilled(part, d, cache=FullDataCache(tmp_path / "part"))
+    assert got == want
+    # 4,000 images of 784 bytes (3.1 MB) through 1 MB: the full split's epoch read every row group at least once
+    assert cache.reads - reads >= part.data.x_train.raw.file.num_row_groups and 0 < peak <= 2 ** 20
 
 
 def test_data_cache_mb_zero_is_refused() -> None:
