@@ -19,7 +19,10 @@ instance norm, average pooling), the papers' DSA strategy; random pixels stand i
 Both rows of a method get the same θ₀ (or expert segment), real images and augmentation draws,
 so they compute the same gradient (tests/test_bench_methods.py checks it in float64); only the
 way they compute it differs. Each figure is the median of ``--reps`` iterations after two
-warm-up ones, on ``--device`` (synchronised on a GPU).
+warm-up ones, on ``--device`` (synchronised on a GPU). One more iteration of each row runs under
+``torch.profiler`` (:func:`launches`): the operators the host dispatched and, on a GPU, the kernels
+launched and their busy time — whether an iteration is launch-bound, which decides whether capturing
+it as a CUDA graph pays (issue 16, item 2).
 
 Usage: python bench/bench_methods.py [--device cuda] [--reps 5] [--methods dm mtt] [--syn-steps 30]
        [--real-per-class 256] [--json FILE]
@@ -188,11 +191,46 @@ def time_rows(rows: dict[str, Grad], device: torch.device, reps: int) -> dict[st
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def table(figures: dict[str, dict[str, float]]) -> str:
+def launches(row: Grad, step: int, device: torch.device) -> dict[str, float]:
+    """One more iteration of ``row`` under ``torch.profiler``: ``calls``, the operators the host dispatched
+    (top-level events: from Python or the autograd engine, each at least one kernel launch on a GPU); on a
+    GPU also ``kernels``, the kernels and copies it launched, and ``busy ms``, their summed time. Busy ms
+    far below the iteration's ms means the iteration is launch-bound: what capturing it as a CUDA graph
+    (issue 16, item 2) would remove. Empty if the profiler fails (the timings stand without it)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    try:
+        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+            row(step)
+            if cuda:
+                torch.cuda.synchronize(device)
+        events = prof.events()
+    except Exception as e:  # noqa: BLE001  (a profiler that cannot run on this machine)
+        print(f"# profiling failed ({type(e).__name__}: {e}); no launch counts")
+        return {}
+    out = {"calls": float(sum(1 for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None))}
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        out |= {"kernels": float(len(kernels)), "busy ms": sum(e.time_range.elapsed_us() for e in kernels) / 1000}
+    return out
+
+
+def table(figures: dict[str, dict[str, float]], counts: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
+    """The timings; with ``counts`` (:func:`launches` per method and row) a second table of launches."""
     lines = ["| method | ddray (ms / iteration) | plain eager loop (ms / iteration) | ddray / plain |",
              "| --- | ---: | ---: | ---: |"]
     for method, f in figures.items():
         lines.append(f"| {method} | {f['ddray']:.1f} | {f['plain']:.1f} | {f['ddray'] / f['plain']:.2f}× |")
+    if counts:
+        lines += ["", "| method, row | ms / iteration | host operator calls | GPU kernels | GPU busy ms |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for method, rows in counts.items():
+            for row, c in rows.items():
+                cells = [f"{c[k]:.0f}" if k in c else "–" for k in ("calls", "kernels")]
+                busy = f"{c['busy ms']:.1f}" if "busy ms" in c else "–"
+                lines.append(f"| {method}, {row} | {figures[method][row]:.1f} | {' | '.join(cells)} | {busy} |")
     return "\n".join(lines)
 
 
@@ -213,13 +251,19 @@ def main() -> None:
     sizes = Sizes(args.ipc, args.width, args.real_per_class, args.syn_steps)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     print(f"# {where}, torch {torch.__version__}, {sizes}, median of {args.reps}")
-    figures = {m: time_rows(METHODS[m](sizes, device), device, args.reps) for m in args.methods}
-    print(table(figures))
+    figures, counts = {}, {}
+    for m in args.methods:
+        rows = METHODS[m](sizes, device)
+        figures[m] = time_rows(rows, device, args.reps)
+        counts[m] = {name: launches(row, args.reps + 2, device) for name, row in rows.items()}
+    print(table(figures, counts))
     flat = {f"{m} {row} ms": ms for m, rows in figures.items() for row, ms in rows.items()}
     flat.update({f"{m} ddray/plain": rows["ddray"] / rows["plain"] for m, rows in figures.items()})
+    flat.update({f"{m} {row} {k}": v for m, rows in counts.items() for row, c in rows.items() for k, v in c.items()})
     print("FIGURES " + json.dumps(flat))  # for bench/gpu_check.py's results file
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": where, "sizes": vars(sizes), "ms": figures}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"device": where, "sizes": vars(sizes), "ms": figures,
+                                               "launches": counts}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -338,12 +338,14 @@ def run_all(steps: list[Step], out: Path, info: dict[str, Any], timeout: float,
 
 
 def _value(name: str, v: float) -> str:
-    """A figure as the results table shows it: ratios (a "/" in the name) as ×, maxima as they are, figures
-    named "… ms" in ms, the rest (seconds) in ms."""
+    """A figure as the results table shows it: ratios (a "/" in the name) as ×, maxima as they are, counts
+    ("… calls", "… kernels") as whole numbers, figures named "… ms" in ms, the rest (seconds) in ms."""
     if "/" in name:
         return f"{v:.2f}×"
     if name.startswith("max"):
         return f"{v:.2e}"
+    if name.endswith((" calls", " kernels")):
+        return f"{v:.0f}"
     return f"{v if name.endswith(' ms') else 1000 * v:.1f} ms"
 
 

@@ -38,3 +38,31 @@ def test_the_timing_and_the_table() -> None:
     assert set(figures["dm"]) == {"ddray", "plain"} and all(v >= 0 for v in figures["dm"].values())
     figures = {"dm": {"ddray": 30.0, "plain": 60.0}, "mtt": {"ddray": 90.0, "plain": 45.0}}
     assert bench.table(figures).splitlines()[2:] == ["| dm | 30.0 | 60.0 | 0.50× |", "| mtt | 90.0 | 45.0 | 2.00× |"]
+
+
+def test_launches_counts_what_the_host_dispatched() -> None:
+    """One iteration under the profiler: on the CPU the top-level operator calls (no GPU figures); a row that
+    dispatches more operators counts more."""
+    x = torch.randn(8, 8)
+
+    def few(step: int) -> None:
+        torch.mm(x, x)
+
+    def more(step: int) -> None:
+        for _ in range(5):
+            torch.mm(x, x).relu()
+
+    a, b = bench.launches(few, 0, torch.device("cpu")), bench.launches(more, 0, torch.device("cpu"))
+    assert set(a) == {"calls"} and 1 <= a["calls"] < b["calls"] and b["calls"] >= 10
+    rows = bench.METHODS["dm"](SMALL, torch.device("cpu"))
+    plain, ddray = (bench.launches(rows[r], 0, torch.device("cpu"))["calls"] for r in ("plain", "ddray"))
+    # 50 real images make one chunk: DM's loop runs two forwards per class, ddray one over all classes (at
+    # CIFAR-10's 2,560 real images ddray cuts them into cache-sized chunks on the CPU, and dispatches more)
+    assert plain > ddray > 0
+
+
+def test_the_table_of_launches() -> None:
+    figures = {"dm": {"ddray": 30.0, "plain": 60.0}}
+    counts = {"dm": {"ddray": {"calls": 840.0, "kernels": 1200.0, "busy ms": 4.25}, "plain": {"calls": 1250.0}}}
+    assert bench.table(figures, counts).splitlines()[-2:] == ["| dm, ddray | 30.0 | 840 | 1200 | 4.2 |",
+                                                              "| dm, plain | 60.0 | 1250 | – | – |"]

@@ -129,7 +129,8 @@ def test_results_files_name_the_card(tmp_path: Path) -> None:
     steps = [gpu_check.Step("cuda-tests", ["x"], True, 12.0),
              gpu_check.Step("core", ["y"], True, 30.0, figures={"K=1 eager": 0.012, "K=1 compiled/eager": 0.5}),
              gpu_check.Step("methods-vs-plain", ["m"], True, 20.0,
-                            figures={"dm ddray ms": 1365.0, "dm ddray/plain": 0.44}),
+                            figures={"dm ddray ms": 1365.0, "dm ddray/plain": 0.44, "dm ddray kernels": 1204.0,
+                                     "dm ddray busy ms": 4.25}),
              gpu_check.Step("cli-vs-core", ["c"], True, 9.0, figures={"CLI K=8": 0.030, "K=8 captured": 0.025}),
              gpu_check.Step("mtt", ["z"], False, 3.0, tail="RuntimeError: CUDA error")]
     js, md = gpu_check.write_results(tmp_path / "out", info, steps)
@@ -139,6 +140,7 @@ def test_results_files_name_the_card(tmp_path: Path) -> None:
     assert "| K=1 eager | 12.0 ms |" in text and "| K=1 compiled/eager | 0.50× |" in text
     assert "| CLI K=8/core K=8 | 1.20× |" in text  # the CLI beside the core's captured K = 8
     assert "| dm ddray ms | 1365.0 ms |" in text and "| dm ddray/plain | 0.44× |" in text  # bench_methods' own ms
+    assert "| dm ddray kernels | 1204 |" in text and "| dm ddray busy ms | 4.2 ms |" in text
     assert "## mtt failed" in text and "RuntimeError: CUDA error" in text
     data = json.loads(js.read_text())
     assert data["card"]["gpu"] == "NVIDIA H100 80GB HBM3"
