@@ -8,10 +8,11 @@ Steps (each is run, timed and recorded even if an earlier one failed):
 2. ``core`` — one DD meta-step (default MNIST-5k config) on the GPU at K = 1, 8, 32: eager,
    ``--compile`` and replayed from a CUDA graph (``--cuda-graphs``, :mod:`ddray.core.capture`):
    median seconds of 5 meta-steps after 2 warm-up ones (CUDA-synchronised), each against eager,
-   and how K = 32 compares with K = 1 for each;
+   and how K = 32 compares with K = 1 for each; one more meta-step of each under ``torch.profiler``
+   gives its kernels and their busy ms (far below the meta-step's time: launch-bound);
 3. ``methods-vs-plain`` — a DM and an MTT iteration at CIFAR-10's shapes (ConvNet-128, 10 images per
    class) through ddray's objectives, beside plain eager PyTorch loops of the same iterations
-   (``bench/bench_methods.py``): ms per iteration and the ratio;
+   (``bench/bench_methods.py``): ms per iteration and the ratio, and each row's kernels and busy ms;
 4. ``shared-gpu`` — ``ddray distill --workers 2 --gpus-per-worker 0.5 --nets 8`` (two workers on one GPU)
    for one meta-step, ``one-gpu`` — the same seed on one worker, and ``shared-vs-one`` — the two sets
    agree (:func:`compare` says how far, and why after one meta-step); each worker's log line must name
@@ -260,8 +261,11 @@ KINDS = {"eager": {"compile": False, "cuda_graphs": False}, "compiled": {"compil
 
 def core_figures(nets: list[int], reps: int = 5, device: str = "cuda") -> dict[str, Any]:
     """Seconds per DD meta-step on ``device`` per K, eager, compiled and captured (run inside the ``core`` step;
-    on the CPU, ``--cpu-smoke``, eager and captured only: captured is eager there, and compiling takes minutes)."""
+    on the CPU, ``--cpu-smoke``, eager and captured only: captured is eager there, and compiling takes minutes),
+    and each one's launches in one more meta-step (``bench_methods.launches``: on a GPU the kernels and their
+    busy ms, which against the meta-step's time says how launch-bound it is)."""
     import torch
+    from bench_methods import launches
 
     from ddray.config import Config
     from ddray.inputs.problem import build_problem
@@ -288,6 +292,10 @@ def core_figures(nets: list[int], reps: int = 5, device: str = "cuda") -> dict[s
             graphs = getattr(objective, "graphs", None)  # DD's objective has them (None where not captured)
             if kind == "captured" and graphs is not None and graphs.refused:
                 out[f"K={k} captured"] = float("nan")  # not captured: the figure would be eager's
+                continue
+            # one more meta-step under the profiler: kernels launched and their busy time (launch-bound?)
+            counts = launches(lambda step: objective(images, raw, step, list(range(k))), reps + 2, dev)
+            out.update({f"K={k} {kind} {name}": v for name, v in counts.items()})
         for kind in kinds.keys() - {"eager"}:
             out[f"K={k} {kind}/eager"] = out[f"K={k} {kind}"] / out[f"K={k} eager"]
     if len(nets) > 1:

@@ -200,3 +200,5 @@ def test_every_step_runs_on_the_cpu_without_mlflow(tmp_path: Path) -> None:
     figures = {k: v for s in data["steps"] for k, v in s["figures"].items()}
     assert figures["max share of pixels off"] == 0 and figures["CLI K=8"] > 0 and figures["K=8 eager"] > 0
     assert figures["dm ddray ms"] > 0 and figures["mtt ddray/plain"] > 0
+    assert figures["K=8 eager calls"] > 0 and figures["mtt ddray calls"] > 0  # the launches (CPU: no kernels)
+    assert not any(name.endswith(" kernels") for name in figures)
