@@ -252,8 +252,8 @@ def test_nodes_added_mid_run_join_the_fleet_with_the_local_bits(
         cluster: Any, nodes: Callable[[int], list[Any]], tmp_path: Path, local_reference: Callable[..., Any]) -> None:
     """`--workers 1:3` on one node: it starts with one worker; two nodes join and take chunks.
 
-    200 meta-steps leave the joins time: here the second node's worker joined at meta-step ~35, but a
-    CI run with 60 saw it join only after the last one (its actor starts torch on a busy host)."""
+    200 meta-steps leave the joins time: here the two new workers joined at meta-steps 23 and 25, but a
+    CI run with 60 saw the third join only after the last one (its actor starts torch on a busy host)."""
     run = ["--workers", "1:3", "--nets", "3", "--iterations", "200", "--checkpoint-every", "50"]
     nodes(1)
     out = tmp_path / "out"
