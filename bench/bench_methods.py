@@ -8,9 +8,10 @@ instance norm, average pooling), the papers' DSA strategy; random pixels stand i
 
 * **DM** (one fresh network, ``--real-per-class`` real images of each class). ddray:
   :class:`ddray.core.matching.DistributionMatching` (every class's real images embedded together,
-  the synthetic ones in one forward). Plain: DM's own loop — the network as a module, class by
-  class an embedding of the real images without a graph and one of the synthetic ones, Σ‖mean
-  difference‖², one backward.
+  the synthetic ones in one forward; on a GPU replayed from a CUDA graph, with the same iteration
+  without graphs beside it as ``ddray, no graphs``). Plain: DM's own loop — the network as a
+  module, class by class an embedding of the real images without a graph and one of the synthetic
+  ones, Σ‖mean difference‖², one backward.
 * **MTT** (one student, ``--syn-steps`` steps on all N images from an expert segment). ddray:
   :class:`ddray.core.trajectory.TrajectoryMatching` (the unroll's VJP with the first-order distance
   gradient). Plain: MTT's own loop — a list of student parameters, ``autograd.grad(create_graph=True)``
@@ -109,11 +110,16 @@ def dm(sizes: Sizes, device: torch.device, dtype: torch.dtype = torch.float32, s
     sampler = _Cast(RandomInit(model, "default", seed), dtype)
     real = ClassBatches(x_real, y_real, CLASSES, sizes.real_per_class, seed)
     objective = DistributionMatching(model, sampler, real, sizes.ipc, seed, STRATEGY).to(device)
+    kernel_by_kernel = DistributionMatching(model, sampler, real, sizes.ipc, seed, STRATEGY, cuda_graphs=False)
+    kernel_by_kernel.real = objective.real  # the same real images, already on the device
     images, raw = images.to(device), torch.zeros(1, dtype=dtype, device=device)
     net = copy.deepcopy(model).to(device)
 
     def ddray_row(step: int) -> tuple[torch.Tensor, None]:
         return objective(images, raw, step, [0]).images, None
+
+    def eager_row(step: int) -> tuple[torch.Tensor, None]:
+        return kernel_by_kernel(images, raw, step, [0]).images, None
 
     def plain_row(step: int) -> tuple[torch.Tensor, None]:
         net.load_state_dict({n: v[0] for n, v in sampler.sample([(DISTILL, step, 0)]).items()})
@@ -131,7 +137,10 @@ def dm(sizes: Sizes, device: torch.device, dtype: torch.dtype = torch.float32, s
         assert x_syn.grad is not None
         return x_syn.grad.unsqueeze(0), None
 
-    return {"ddray": ddray_row, "plain": plain_row}
+    rows: dict[str, Grad] = {"ddray": ddray_row, "plain": plain_row}
+    if objective.graphs is not None:  # on a GPU "ddray" replays CUDA graphs: the same without them beside it
+        rows["ddray, no graphs"] = eager_row
+    return rows
 
 
 def mtt(sizes: Sizes, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, Grad]:
@@ -222,7 +231,9 @@ def table(figures: dict[str, dict[str, float]], counts: dict[str, dict[str, dict
     lines = ["| method | ddray (ms / iteration) | plain eager loop (ms / iteration) | ddray / plain |",
              "| --- | ---: | ---: | ---: |"]
     for method, f in figures.items():
-        lines.append(f"| {method} | {f['ddray']:.1f} | {f['plain']:.1f} | {f['ddray'] / f['plain']:.2f}× |")
+        for row in (r for r in f if r != "plain"):  # "ddray", and on a GPU DM's "ddray, no graphs" too
+            name = method if row == "ddray" else f"{method} ({row})"
+            lines.append(f"| {name} | {f[row]:.1f} | {f['plain']:.1f} | {f[row] / f['plain']:.2f}× |")
     if counts:
         lines += ["", "| method, row | ms / iteration | host operator calls | GPU kernels | GPU busy ms |",
                   "| --- | ---: | ---: | ---: | ---: |"]

@@ -320,10 +320,11 @@ class RunConfig:
     step and the real-batch gradient of the DD and MTT unrolls (:mod:`ddray.core.kernels`;
     same gradients up to float rounding; eager with a warning where unavailable). ``cuda_graphs``:
     on a CUDA device, DD's meta-step (unroll, its vector-Jacobian product, the real-batch gradient)
-    is captured whole as one CUDA graph per shape and replayed (:mod:`ddray.core.capture`; the
-    same gradients to float tolerance, each graph checked against eager once; eager with a log
-    line where capture fails); the graph holds the eager kernels, so with it ``compile`` applies
-    only to shapes that could not be captured. No effect on CPU.
+    is captured whole as one CUDA graph per shape and replayed, and so is each network's share of
+    a DM iteration (:mod:`ddray.core.capture`; the same gradients to float tolerance, each graph
+    checked against eager once; eager with a log line where capture fails); the graph holds the
+    eager kernels, so with it ``compile`` applies only to shapes that could not be captured. No
+    effect on CPU.
     ``label_loss``: how evaluation trains on soft labels: ``ce`` (soft cross-entropy) or ``kl``
     (KL divergence; the same gradients at temperature 1, :func:`ddray.core.protocol_dc.soft_label_loss`).
     ``scores``: DD-Ranking's HLR, IOR, LRS and ARS beside the accuracy at the end (:mod:`ddray.evaluation.scores`),

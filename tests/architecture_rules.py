@@ -46,7 +46,7 @@ ROOMS: dict[str, tuple[tuple[str, ...], ...]] = {
     "ddray.core": (("baselines", "protocol_dc"),  # evaluation protocols and baselines
                    ("protocol_dd", "matching", "trajectory", "dd_objective", "objective", "net_chunks",
                     "synthetic"),  # the methods' objectives, the synthetic set
-                   ("capture",),  # DD's meta-step as CUDA graphs
+                   ("capture",),  # meta-steps as CUDA graphs
                    ("unroll", "inits", "augment"),  # the differentiable unroll, θ₀s, DSA
                    ("kernels", "models", "images"),  # the hot kernels, networks, images
                    ("batch_chunks",)),

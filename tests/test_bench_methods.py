@@ -38,6 +38,9 @@ def test_the_timing_and_the_table() -> None:
     assert set(figures["dm"]) == {"ddray", "plain"} and all(v >= 0 for v in figures["dm"].values())
     figures = {"dm": {"ddray": 30.0, "plain": 60.0}, "mtt": {"ddray": 90.0, "plain": 45.0}}
     assert bench.table(figures).splitlines()[2:] == ["| dm | 30.0 | 60.0 | 0.50× |", "| mtt | 90.0 | 45.0 | 2.00× |"]
+    figures["dm"]["ddray, no graphs"] = 45.0  # on a GPU, DM's iteration without CUDA graphs beside the replayed one
+    assert bench.table(figures).splitlines()[2:4] == ["| dm | 30.0 | 60.0 | 0.50× |",
+                                                      "| dm (ddray, no graphs) | 45.0 | 60.0 | 0.75× |"]
 
 
 def test_launches_counts_what_the_host_dispatched() -> None:

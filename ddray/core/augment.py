@@ -16,6 +16,11 @@ Evaluation draws per-image parameters instead (n = batch size).
 uniformly at random and applies only that op (``color`` applies brightness, then
 saturation, then contrast, each with its own draw).
 
+*Without a branch* (:func:`stack_aug`, :func:`apply_aug_select`): a batch whose blocks carry
+different draws, every op computed and each image's own kept with ``torch.where``. The same
+values and gradients, and no Python branch on the draw, so that one CUDA graph replays every
+draw (DM's captured iteration, :mod:`ddray.core.capture`).
+
 Parameters (:data:`AugParams`) are a plain dict of CPU tensors, cheap to pickle:
 ``op`` — 0-dim int64 index into :data:`OPS` — plus the chosen op's draws, each with
 leading dim n. Crop and cutout store uniforms u ∈ [0, 1) and turn them into whole
@@ -103,12 +108,16 @@ def _color(x: torch.Tensor, p: AugParams) -> torch.Tensor:
     return (x - mean) * (_per_image(p["contrast"]) + CONTRAST) + mean
 
 
+def _shift(u: torch.Tensor, s: int) -> torch.Tensor:
+    """Uniforms u ∈ [0, 1) → whole shifts in [−s, s] (Python constants only: no host-to-device copy)."""
+    return torch.floor(u * (2 * s + 1)).clamp(max=2 * s) - s
+
+
 def _crop(x: torch.Tensor, p: AugParams) -> torch.Tensor:
     """Translate by whole pixels, uniform in [−s, s] with s = round(0.125 · size) (pad-and-crop)."""
     h, w = x.shape[2:]
-    shift = torch.tensor([int(h * RATIO_CROP_PAD + 0.5), int(w * RATIO_CROP_PAD + 0.5)],
-                         device=x.device, dtype=x.dtype)
-    t = torch.minimum(torch.floor(p["crop"] * (2 * shift + 1)), 2 * shift) - shift  # (n, 2) whole pixels
+    t = torch.stack([_shift(p["crop"][:, 0], int(h * RATIO_CROP_PAD + 0.5)),
+                     _shift(p["crop"][:, 1], int(w * RATIO_CROP_PAD + 0.5))], 1)  # (n, 2) whole pixels
     # output pixel (i, j) reads input (i + t_row, j + t_col); affine_grid's x is the column
     one, zero = torch.ones_like(t[:, 0]), torch.zeros_like(t[:, 0])
     tx, ty = 2 * t[:, 1] / max(w - 1, 1), 2 * t[:, 0] / max(h - 1, 1)
@@ -173,6 +182,52 @@ def apply_aug(x: torch.Tensor, params: AugParams) -> torch.Tensor:
                              f"allowed: 1 (shared by the batch) or the batch size {x.shape[0]}")
         p[k] = v.to(device=x.device, dtype=x.dtype)
     return _APPLY[op](x, p)
+
+
+#: each op's parameters, their shape per image, and a value for images that picked another op
+#: (:func:`stack_aug`; any finite value would do, since :func:`apply_aug_select` discards that result)
+FIELDS: dict[str, tuple[tuple[str, tuple[int, ...], float], ...]] = {
+    "color": (("brightness", (), 0.5), ("saturation", (), 0.5), ("contrast", (), 0.5)),
+    "crop": (("crop", (2,), 0.5),), "cutout": (("cutout", (2,), 0.5),), "flip": (("flip", (), 0.0),),
+    "scale": (("scale", (2,), 1.0),), "rotate": (("rotate", (), 0.0),),
+}
+
+
+def stack_aug(draws: list[AugParams], sizes: list[int], strategy: str, like: torch.Tensor) -> AugParams:
+    """Siamese draws for consecutive blocks of a batch (DM: one per class) as per-image parameters
+    for :func:`apply_aug_select`, on ``like``'s device and float dtype.
+
+    Returns ``{"op": (B,) int64, <every field of every op in the strategy>: (B, ...)}``,
+    B = Σ sizes: block i's images carry draw i; fields of an op a block did not pick hold the
+    filler of :data:`FIELDS`. The same shapes for every draw, so a CUDA graph can read them
+    from static buffers.
+    """
+    if len(draws) != len(sizes):
+        raise ValueError(f"stack_aug: {len(draws)} draws for {len(sizes)} blocks")
+    counts = torch.tensor(sizes)
+    out: AugParams = {"op": torch.stack([d["op"] for d in draws]).repeat_interleave(counts).to(like.device)}
+    for op in dict.fromkeys(parse_strategy(strategy)):
+        for name, shape, filler in FIELDS[op]:
+            rows = [d[name][0] if name in d else torch.full(shape, filler) for d in draws]
+            out[name] = torch.stack(rows).repeat_interleave(counts, 0).to(device=like.device, dtype=like.dtype)
+    return out
+
+
+def apply_aug_select(x: torch.Tensor, params: AugParams, strategy: str) -> torch.Tensor:
+    """:func:`apply_aug` with per-image ops, without a branch on the draw: every op of the strategy
+    transforms the whole batch and each image keeps the result of its own ``op``.
+
+    ``params`` from :func:`stack_aug`, already on x's device and dtype. The same values and
+    gradients as applying each block's draw with :func:`apply_aug` (the picked op's arithmetic,
+    per image; the other ops' results are dropped by ``torch.where``), at the cost of computing
+    every op: what lets a CUDA graph capture an augmentation whose op changes every draw.
+    """
+    out: torch.Tensor | None = None
+    for op in dict.fromkeys(parse_strategy(strategy)):
+        y = _APPLY[op](x, params)
+        out = y if out is None else torch.where(_per_image(params["op"] == OPS.index(op)), y, out)
+    assert out is not None  # a strategy names at least one op
+    return out
 
 
 def augment(x: torch.Tensor, strategy: str, generator: torch.Generator,

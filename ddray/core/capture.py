@@ -1,19 +1,25 @@
-"""DD's meta-step captured whole on CUDA: the unroll, its vector-Jacobian product and the real-batch
-gradient replayed as one CUDA graph.
+"""Meta-steps captured whole on CUDA: DD's unroll, its vector-Jacobian product and the real-batch
+gradient (and DM's iteration) replayed as CUDA graphs.
 
 On a GPU a default meta-step (LeNet, T = 30 inner steps on 10 images, one real batch of 1,024) is
 a few GFLOP, well under a millisecond of arithmetic, but thousands of kernel launches, each with
 its Python and autograd overhead: 100–400× what the card needs. A CUDA graph
 (``torch.cuda.graphs``) records those launches once and replays them with one call.
 
-What a graph captures is :func:`static_meta_gradient`: the same unroll, VJP and real-batch gradient
-as :func:`ddray.core.unroll.meta_gradient` (eager kernels), written without a host synchronisation
-(the outer loss stays a tensor until the replay is done). θ₀ and the real batch are drawn outside
-the graph, so the seed streams are the eager ones; the graph reads them from static buffers.
+:class:`Graphs` does that for any function of tensors that reads nothing back to the host: one
+graph per :func:`tree_key` (every input's shape and dtype, the device, and the Python constants
+the function is specialised to). What DD's graphs capture is :func:`static_meta_gradient`: the
+same unroll, VJP and real-batch gradient as :func:`ddray.core.unroll.meta_gradient` (eager
+kernels), written without a host synchronisation (the outer loss stays a tensor until the replay
+is done); :class:`MetaStepGraphs` wraps it. DM's is :func:`ddray.core.matching.static_dm`, with
+the augmentation draws in static buffers and applied without a branch
+(:func:`ddray.core.augment.apply_aug_select`). Everything random — θ₀, the real batch, the
+augmentation draws — is drawn outside the graph, so the seed streams are the eager ones; the
+graph reads them from static buffers.
 
-Shapes are static in a graph, so :class:`MetaStepGraphs` keeps one per shape — (K, x̃, z̃ or ỹ,
-ρ, the real batch, dtype, memory mode). K moves when workers join or leave and a meta-step's last
-chunk can be smaller; a new shape is captured on first sight:
+Shapes are static in a graph, so a graph is kept per shape — for DD (K, x̃, z̃ or ỹ, ρ, the real
+batch, dtype, memory mode). K moves when workers join or leave and a meta-step's last chunk can
+be smaller; a new shape is captured on first sight:
 
 1. warm-up on a side stream (the eager function, twice: cuDNN and the allocator settle);
 2. capture into a graph with its own memory pool;
@@ -21,16 +27,17 @@ chunk can be smaller; a new shape is captured on first sight:
    (:data:`RTOL`/:data:`ATOL`): a graph that disagrees is never used.
 
 Where capture is impossible — not a CUDA device, an error while capturing, a replay that
-disagrees — the caller runs the eager meta-gradient, and the log says why: a warning the first
-time in a process, an info line for each shape after that. On CPU nothing changes. Each graph holds its own buffers (inputs, outputs,
-activations), so at most :data:`MAX_GRAPHS` shapes are kept, the least recently used dropped.
+disagrees — the caller runs eagerly, and the log says why: a warning the first time in a
+process, an info line for each shape after that. On CPU nothing changes. Each graph holds its
+own buffers (inputs, outputs, activations), so at most :data:`MAX_GRAPHS` shapes are kept per
+:class:`Graphs`, the least recently used dropped.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterator, cast
 
 import torch
 import torch.nn as nn
@@ -45,7 +52,8 @@ log = logging.getLogger(__name__)
 RTOL, ATOL = 1e-4, 1e-6  # a replay against the eager warm-up: the same kernels, so float noise only
 MAX_GRAPHS = 8  # shapes kept captured (a fleet's K, and the smaller last chunk, take a few)
 WARMUP = 2  # eager calls on the side stream before capture
-Inputs = dict[str, Any]  # params0 (a dict), images, labels, raw_lrs, x_real, y_real
+Tree = Any  # a tensor, or nested dicts, lists and tuples of them
+Inputs = dict[str, Any]  # DD's: params0 (a dict), images, labels, raw_lrs, x_real, y_real
 _warned = False
 
 
@@ -78,25 +86,40 @@ def static_meta_gradient(model: nn.Module, params0: Params, images: torch.Tensor
     return g.images, g.raw_lrs, g.labels, g.loss  # type: ignore[return-value]  # the loss is a tensor here
 
 
+def tree_key(inputs: Tree, *extra: Any) -> tuple:
+    """What a graph is specialised to: the device, ``extra`` and every input's place, shape and dtype."""
+    leaves = list(_leaves(inputs))
+    return (str(leaves[0][1].device), *extra, tuple((path, tuple(t.shape), t.dtype) for path, t in leaves))
+
+
 def shape_key(inputs: Inputs, memory: str) -> tuple:
-    """What a graph is specialised to: every input's shape and dtype, the device and the memory mode."""
-    parts = [(name, tuple(t.shape), t.dtype) for name, t in sorted(inputs["params0"].items())]
-    parts += [(name, tuple(inputs[name].shape), inputs[name].dtype)
-              for name in ("images", "labels", "raw_lrs", "x_real", "y_real")]
-    return (str(inputs["images"].device), memory, tuple(parts))
+    """DD's graph key: every input's shape and dtype, the device and the memory mode."""
+    return tree_key(inputs, memory)
 
 
-def _copy_into(static: Inputs, inputs: Inputs) -> None:
-    for name, t in inputs["params0"].items():
-        static["params0"][name].copy_(t)
-    for name in ("images", "labels", "raw_lrs", "x_real", "y_real"):
-        static[name].copy_(inputs[name])
+def _leaves(tree: Tree, path: tuple = ()) -> Iterator[tuple[tuple, torch.Tensor]]:
+    """(path, tensor) of every tensor in nested dicts (sorted keys), lists and tuples, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for name in sorted(tree):
+            yield from _leaves(tree[name], (*path, name))
+    else:
+        for i, item in enumerate(tree):
+            yield from _leaves(item, (*path, i))
 
 
-def _clone(inputs: Inputs) -> Inputs:
-    out = {name: t.detach().clone() for name, t in inputs.items() if name != "params0"}
-    out["params0"] = {name: t.detach().clone() for name, t in inputs["params0"].items()}
-    return out
+def _clone(tree: Tree) -> Tree:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {name: _clone(item) for name, item in tree.items()}
+    return type(tree)(_clone(item) for item in tree)
+
+
+def _copy_into(static: Tree, inputs: Tree) -> None:
+    for (_, s), (_, t) in zip(_leaves(static), _leaves(inputs)):
+        s.copy_(t)
 
 
 def _agree(got: tuple, expected: tuple) -> bool:
@@ -105,16 +128,68 @@ def _agree(got: tuple, expected: tuple) -> bool:
 
 
 class _Graph:
-    """One captured meta-step: its graph, the static inputs it reads and the outputs it writes."""
+    """One captured call: its graph, the static inputs it reads and the outputs it writes."""
 
-    def __init__(self, graph: Any, static: Inputs, outputs: tuple) -> None:
+    def __init__(self, graph: Any, static: Tree, outputs: tuple) -> None:
         self.graph, self.static, self.outputs = graph, static, outputs
 
-    def __call__(self, inputs: Inputs, nets: int) -> MetaGrad:
+    def __call__(self, inputs: Tree) -> tuple:
         _copy_into(self.static, inputs)
         self.graph.replay()
-        g_img, g_raw, g_lab, loss = self.outputs
-        return MetaGrad(g_img.clone(), g_raw.clone(), float(loss), nets, None if g_lab is None else g_lab.clone())
+        return tuple(None if t is None else t.clone() for t in self.outputs)
+
+
+class Graphs:
+    """``run(inputs)`` replayed from CUDA graphs, one per :func:`tree_key` (see the module docstring).
+
+    ``run(inputs, *consts)`` takes nested dicts/lists/tuples of tensors and Python constants,
+    and returns a tuple of tensors (or None), reading nothing back to the host.
+    ``graphs(inputs, shape, *consts)`` returns copies of those outputs, or None where this key
+    (:func:`tree_key` of the inputs and the constants) cannot be captured: the caller then runs
+    eagerly. ``what`` and ``shape`` name the call and its shape in the log.
+    """
+
+    def __init__(self, run: Callable[..., tuple], what: str) -> None:
+        self.run, self.what = run, what
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.refused: dict[tuple, str] = {}  # key → why it runs eagerly
+
+    def __call__(self, inputs: Tree, shape: str, *consts: Any) -> tuple | None:
+        key = tree_key(inputs, *consts)
+        if key in self.refused:
+            return None
+        if key not in self.graphs:
+            why = capture_unavailable(next(_leaves(inputs))[1].device)
+            graph = None if why else self._capture(key, inputs, shape, consts)
+            if graph is None:
+                self._refuse(key, why or self.refused.get(key, "capture failed"), shape)
+                return None
+            self.graphs[key] = graph
+            while len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        return self.graphs[key](inputs)
+
+    def _refuse(self, key: tuple, why: str, shape: str) -> None:
+        global _warned
+        self.refused[key] = why
+        say = log.info if _warned else log.warning  # the first refusal of the process is a warning
+        _warned = True
+        say("CUDA graphs: %s runs kernel by kernel for %s (%s)", self.what, shape, why)
+
+    def _capture(self, key: tuple, inputs: Tree, shape: str, consts: tuple) -> _Graph | None:
+        static = _clone(inputs)
+        try:
+            graph, outputs, expected = record(lambda: self.run(static, *consts))
+        except Exception as e:  # capture raises many types (a host sync, an op that cannot be captured)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            self.refused[key] = f"capture failed: {type(e).__name__}: {first}"
+            return None
+        if not _agree(outputs, expected):
+            self.refused[key] = "a replay disagreed with the eager run"
+            return None
+        log.info("CUDA graphs: captured %s for %s", self.what, shape)
+        return _Graph(graph, static, outputs)
 
 
 class MetaStepGraphs:
@@ -127,54 +202,30 @@ class MetaStepGraphs:
 
     def __init__(self, model: nn.Module, memory: str = "full") -> None:
         self.model, self.memory = model, memory
-        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.refused: dict[tuple, str] = {}  # shape → why it runs eagerly
+        self.calls = Graphs(self._run, "DD's meta-step")
+
+    @property
+    def graphs(self) -> OrderedDict[tuple, _Graph]:
+        return self.calls.graphs
+
+    @property
+    def refused(self) -> dict[tuple, str]:
+        return self.calls.refused
 
     def __call__(self, params0: Params, images: torch.Tensor, labels: torch.Tensor, raw_lrs: torch.Tensor,
                  x_real: torch.Tensor, y_real: torch.Tensor) -> MetaGrad | None:
         inputs: Inputs = {"params0": params0, "images": images, "labels": labels, "raw_lrs": raw_lrs,
                           "x_real": x_real, "y_real": y_real}
-        key = shape_key(inputs, self.memory)
-        if key in self.refused:
-            return None
         nets = next(iter(params0.values())).shape[0]
-        if key not in self.graphs:
-            why = capture_unavailable(images.device)
-            graph = None if why else self._capture(key, inputs)
-            if graph is None:
-                self._refuse(key, why or self.refused.get(key, "capture failed"))
-                return None
-            self.graphs[key] = graph
-            while len(self.graphs) > MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        return self.graphs[key](inputs, nets)
+        out = self.calls(inputs, f"K={nets}, images {tuple(images.shape)}", self.memory)  # key: shape_key
+        if out is None:
+            return None
+        g_img, g_raw, g_lab, loss = out
+        return MetaGrad(g_img, g_raw, float(loss), nets, g_lab)
 
-    def _refuse(self, key: tuple, why: str) -> None:
-        global _warned
-        self.refused[key] = why
-        say = log.info if _warned else log.warning  # the first refusal of the process is a warning
-        _warned = True
-        say("CUDA graphs: DD's meta-step runs kernel by kernel for K=%d, images %s (%s)", _nets(key),
-            _shape(key, "images"), why)
-
-    def _run(self, static: Inputs) -> tuple:
+    def _run(self, static: Inputs, memory: str) -> tuple:
         return static_meta_gradient(self.model, static["params0"], static["images"], static["labels"],
-                                    static["raw_lrs"], static["x_real"], static["y_real"], self.memory)
-
-    def _capture(self, key: tuple, inputs: Inputs) -> _Graph | None:
-        static = _clone(inputs)
-        try:
-            graph, outputs, expected = record(lambda: self._run(static))
-        except Exception as e:  # capture raises many types (a host sync, an op that cannot be captured)
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            self.refused[key] = f"capture failed: {type(e).__name__}: {first}"
-            return None
-        if not _agree(outputs, expected):
-            self.refused[key] = "a replay disagreed with the eager meta-gradient"
-            return None
-        log.info("CUDA graphs: captured DD's meta-step for K=%d, images %s", _nets(key), _shape(key, "images"))
-        return _Graph(graph, static, outputs)
+                                    static["raw_lrs"], static["x_real"], static["y_real"], memory)
 
 
 def record(run: Callable[[], tuple]) -> tuple[Any, tuple, tuple]:
@@ -192,14 +243,6 @@ def record(run: Callable[[], tuple]) -> tuple[Any, tuple, tuple]:
     graph.replay()
     torch.cuda.current_stream().synchronize()
     return graph, outputs, expected
-
-
-def _shape(key: tuple, name: str) -> tuple:
-    return next(s for n, s, _ in key[2] if n == name)
-
-
-def _nets(key: tuple) -> int:
-    return key[2][0][1][0]  # the first parameter's leading dimension
 
 
 def capture_unavailable(device: torch.device | str) -> str | None:

@@ -33,15 +33,16 @@ K networks can be split over workers at will.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ddray.core.augment import apply_aug, sample_aug
+from ddray.core.augment import AugParams, apply_aug, apply_aug_select, sample_aug, stack_aug
 from ddray.core.batch_chunks import chunked_embed, chunked_grad
+from ddray.core.capture import Graphs
 from ddray.core.images import ImageSource, subset
 from ddray.core.inits import AUGMENT, DISTILL, NET_TRAIN, REAL_BATCH, InitSampler, generator
 from ddray.core.models import Params
@@ -95,8 +96,13 @@ class _PerClass:
         """(real, synthetic) images of class ``c``, both under one augmentation draw when DSA is on."""
         if self.strategy is None:
             return x_real, x_syn
-        omega = sample_aug(self.strategy, 1, generator(self.seed, AUGMENT, step, net, c))
+        omega = self.draw(step, net, c)
         return apply_aug(x_real, omega), apply_aug(x_syn, omega)
+
+    def draw(self, step: int, net: int, c: int) -> AugParams:
+        """The siamese augmentation draw of class ``c`` for ``net`` at ``step`` (DSA on)."""
+        assert self.strategy is not None
+        return sample_aug(self.strategy, 1, generator(self.seed, AUGMENT, step, net, c))
 
     def fresh(self, key: int, net: int, device: torch.device) -> Params:
         """θ₀ of network ``net`` at ``key`` (DM: the meta-step; DC: the iteration), unbatched."""
@@ -194,9 +200,20 @@ class DistributionMatching(_PerClass):
     DM's classes are independent, so each network embeds all classes' (augmented) real
     images together, in cache-sized chunks on CPU (:mod:`ddray.core.batch_chunks`; ``chunk``
     images per forward if set), and all synthetic images in one forward.
+
+    ``cuda_graphs``: on a CUDA device (:meth:`to`), each network's share — augmentation,
+    embeddings, the loss and its gradient — is replayed from a CUDA graph captured once per
+    shape (:func:`static_dm`, :class:`ddray.core.capture.Graphs`; eager where capture fails).
+    No effect on CPU.
     """
 
     chunk: int | None = None  # real images per forward (no graph is kept for them); None: by the cache
+
+    def __init__(self, model: nn.Module, sampler: InitSampler, real: ClassBatches, ipc: int, seed: int,
+                 strategy: str | None, cuda_graphs: bool = True) -> None:
+        super().__init__(model, sampler, real, ipc, seed, strategy)
+        self.cuda_graphs = cuda_graphs
+        self.graphs: Graphs | None = None  # made by to(a CUDA device)
 
     def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int],
                  labels: torch.Tensor | None = None) -> MetaGrad:
@@ -206,21 +223,74 @@ class DistributionMatching(_PerClass):
         g, loss = torch.zeros_like(images), 0.0
         for k in nets:
             theta = self.fresh(step, k, x_syn.device)
-            x = x_syn.detach().requires_grad_()
-            pairs = [self.pair(x_c, x[c * self.ipc:(c + 1) * self.ipc], step, k, c) for c, x_c in enumerate(real)]
-            with torch.no_grad():
-                emb = chunked_embed(self.model, theta, torch.cat([r for r, _ in pairs]), self.chunk)
-                mean_real = class_means(emb, [len(r) for r, _ in pairs])
-            mean_syn = class_means(self.embed(theta, torch.cat([s for _, s in pairs])), [len(s) for _, s in pairs])
-            total = ((mean_real - mean_syn) ** 2).sum()
-            (gx,) = torch.autograd.grad(total, [x])
+            gx, lk = self.replay(theta, x_syn, real, step, k) or self.eager(theta, x_syn, real, step, k)
             g[0] += gx
-            loss += float(total.detach())
+            loss += lk
         return MetaGrad(g, torch.zeros_like(raw_lrs), loss, len(nets))
+
+    def eager(self, theta: Params, x_syn: torch.Tensor, real: list[torch.Tensor], step: int,
+              net: int) -> tuple[torch.Tensor, float]:
+        """(∂L_DM/∂x̃ (N, C, H, W), L_DM) of one network, class by class, kernel by kernel."""
+        x = x_syn.detach().requires_grad_()
+        pairs = [self.pair(x_c, x[c * self.ipc:(c + 1) * self.ipc], step, net, c) for c, x_c in enumerate(real)]
+        with torch.no_grad():
+            emb = chunked_embed(self.model, theta, torch.cat([r for r, _ in pairs]), self.chunk)
+            mean_real = class_means(emb, [len(r) for r, _ in pairs])
+        mean_syn = class_means(self.embed(theta, torch.cat([s for _, s in pairs])), [len(s) for _, s in pairs])
+        total = ((mean_real - mean_syn) ** 2).sum()
+        (gx,) = torch.autograd.grad(total, [x])
+        return gx, float(total.detach())
+
+    def replay(self, theta: Params, x_syn: torch.Tensor, real: list[torch.Tensor], step: int,
+               net: int) -> tuple[torch.Tensor, float] | None:
+        """:meth:`eager`'s result from this shape's CUDA graph, or None (no graphs, or this shape refused)."""
+        if self.graphs is None:
+            return None
+        sizes = tuple(len(r) for r in real)
+        inputs: dict = {"theta": theta, "x_syn": x_syn, "x_real": torch.cat(real)}
+        if self.strategy is not None:
+            draws = [self.draw(step, net, c) for c in range(len(real))]
+            inputs["aug_real"] = stack_aug(draws, list(sizes), self.strategy, x_syn)
+            inputs["aug_syn"] = stack_aug(draws, [self.ipc] * len(real), self.strategy, x_syn)
+        out = self.graphs(inputs, f"real images {sizes}, synthetic {tuple(x_syn.shape)}", sizes, self.ipc,
+                          self.strategy, self.chunk)
+        return None if out is None else (out[0], float(out[1]))
+
+    def _static(self, inputs: dict, sizes: tuple[int, ...], ipc: int, strategy: str | None,
+                chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return static_dm(self.model, inputs["theta"], inputs["x_syn"], inputs["x_real"], sizes, ipc, strategy,
+                         inputs.get("aug_real"), inputs.get("aug_syn"), chunk)
 
     def embed(self, theta: Params, x: torch.Tensor) -> torch.Tensor:
         """ψθ(x): the network without its last layer, (B, D)."""
         return functional_call(self.model, theta, (x,), {"embed": True})
+
+    def to(self, device: torch.device) -> "DistributionMatching":
+        super().to(device)
+        self.graphs = Graphs(self._static, "DM's iteration") if self.cuda_graphs and device.type == "cuda" else None
+        return self
+
+
+def static_dm(model: nn.Module, theta: Params, x_syn: torch.Tensor, x_real: torch.Tensor, sizes: tuple[int, ...],
+              ipc: int, strategy: str | None, aug_real: AugParams | None = None, aug_syn: AugParams | None = None,
+              chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`DistributionMatching.eager` as (∂L_DM/∂x̃, L_DM), both tensors, for a CUDA graph to capture.
+
+    ``x_real``: the classes' real images one after another (``sizes`` of them); ``aug_real`` and
+    ``aug_syn``: the classes' draws per image (:func:`ddray.core.augment.stack_aug`), applied by
+    :func:`ddray.core.augment.apply_aug_select` (no branch on the draw). Nothing is read back
+    to the host. The same values and gradient as the eager per-class form.
+    """
+    x = x_syn.detach().requires_grad_()
+    with torch.enable_grad():
+        xs = x if strategy is None else apply_aug_select(x, cast(AugParams, aug_syn), strategy)
+        with torch.no_grad():
+            xr = x_real if strategy is None else apply_aug_select(x_real, cast(AugParams, aug_real), strategy)
+            mean_real = class_means(chunked_embed(model, theta, xr, chunk), list(sizes))
+        emb = functional_call(model, theta, (xs,), {"embed": True})
+        total = ((mean_real - class_means(emb, [ipc] * len(sizes))) ** 2).sum()
+        (gx,) = torch.autograd.grad(total, [x])
+    return gx, total.detach()
 
 
 def class_means(emb: torch.Tensor, sizes: list[int]) -> torch.Tensor:

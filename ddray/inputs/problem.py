@@ -133,7 +133,7 @@ def _dc(problem: Problem) -> Objective:
 def _dm(problem: Problem) -> Objective:
     d, seed = problem.config.distill, problem.config.run.seed
     return DistributionMatching(problem.model, problem.sampler(), _class_batches(problem), d.ipc, seed,
-                                d.augment)
+                                d.augment, problem.config.run.cuda_graphs)
 
 
 def _mtt(problem: Problem) -> Objective:

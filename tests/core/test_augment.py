@@ -8,7 +8,8 @@ import pickle
 import pytest
 import torch
 
-from ddray.core.augment import DEFAULT_STRATEGY, OPS, AugParams, apply_aug, augment, parse_strategy, sample_aug
+from ddray.core.augment import (DEFAULT_STRATEGY, FIELDS, OPS, AugParams, apply_aug, apply_aug_select, augment,
+                                parse_strategy, sample_aug, stack_aug)
 
 
 def _g(seed: int) -> torch.Generator:
@@ -187,6 +188,62 @@ def test_bad_params() -> None:
         apply_aug(x, {"op": torch.tensor(6)})
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         apply_aug(x[0], FIXED["flip"])
+
+
+# ----------------------------------------------------------------------------- without a branch (DM's graphs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("strategy", [DEFAULT_STRATEGY, "crop_flip", "rotate"])
+def test_select_without_a_branch_equals_each_blocks_own_draw(dtype: torch.dtype, strategy: str) -> None:
+    """stack_aug + apply_aug_select give, bit for bit, the values and the gradient of applying each
+    block's draw with apply_aug: the captured DM iteration augments as the eager one does."""
+    g = _g(21)
+    sizes = [3, 1, 4, 2] * 6  # 24 blocks (classes) of different sizes
+    draws = [sample_aug(strategy, 1, g) for _ in sizes]
+    assert {OPS[int(d["op"])] for d in draws} == set(parse_strategy(strategy))  # every op drawn somewhere
+    x = torch.randn(sum(sizes), 3, 10, 12, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    want = torch.cat([apply_aug(block, d) for block, d in zip(x.split(sizes), draws)])
+    got = apply_aug_select(x, stack_aug(draws, sizes, strategy, x), strategy)
+    assert torch.equal(got, want)
+    (g_got,), (g_want,) = (torch.autograd.grad((y * w).sum(), x) for y in (got, want))
+    assert torch.equal(g_got, g_want)
+
+
+def test_stacked_draws_have_the_same_fields_and_shapes_whatever_was_drawn() -> None:
+    """A CUDA graph reads the draws from static buffers: every draw must fill the same ones."""
+    like = torch.empty(0, dtype=torch.float64)
+    layouts, ops = set(), set()
+    for seed in range(12):
+        draws = [sample_aug(DEFAULT_STRATEGY, 1, _g(100 + 3 * seed + i)) for i in range(3)]
+        st = stack_aug(draws, [2, 1, 3], DEFAULT_STRATEGY, like)
+        layouts.add(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(st.items())))
+        assert st["op"].tolist() == [int(draws[0]["op"])] * 2 + [int(draws[1]["op"])] + [int(draws[2]["op"])] * 3
+        ops |= set(st["op"].tolist())
+    fields = {name for op in OPS for name, _, _ in FIELDS[op]}
+    assert len(layouts) == 1 and ops == set(range(len(OPS)))
+    assert {k for k, _, _ in next(iter(layouts))} == fields | {"op"}
+    assert dict((k, d) for k, _, d in next(iter(layouts)))["crop"] == torch.float64
+    only = stack_aug([sample_aug("flip", 1, _g(1))], [4], "flip", like)
+    assert set(only) == {"op", "flip"} and only["flip"].shape == (4,)
+    with pytest.raises(ValueError, match="2 draws for 3 blocks"):
+        stack_aug(draws[:2], [1, 1, 1], DEFAULT_STRATEGY, like)
+
+
+def test_select_on_the_meta_device_reads_nothing_back_and_copies_nothing_from_the_host() -> None:
+    """What a CUDA graph can capture: no read-back (the ``meta`` device has no values) and no tensor
+    made from host data — crop's pixel shifts once came from a Python list copied to the device."""
+    from test_capture import HostData
+
+    meta = torch.device("meta")
+    draws = [sample_aug(DEFAULT_STRATEGY, 1, _g(7 + i)) for i in range(24)]
+    x = torch.empty(48, 3, 32, 32, device=meta)
+    params = stack_aug(draws, [2] * 24, DEFAULT_STRATEGY, x)
+    with HostData() as seen:
+        out = apply_aug_select(x.requires_grad_(), params, DEFAULT_STRATEGY)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+    assert not seen.calls and out.shape == grad.shape == x.shape
 
 
 @pytest.mark.cuda

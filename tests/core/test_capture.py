@@ -17,6 +17,7 @@ import logging
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import ddray.core.capture as capture
 from ddray.core.capture import MAX_GRAPHS, MetaStepGraphs, shape_key, static_meta_gradient
@@ -26,6 +27,30 @@ from ddray.core.models import LeNet
 from ddray.core.unroll import meta_gradient
 
 from test_unroll import Tiny, _problem
+
+
+class HostData(TorchFunctionMode):
+    """Records the calls that make a tensor from host data (``torch.tensor([...], device=...)`` and
+    kin): on a GPU each is a host-to-device copy, which a CUDA graph cannot capture. The ``meta``
+    device lets them through, so the capture tests run under this too."""
+
+    MAKERS = {"tensor", "as_tensor", "new_tensor", "from_numpy", "asarray"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in self.MAKERS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_data_sees_a_tensor_made_from_a_list() -> None:
+    with HostData() as seen:  # the control for every test that asserts it saw nothing
+        torch.tensor([1.0, 2.0], device="meta")
+        torch.zeros(2, device="meta").new_tensor([3.0])
+    assert seen.calls == ["tensor", "new_tensor"]
 
 
 def _learned(labels: torch.Tensor, classes: int = 3) -> torch.Tensor:
@@ -57,8 +82,9 @@ def test_the_captured_function_equals_the_eager_meta_gradient(memory: str, learn
 def test_the_captured_function_reads_nothing_back_to_the_host(memory: str, learned: bool) -> None:
     """On PyTorch's ``meta`` device tensors have shapes and no values, so any host read-back
     (``.item()``, ``float(t)``, a branch on a tensor, a data-dependent shape) raises: what runs there
-    through to its outputs has nothing that breaks CUDA-graph capture. LeNet at the default shapes,
-    K = 2, 10 images per step, 30 inner steps, a real batch of 256."""
+    through to its outputs has nothing that breaks CUDA-graph capture; nor does it make a tensor from
+    host data (:class:`HostData`). LeNet at the default shapes, K = 2, 10 images per step, 30 inner
+    steps, a real batch of 256."""
     with pytest.raises(RuntimeError):  # the control: a read-back does fail there
         torch.zeros((), device="meta").item()
     meta = torch.device("meta")
@@ -68,7 +94,10 @@ def test_the_captured_function_reads_nothing_back_to_the_host(memory: str, learn
     labels = torch.empty(10, 10, device=meta) if learned else torch.arange(10, device=meta)
     raw, x_real, y_real = (torch.empty(30, device=meta), torch.empty(256, 1, 28, 28, device=meta),
                            torch.empty(256, dtype=torch.long, device=meta))
-    g_img, g_raw, g_lab, loss = static_meta_gradient(model, params0, images, labels, raw, x_real, y_real, memory)
+    with HostData() as seen:
+        g_img, g_raw, g_lab, loss = static_meta_gradient(model, params0, images, labels, raw, x_real, y_real,
+                                                         memory)
+    assert not seen.calls
     assert g_img.shape == images.shape and g_raw.shape == raw.shape and loss.shape == ()
     assert (g_lab is not None and g_lab.shape == labels.shape) if learned else g_lab is None
 
@@ -171,7 +200,7 @@ def test_a_graph_that_disagrees_with_eager_is_never_used(monkeypatch: pytest.Mon
     with caplog.at_level(logging.INFO, logger="ddray.core.capture"):
         assert graphs(params0, images, labels, raw, x_real, y_real) is None
         assert graphs(params0, images, labels, raw, x_real, y_real) is None  # refused once, not retried
-    assert caplog.text.count("disagreed with the eager meta-gradient") == 1 and not graphs.graphs
+    assert caplog.text.count("a replay disagreed with the eager run") == 1 and not graphs.graphs
 
 
 def test_a_failed_capture_falls_back_to_eager_in_the_objective(monkeypatch: pytest.MonkeyPatch) -> None:
