@@ -19,7 +19,7 @@ saturation, then contrast, each with its own draw).
 *Without a branch* (:func:`stack_aug`, :func:`apply_aug_select`): a batch whose blocks carry
 different draws, every op computed and each image's own kept with ``torch.where``. The same
 values and gradients, and no Python branch on the draw, so that one CUDA graph replays every
-draw (DM's captured iteration, :mod:`ddray.core.capture`).
+draw (DC's and DM's captured matching, :mod:`ddray.core.capture`).
 
 Parameters (:data:`AugParams`) are a plain dict of CPU tensors, cheap to pickle:
 ``op`` — 0-dim int64 index into :data:`OPS` — plus the chosen op's draws, each with

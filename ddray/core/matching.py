@@ -84,12 +84,18 @@ PerClassT = TypeVar("PerClassT", bound="_PerClass")
 
 
 class _PerClass:
-    """What DC and DM share: the per-class real batches, siamese augmentation, fresh networks."""
+    """What DC and DM share: the per-class real batches, siamese augmentation, fresh networks, and a
+    network's share of a meta-step replayed from CUDA graphs (:meth:`replay`)."""
+
+    chunk: int | None = None  # real images per forward (no graph is kept for them); None: by the cache
+    what = ""  # the captured call, for the log
 
     def __init__(self, model: nn.Module, sampler: InitSampler, real: ClassBatches, ipc: int, seed: int,
-                 strategy: str | None) -> None:
+                 strategy: str | None, cuda_graphs: bool = True) -> None:
         self.model, self.sampler, self.real = model, sampler, real
         self.ipc, self.seed, self.strategy = ipc, seed, strategy
+        self.cuda_graphs = cuda_graphs
+        self.graphs: Graphs | None = None  # made by to(a CUDA device)
 
     def pair(self, x_real: torch.Tensor, x_syn: torch.Tensor, step: int, net: int,
              c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +114,31 @@ class _PerClass:
         """θ₀ of network ``net`` at ``key`` (DM: the meta-step; DC: the iteration), unbatched."""
         return {n: v[0].to(device) for n, v in self.sampler.sample([(DISTILL, key, net)]).items()}
 
+    def replay(self, theta: Params, x_syn: torch.Tensor, real: list[torch.Tensor], step: int,
+               net: int) -> tuple[torch.Tensor, float] | None:
+        """(∂L/∂x̃, L) of one network from this shape's CUDA graph, or None (no graphs, or this shape
+        refused: the caller computes it eagerly)."""
+        if self.graphs is None:
+            return None
+        sizes = tuple(len(r) for r in real)
+        inputs: dict = {"theta": theta, "x_syn": x_syn, "x_real": torch.cat(real)}
+        if self.strategy is not None:
+            draws = [self.draw(step, net, c) for c in range(len(real))]
+            inputs["aug_real"] = stack_aug(draws, list(sizes), self.strategy, x_syn)
+            inputs["aug_syn"] = stack_aug(draws, [self.ipc] * len(real), self.strategy, x_syn)
+        out = self.graphs(inputs, f"real images {sizes}, synthetic {tuple(x_syn.shape)}", sizes, self.ipc,
+                          self.strategy, self.chunk)
+        return None if out is None else (out[0], float(out[1]))
+
+    def static(self, inputs: dict, sizes: tuple[int, ...], ipc: int, strategy: str | None,
+               chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a graph captures: (∂L/∂x̃, L) of one network, both tensors (:func:`static_dc`, :func:`static_dm`)."""
+        raise NotImplementedError
+
     def to(self: PerClassT, device: torch.device) -> PerClassT:
+        """Keep the real images on ``device``; there, with ``cuda_graphs`` on a CUDA device, replay from graphs."""
         self.real = self.real.to(device)
+        self.graphs = Graphs(self.static, self.what) if self.cuda_graphs and device.type == "cuda" else None
         return self
 
 
@@ -121,11 +150,18 @@ class GradientMatching(_PerClass):
         real: the real images by class; ipc: images per class.
         loops: (outer_loop, inner_loop); net_lr: SGD step of the network between outer steps.
         seed: run seed; strategy: DSA strategy or None.
+        cuda_graphs: on a CUDA device (:meth:`to`), each network's matching — augmentation, both
+            gradients, the distance and its gradient — is replayed from a CUDA graph captured once
+            per shape (:func:`static_dc`, :class:`ddray.core.capture.Graphs`; eager where capture
+            fails). The network's training between outer steps stays eager. No effect on CPU.
     """
 
+    what = "DC's matching"
+
     def __init__(self, model: nn.Module, sampler: InitSampler, real: ClassBatches, ipc: int, seed: int,
-                 strategy: str | None, loops: tuple[int, int], net_lr: float, batch_size: int = 256) -> None:
-        super().__init__(model, sampler, real, ipc, seed, strategy)
+                 strategy: str | None, loops: tuple[int, int], net_lr: float, batch_size: int = 256,
+                 cuda_graphs: bool = True) -> None:
+        super().__init__(model, sampler, real, ipc, seed, strategy, cuda_graphs)
         self.outer, self.inner = loops
         self.net_lr, self.batch_size = net_lr, batch_size
         self.nets: dict[int, tuple[int, int, Params]] = {}  # net → (iteration, outer step, θ ready for it)
@@ -179,6 +215,9 @@ class GradientMatching(_PerClass):
     def match(self, theta: Params, x_syn: torch.Tensor, real: list[torch.Tensor], step: int,
               net: int) -> tuple[float, torch.Tensor]:
         """(L_DC, ∂L_DC/∂x̃ (N, C, H, W)) of one network."""
+        replayed = self.replay(theta, x_syn, real, step, net)
+        if replayed is not None:
+            return replayed[1], replayed[0]
         p = {n: v.detach().requires_grad_() for n, v in theta.items()}
         x = x_syn.detach().requires_grad_()
         total = x.new_zeros(())
@@ -186,12 +225,17 @@ class GradientMatching(_PerClass):
             xr, xs = self.pair(x_c, x[c * self.ipc:(c + 1) * self.ipc], step, net, c)
             yr = torch.full((len(xr),), c, device=x.device)
             ys = torch.full((len(xs),), c, device=x.device)
-            g_real, _ = chunked_grad(self.model, p, xr, yr)  # cache-sized chunks on CPU
+            g_real, _ = chunked_grad(self.model, p, xr, yr, self.chunk)  # cache-sized chunks on CPU
             g_syn = torch.autograd.grad(F.cross_entropy(functional_call(self.model, p, (xs,)), ys),
                                         list(p.values()), create_graph=True)
             total = total + sum(layer_distance(a.detach(), b) for a, b in zip(g_real, g_syn))
         (gx,) = torch.autograd.grad(total, [x])
         return float(total.detach()), gx
+
+    def static(self, inputs: dict, sizes: tuple[int, ...], ipc: int, strategy: str | None,
+               chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return static_dc(self.model, inputs["theta"], inputs["x_syn"], inputs["x_real"], sizes, ipc, strategy,
+                         inputs.get("aug_real"), inputs.get("aug_syn"), chunk)
 
 
 class DistributionMatching(_PerClass):
@@ -207,13 +251,7 @@ class DistributionMatching(_PerClass):
     No effect on CPU.
     """
 
-    chunk: int | None = None  # real images per forward (no graph is kept for them); None: by the cache
-
-    def __init__(self, model: nn.Module, sampler: InitSampler, real: ClassBatches, ipc: int, seed: int,
-                 strategy: str | None, cuda_graphs: bool = True) -> None:
-        super().__init__(model, sampler, real, ipc, seed, strategy)
-        self.cuda_graphs = cuda_graphs
-        self.graphs: Graphs | None = None  # made by to(a CUDA device)
+    what = "DM's iteration"
 
     def __call__(self, images: torch.Tensor, raw_lrs: torch.Tensor, step: int, nets: list[int],
                  labels: torch.Tensor | None = None) -> MetaGrad:
@@ -241,34 +279,14 @@ class DistributionMatching(_PerClass):
         (gx,) = torch.autograd.grad(total, [x])
         return gx, float(total.detach())
 
-    def replay(self, theta: Params, x_syn: torch.Tensor, real: list[torch.Tensor], step: int,
-               net: int) -> tuple[torch.Tensor, float] | None:
-        """:meth:`eager`'s result from this shape's CUDA graph, or None (no graphs, or this shape refused)."""
-        if self.graphs is None:
-            return None
-        sizes = tuple(len(r) for r in real)
-        inputs: dict = {"theta": theta, "x_syn": x_syn, "x_real": torch.cat(real)}
-        if self.strategy is not None:
-            draws = [self.draw(step, net, c) for c in range(len(real))]
-            inputs["aug_real"] = stack_aug(draws, list(sizes), self.strategy, x_syn)
-            inputs["aug_syn"] = stack_aug(draws, [self.ipc] * len(real), self.strategy, x_syn)
-        out = self.graphs(inputs, f"real images {sizes}, synthetic {tuple(x_syn.shape)}", sizes, self.ipc,
-                          self.strategy, self.chunk)
-        return None if out is None else (out[0], float(out[1]))
-
-    def _static(self, inputs: dict, sizes: tuple[int, ...], ipc: int, strategy: str | None,
-                chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def static(self, inputs: dict, sizes: tuple[int, ...], ipc: int, strategy: str | None,
+               chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         return static_dm(self.model, inputs["theta"], inputs["x_syn"], inputs["x_real"], sizes, ipc, strategy,
                          inputs.get("aug_real"), inputs.get("aug_syn"), chunk)
 
     def embed(self, theta: Params, x: torch.Tensor) -> torch.Tensor:
         """ψθ(x): the network without its last layer, (B, D)."""
         return functional_call(self.model, theta, (x,), {"embed": True})
-
-    def to(self, device: torch.device) -> "DistributionMatching":
-        super().to(device)
-        self.graphs = Graphs(self._static, "DM's iteration") if self.cuda_graphs and device.type == "cuda" else None
-        return self
 
 
 def static_dm(model: nn.Module, theta: Params, x_syn: torch.Tensor, x_real: torch.Tensor, sizes: tuple[int, ...],
@@ -283,10 +301,8 @@ def static_dm(model: nn.Module, theta: Params, x_syn: torch.Tensor, x_real: torc
     """
     x = x_syn.detach().requires_grad_()
     with torch.enable_grad():
-        xs = x if strategy is None else apply_aug_select(x, cast(AugParams, aug_syn), strategy)
-        with torch.no_grad():
-            xr = x_real if strategy is None else apply_aug_select(x_real, cast(AugParams, aug_real), strategy)
-            mean_real = class_means(chunked_embed(model, theta, xr, chunk), list(sizes))
+        xr, xs = _augmented(x_real, x, strategy, aug_real, aug_syn)
+        mean_real = class_means(chunked_embed(model, theta, xr, chunk), list(sizes))
         emb = functional_call(model, theta, (xs,), {"embed": True})
         total = ((mean_real - class_means(emb, [ipc] * len(sizes))) ** 2).sum()
         (gx,) = torch.autograd.grad(total, [x])
@@ -298,3 +314,35 @@ def class_means(emb: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if len(set(sizes)) == 1:
         return emb.view(len(sizes), sizes[0], -1).mean(1)
     return torch.stack([part.mean(0) for part in emb.split(sizes)])
+
+
+def static_dc(model: nn.Module, theta: Params, x_syn: torch.Tensor, x_real: torch.Tensor, sizes: tuple[int, ...],
+              ipc: int, strategy: str | None, aug_real: AugParams | None = None, aug_syn: AugParams | None = None,
+              chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`GradientMatching.match` as (∂L_DC/∂x̃, L_DC), both tensors, for a CUDA graph to capture.
+
+    Arguments as :func:`static_dm`'s (θ: the network of this outer step). Each class's real and
+    synthetic gradients and their distance as in the eager form; the same values and gradient.
+    """
+    p = {n: v.detach().requires_grad_() for n, v in theta.items()}
+    x = x_syn.detach().requires_grad_()
+    with torch.enable_grad():
+        xr_all, xs_all = _augmented(x_real, x, strategy, aug_real, aug_syn)
+        total = x.new_zeros(())
+        for c, (xr, xs) in enumerate(zip(xr_all.split(list(sizes)), xs_all.split(ipc))):
+            g_real, _ = chunked_grad(model, p, xr, torch.full((len(xr),), c, device=x.device), chunk)
+            loss = F.cross_entropy(functional_call(model, p, (xs,)), torch.full((len(xs),), c, device=x.device))
+            g_syn = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+            total = total + sum(layer_distance(a.detach(), b) for a, b in zip(g_real, g_syn))
+        (gx,) = torch.autograd.grad(total, [x])
+    return gx, total.detach()
+
+
+def _augmented(x_real: torch.Tensor, x_syn: torch.Tensor, strategy: str | None, aug_real: AugParams | None,
+               aug_syn: AugParams | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real, synthetic) images under the classes' draws per image, without a branch (no graph for the real)."""
+    if strategy is None:
+        return x_real, x_syn
+    with torch.no_grad():
+        xr = apply_aug_select(x_real, cast(AugParams, aug_real), strategy)
+    return xr, apply_aug_select(x_syn, cast(AugParams, aug_syn), strategy)

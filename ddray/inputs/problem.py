@@ -127,7 +127,7 @@ def _class_batches(problem: Problem) -> ClassBatches:
 def _dc(problem: Problem) -> Objective:
     d, seed = problem.config.distill, problem.config.run.seed
     return GradientMatching(problem.model, problem.sampler(), _class_batches(problem), d.ipc, seed, d.augment,
-                            d.loops, d.net_lr)
+                            d.loops, d.net_lr, cuda_graphs=problem.config.run.cuda_graphs)
 
 
 def _dm(problem: Problem) -> Objective:

@@ -190,14 +190,14 @@ def test_bad_params() -> None:
         apply_aug(x[0], FIXED["flip"])
 
 
-# ----------------------------------------------------------------------------- without a branch (DM's graphs)
+# ----------------------------------------------------------------------------- without a branch (DC's, DM's graphs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("strategy", [DEFAULT_STRATEGY, "crop_flip", "rotate"])
 def test_select_without_a_branch_equals_each_blocks_own_draw(dtype: torch.dtype, strategy: str) -> None:
     """stack_aug + apply_aug_select give, bit for bit, the values and the gradient of applying each
-    block's draw with apply_aug: the captured DM iteration augments as the eager one does."""
+    block's draw with apply_aug: the captured DC and DM matching augment as the eager ones do."""
     g = _g(21)
     sizes = [3, 1, 4, 2] * 6  # 24 blocks (classes) of different sizes
     draws = [sample_aug(strategy, 1, g) for _ in sizes]
