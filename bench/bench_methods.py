@@ -14,7 +14,7 @@ instance norm, average pooling), the papers' DSA strategy; random pixels stand i
   ones, Σ‖mean difference‖², one backward.
 * **MTT** (one student, ``--syn-steps`` steps on all N images from an expert segment). ddray:
   :class:`ddray.core.trajectory.TrajectoryMatching` (the unroll's VJP with the first-order distance
-  gradient). Plain: MTT's own loop — a list of student parameters, ``autograd.grad(create_graph=True)``
+  gradient; on a GPU replayed from a CUDA graph, ``ddray, no graphs`` beside it). Plain: MTT's own loop — a list of student parameters, ``autograd.grad(create_graph=True)``
   per step, the normalised parameter distance, one backward through everything.
 
 Both rows of a method get the same θ₀ (or expert segment), real images and augmentation draws,
@@ -153,13 +153,18 @@ def mtt(sizes: Sizes, device: torch.device, dtype: torch.dtype = torch.float32, 
     theta0 = {n: v[0] for n, v in _Cast(RandomInit(model, "default", seed), dtype).sample([(0, 0, 0)]).items()}
     expert = RandomExpert(theta0, sizes.expert_epochs + 1, seed)
     labels = torch.arange(CLASSES).repeat_interleave(sizes.ipc)
-    objective = TrajectoryMatching(model, [expert], labels, sizes.syn_steps, sizes.expert_epochs, 2, seed,
-                                   STRATEGY).to(device)
+    objective, kernel_by_kernel = (TrajectoryMatching(model, [expert], labels, sizes.syn_steps, sizes.expert_epochs,
+                                                      2, seed, STRATEGY, cuda_graphs=graphs).to(device)
+                                   for graphs in (True, False))
     images, raw = images.to(device), torch.full((1,), -4.6, dtype=dtype, device=device)  # step size ≈ 0.01
     model, y = model.to(device), labels.to(device)
 
     def ddray_row(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = objective(images, raw, step, [0])
+        return g.images, g.raw_lrs
+
+    def eager_row(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = kernel_by_kernel(images, raw, step, [0])
         return g.images, g.raw_lrs
 
     def plain_row(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +184,10 @@ def mtt(sizes: Sizes, device: torch.device, dtype: torch.dtype = torch.float32, 
         assert x_syn.grad is not None and rho.grad is not None
         return x_syn.grad.unsqueeze(0), rho.grad
 
-    return {"ddray": ddray_row, "plain": plain_row}
+    rows: dict[str, Grad] = {"ddray": ddray_row, "plain": plain_row}
+    if objective.graphs is not None:  # on a GPU "ddray" replays CUDA graphs: the same without them beside it
+        rows["ddray, no graphs"] = eager_row
+    return rows
 
 
 METHODS = {"dm": dm, "mtt": mtt}
@@ -231,7 +239,7 @@ def table(figures: dict[str, dict[str, float]], counts: dict[str, dict[str, dict
     lines = ["| method | ddray (ms / iteration) | plain eager loop (ms / iteration) | ddray / plain |",
              "| --- | ---: | ---: | ---: |"]
     for method, f in figures.items():
-        for row in (r for r in f if r != "plain"):  # "ddray", and on a GPU DM's "ddray, no graphs" too
+        for row in (r for r in f if r != "plain"):  # "ddray", and on a GPU "ddray, no graphs" too
             name = method if row == "ddray" else f"{method} ({row})"
             lines.append(f"| {name} | {f[row]:.1f} | {f['plain']:.1f} | {f[row] / f['plain']:.2f}× |")
     if counts:

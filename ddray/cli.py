@@ -118,9 +118,9 @@ OVERRIDES: dict[str, tuple[Any, str]] = {
     "experiment": (str, "MLflow experiment name"),
     "compile": (bool, "torch.compile the inner step and the real-batch gradient (dd, mtt; same gradients; "
                       "--no-compile: eager, the default)"),
-    "cuda_graphs": (bool, "on a GPU, replay DD's meta-step and DC's and DM's matching from CUDA graphs captured "
-                          "once per shape (the default; --no-cuda-graphs: launch kernel by kernel; no effect on "
-                          "CPU)"),
+    "cuda_graphs": (bool, "on a GPU, replay each meta-step (DD, MTT; DC's and DM's matching) from CUDA graphs "
+                          "captured once per shape (the default; --no-cuda-graphs: launch kernel by kernel; no "
+                          "effect on CPU)"),
 }
 assert set(OVERRIDES) <= set(FIELD_SECTION)
 #: the data flags every command that reads real data takes

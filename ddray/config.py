@@ -320,8 +320,8 @@ class RunConfig:
     step and the real-batch gradient of the DD and MTT unrolls (:mod:`ddray.core.kernels`;
     same gradients up to float rounding; eager with a warning where unavailable). ``cuda_graphs``:
     on a CUDA device, DD's meta-step (unroll, its vector-Jacobian product, the real-batch gradient)
-    is captured whole as one CUDA graph per shape and replayed, and so is each network's matching
-    in DC and DM (:mod:`ddray.core.capture`; the same gradients to float tolerance, each graph
+    is captured whole as one CUDA graph per shape and replayed, and so are MTT's meta-step and
+    each network's matching in DC and DM (:mod:`ddray.core.capture`; the same gradients to float tolerance, each graph
     checked against eager once; eager with a log line where capture fails); the graph holds the
     eager kernels, so with it ``compile`` applies only to shapes that could not be captured. No
     effect on CPU.

@@ -19,7 +19,7 @@ saturation, then contrast, each with its own draw).
 *Without a branch* (:func:`stack_aug`, :func:`apply_aug_select`): a batch whose blocks carry
 different draws, every op computed and each image's own kept with ``torch.where``. The same
 values and gradients, and no Python branch on the draw, so that one CUDA graph replays every
-draw (DC's and DM's captured matching, :mod:`ddray.core.capture`).
+draw (the captured DC, DM and MTT meta-steps, :mod:`ddray.core.capture`).
 
 Parameters (:data:`AugParams`) are a plain dict of CPU tensors, cheap to pickle:
 ``op`` — 0-dim int64 index into :data:`OPS` — plus the chosen op's draws, each with
@@ -194,22 +194,28 @@ FIELDS: dict[str, tuple[tuple[str, tuple[int, ...], float], ...]] = {
 
 
 def stack_aug(draws: list[AugParams], sizes: list[int], strategy: str, like: torch.Tensor) -> AugParams:
-    """Siamese draws for consecutive blocks of a batch (DM: one per class) as per-image parameters
-    for :func:`apply_aug_select`, on ``like``'s device and float dtype.
+    """Draws for consecutive blocks of a batch (DM: one siamese draw per class; MTT: one draw of
+    per-image parameters per student step) as per-image parameters for :func:`apply_aug_select`,
+    on ``like``'s device and float dtype.
 
-    Returns ``{"op": (B,) int64, <every field of every op in the strategy>: (B, ...)}``,
-    B = Σ sizes: block i's images carry draw i; fields of an op a block did not pick hold the
-    filler of :data:`FIELDS`. The same shapes for every draw, so a CUDA graph can read them
-    from static buffers.
+    Block i has ``sizes[i]`` images; its draw is for 1 image (shared by the block) or for all of
+    them. Returns ``{"op": (B,) int64, <every field of every op in the strategy>: (B, ...)}``,
+    B = Σ sizes; fields of an op a block did not pick hold the filler of :data:`FIELDS`. The same
+    shapes for every draw, so a CUDA graph can read them from static buffers.
     """
     if len(draws) != len(sizes):
         raise ValueError(f"stack_aug: {len(draws)} draws for {len(sizes)} blocks")
-    counts = torch.tensor(sizes)
-    out: AugParams = {"op": torch.stack([d["op"] for d in draws]).repeat_interleave(counts).to(like.device)}
+    for d, size in zip(draws, sizes):
+        drawn_for = {v.shape[0] for k, v in d.items() if k != "op"}
+        if not drawn_for <= {1, size}:
+            raise ValueError(f"stack_aug: a draw for {sorted(drawn_for)} images in a block of {size}; "
+                             f"allowed: 1 (shared by the block) or {size}")
+    out: AugParams = {"op": torch.cat([d["op"].expand(size) for d, size in zip(draws, sizes)]).to(like.device)}
     for op in dict.fromkeys(parse_strategy(strategy)):
         for name, shape, filler in FIELDS[op]:
-            rows = [d[name][0] if name in d else torch.full(shape, filler) for d in draws]
-            out[name] = torch.stack(rows).repeat_interleave(counts, 0).to(device=like.device, dtype=like.dtype)
+            rows = [(d[name] if name in d else torch.full((1, *shape), filler)).expand(size, *shape)
+                    for d, size in zip(draws, sizes)]
+            out[name] = torch.cat(rows).to(device=like.device, dtype=like.dtype)
     return out
 
 

@@ -1,5 +1,5 @@
 """Meta-steps captured whole on CUDA: DD's unroll, its vector-Jacobian product and the real-batch
-gradient (and DC's and DM's matching) replayed as CUDA graphs.
+gradient (and MTT's meta-step, DC's and DM's matching) replayed as CUDA graphs.
 
 On a GPU a default meta-step (LeNet, T = 30 inner steps on 10 images, one real batch of 1,024) is
 a few GFLOP, well under a millisecond of arithmetic, but thousands of kernel launches, each with
@@ -11,11 +11,12 @@ graph per :func:`tree_key` (every input's shape and dtype, the device, and the P
 the function is specialised to). What DD's graphs capture is :func:`static_meta_gradient`: the
 same unroll, VJP and real-batch gradient as :func:`ddray.core.unroll.meta_gradient` (eager
 kernels), written without a host synchronisation (the outer loss stays a tensor until the replay
-is done); :class:`MetaStepGraphs` wraps it. DC's and DM's are :func:`ddray.core.matching.static_dc`
-and :func:`ddray.core.matching.static_dm`, with the augmentation draws in static buffers and applied
+is done); :class:`MetaStepGraphs` wraps it. MTT's, DC's and DM's are
+:func:`ddray.core.trajectory.static_mtt`, :func:`ddray.core.matching.static_dc` and
+:func:`ddray.core.matching.static_dm`, with the augmentation draws in static buffers and applied
 without a branch
 (:func:`ddray.core.augment.apply_aug_select`). Everything random — θ₀, the real batch, the
-augmentation draws — is drawn outside the graph, so the seed streams are the eager ones; the
+augmentation draws, MTT's expert segments and batches — is drawn outside the graph, so the seed streams are the eager ones; the
 graph reads them from static buffers.
 
 Shapes are static in a graph, so a graph is kept per shape — for DD (K, x̃, z̃ or ỹ, ρ, the real

@@ -23,16 +23,17 @@ run, draws the same ones. Images in no B_n of a meta-step get a zero gradient fr
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence, cast
 
 import torch
 import torch.nn as nn
 
-from ddray.core.augment import apply_aug, sample_aug
+from ddray.core.augment import AugParams, apply_aug, apply_aug_select, sample_aug, stack_aug
+from ddray.core.capture import Graphs
 from ddray.core.inits import AUGMENT, SYN_BATCH, TRAJECTORY, generator
 from ddray.core.kernels import Kernels
 from ddray.core.models import Params, stack_params
-from ddray.core.unroll import MetaGrad, Rows, Transform, unroll_vjp
+from ddray.core.unroll import MetaGrad, Outer, Rows, Transform, unroll_vjp
 
 
 class Expert(Protocol):
@@ -56,11 +57,16 @@ class TrajectoryMatching:
         compile: compile the student's step (:mod:`ddray.core.kernels`).
         batch_syn: images per student step, 1 ≤ batch_syn ≤ N (MTT's ``--batch_syn``); None:
             all N every step.
+        cuda_graphs: on a CUDA device (:meth:`to`), replay each meta-step — the students' unroll,
+            its VJP and the distance gradient — from a CUDA graph captured once per shape
+            (:func:`static_mtt`, :class:`ddray.core.capture.Graphs`; eager where capture fails, and
+            ``compile`` applies only there). No effect on CPU.
     """
 
     def __init__(self, model: nn.Module, experts: Sequence[Expert], labels: torch.Tensor, syn_steps: int,
                  expert_epochs: int, max_start_epoch: int, seed: int, strategy: str | None,
-                 memory: str = "full", compile: bool = False, batch_syn: int | None = None) -> None:
+                 memory: str = "full", compile: bool = False, batch_syn: int | None = None,
+                 cuda_graphs: bool = True) -> None:
         if batch_syn is not None and not 1 <= batch_syn <= len(labels):
             raise ValueError(f"--batch-syn {batch_syn}: must be between 1 and {len(labels)} "
                              "(the number of synthetic images)")
@@ -73,6 +79,8 @@ class TrajectoryMatching:
         self.syn_steps, self.expert_epochs, self.max_start = syn_steps, expert_epochs, max_start_epoch
         self.seed, self.strategy, self.memory, self.batch_syn = seed, strategy, memory, batch_syn
         self.kernels = Kernels(model, compile)
+        self.cuda_graphs = cuda_graphs
+        self.graphs: Graphs | None = None  # made by to(a CUDA device)
 
     def segment(self, step: int, net: int) -> tuple[Params, Params]:
         """(θ*_t, θ*_{t+M}) of the (expert, t) drawn for ``net`` at meta-step ``step``."""
@@ -90,18 +98,45 @@ class TrajectoryMatching:
         theta0 = {n: v.to(images.device) for n, v in stack_params(list(starts)).items()}
         target = {n: v.to(images.device) for n, v in stack_params(list(targets)).items()}
         scale = torch.stack([((theta0[n] - target[n]) ** 2).flatten(1).sum(1) for n in theta0]).sum(0)  # (K,)
+        y = (self.labels if labels is None else labels).to(images.device)
+        raw = raw_lrs.repeat(self.syn_steps)
+        replayed = self.replay(step, theta0, target, scale, images, y, raw)
+        if replayed is not None:
+            g_img, g_raw, g_lab, loss = replayed
+            return MetaGrad(g_img, g_raw.sum().reshape(1), float(loss), len(nets), g_lab)
+        distance = distance_to(target, scale)
 
         def outer(theta: Params) -> tuple[Params, float]:
-            diff = {n: theta[n].detach() - target[n] for n in theta}
-            loss = torch.stack([(d ** 2).flatten(1).sum(1) for d in diff.values()]).sum(0) / scale
-            grads = {n: 2 * d / scale.view(-1, *[1] * (d.dim() - 1)) for n, d in diff.items()}
-            return grads, float(loss.sum())
+            grads, loss = distance(theta)
+            return grads, float(loss)
 
-        y = self.labels if labels is None else labels
-        g = unroll_vjp(self.model, theta0, images, y.to(images.device),
-                       raw_lrs.repeat(self.syn_steps), outer, self.memory, self.transform(step), self.kernels,
+        g = unroll_vjp(self.model, theta0, images, y, raw, outer, self.memory, self.transform(step), self.kernels,
                        self.rows(step, images.device))
         return MetaGrad(g.images, g.raw_lrs.sum().reshape(1), g.loss, len(nets), g.labels)
+
+    def replay(self, step: int, theta0: Params, target: Params, scale: torch.Tensor, images: torch.Tensor,
+               labels: torch.Tensor, raw: torch.Tensor) -> tuple | None:
+        """(∂/∂x̃, ∂/∂ρ per step, ∂/∂z̃ or None, Σ L) from this shape's CUDA graph, or None (no graphs, or
+        this shape refused: the caller runs eagerly)."""
+        if self.graphs is None:
+            return None
+        inputs: dict = {"theta0": theta0, "target": target, "scale": scale, "images": images, "labels": labels,
+                        "raw_lrs": raw}
+        batches = self.batches(step)
+        if batches is not None:
+            inputs["rows"] = [b.to(images.device) for b in batches]
+        if self.strategy is not None:
+            sizes = [len(labels)] * self.syn_steps if batches is None else [len(b) for b in batches]
+            inputs["augs"] = [stack_aug([self.draw(step, n, size)], [size], self.strategy, images)
+                              for n, size in enumerate(sizes)]
+        k = len(scale)
+        return self.graphs(inputs, f"K={k}, images {tuple(images.shape)}", self.memory, self.strategy)
+
+    def static(self, inputs: dict, memory: str, strategy: str | None) -> tuple:
+        """What a graph captures (:func:`static_mtt`)."""
+        return static_mtt(self.model, inputs["theta0"], inputs["target"], inputs["scale"], inputs["images"],
+                          inputs["labels"], inputs["raw_lrs"], memory, strategy, inputs.get("augs"),
+                          inputs.get("rows"))
 
     def batches(self, step: int) -> list[torch.Tensor] | None:
         """B_0 … B_{syn_steps−1} of meta-step ``step``, sorted indices into the N images; None when every
@@ -136,12 +171,54 @@ class TrajectoryMatching:
             return None
 
         def aug(n: int, x: torch.Tensor) -> torch.Tensor:
-            return apply_aug(x, sample_aug(strategy, len(x), generator(self.seed, AUGMENT, step, n)))
+            return apply_aug(x, self.draw(step, n, len(x)))
 
         return aug
 
+    def draw(self, step: int, n: int, images: int) -> AugParams:
+        """The augmentation of student step ``n`` of meta-step ``step``, per image (DSA on)."""
+        return sample_aug(cast(str, self.strategy), images, generator(self.seed, AUGMENT, step, n))
+
     def to(self, device: torch.device) -> "TrajectoryMatching":
         """The experts stay on the CPU and each call moves its two snapshots per student; the kernels
-        are rebuilt for ``device``."""
+        are rebuilt for ``device``; there, with ``cuda_graphs`` on a CUDA device, meta-steps replay from graphs."""
         self.kernels = Kernels(self.model, self.kernels.compiled, device)
+        self.graphs = Graphs(self.static, "MTT's meta-step") if self.cuda_graphs and device.type == "cuda" else None
         return self
+
+
+def distance_to(target: Params, scale: torch.Tensor) -> Callable[[Params], tuple[Params, torch.Tensor]]:
+    """MTT's outer loss: θ̂ (K, ...) → (∂L/∂θ̂ per student, Σₖ Lₖ as a tensor), L = ‖θ̂ − θ*‖² / scale."""
+
+    def distance(theta: Params) -> tuple[Params, torch.Tensor]:
+        diff = {n: theta[n].detach() - target[n] for n in theta}
+        loss = torch.stack([(d ** 2).flatten(1).sum(1) for d in diff.values()]).sum(0) / scale
+        grads = {n: 2 * d / scale.view(-1, *[1] * (d.dim() - 1)) for n, d in diff.items()}
+        return grads, loss.sum()
+
+    return distance
+
+
+def static_mtt(model: nn.Module, theta0: Params, target: Params, scale: torch.Tensor, images: torch.Tensor,
+               labels: torch.Tensor, raw_lrs: torch.Tensor, memory: str, strategy: str | None,
+               augs: list[AugParams] | None = None,
+               rows: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                                torch.Tensor]:
+    """:class:`TrajectoryMatching`'s meta-gradient with eager kernels, as (∂/∂x̃, ∂/∂ρ per student step,
+    ∂/∂z̃ or None, Σ L): every result a tensor, nothing read back to the host, for a CUDA graph to capture.
+
+    ``augs[n]``: student step n's draw per image (:func:`ddray.core.augment.stack_aug`), applied by
+    :func:`ddray.core.augment.apply_aug_select`; ``rows[n]``: B_n on the device. The same values and
+    gradients as the eager form.
+    """
+    transform: Transform | None = None
+    if strategy is not None:
+        steps = cast(list[AugParams], augs)
+
+        def transform(n: int, x: torch.Tensor) -> torch.Tensor:
+            return apply_aug_select(x, steps[n], strategy)
+
+    outer = cast(Outer, distance_to(target, scale))  # Σ L stays a tensor
+    g = unroll_vjp(model, theta0, images, labels, raw_lrs, outer, memory, transform, Kernels(model),
+                   None if rows is None else rows.__getitem__)
+    return g.images, g.raw_lrs, g.labels, g.loss  # type: ignore[return-value]  # the loss is a tensor here

@@ -141,7 +141,7 @@ def _mtt(problem: Problem) -> Objective:
     assert problem.experts is not None  # loaded by build_problem for --method mtt
     return TrajectoryMatching(problem.model, problem.experts, _syn_labels(problem), d.syn_steps, d.expert_epochs,
                               d.max_start_epoch, seed, d.augment, d.memory, problem.config.run.compile,
-                              d.batch_syn)
+                              d.batch_syn, problem.config.run.cuda_graphs)
 
 
 OBJECTIVES: dict[str, Callable[[Problem], Objective]] = {

@@ -229,6 +229,24 @@ def test_stacked_draws_have_the_same_fields_and_shapes_whatever_was_drawn() -> N
     assert set(only) == {"op", "flip"} and only["flip"].shape == (4,)
     with pytest.raises(ValueError, match="2 draws for 3 blocks"):
         stack_aug(draws[:2], [1, 1, 1], DEFAULT_STRATEGY, like)
+    with pytest.raises(ValueError, match=r"a draw for \[3\] images in a block of 2"):
+        stack_aug([sample_aug("flip", 3, _g(2))], [2], "flip", like)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_select_of_one_draw_per_image_equals_apply_aug(op: str) -> None:
+    """MTT's student steps draw per-image parameters (one op per step): stacked as one block, the
+    branchless form gives apply_aug's values and gradient bit for bit."""
+    seed = next(s for s in range(300, 400) if OPS[int(sample_aug(DEFAULT_STRATEGY, 6, _g(s))["op"])] == op)
+    g = _g(seed)
+    draw = sample_aug(DEFAULT_STRATEGY, 6, g)
+    x = torch.randn(6, 3, 9, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    got = apply_aug_select(x, stack_aug([draw], [6], DEFAULT_STRATEGY, x), DEFAULT_STRATEGY)
+    want = apply_aug(x, draw)
+    assert torch.equal(got, want)
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    (g_got,), (g_want,) = (torch.autograd.grad((y * w).sum(), x) for y in (got, want))
+    assert torch.equal(g_got, g_want)
 
 
 def test_select_on_the_meta_device_reads_nothing_back_and_copies_nothing_from_the_host() -> None:
