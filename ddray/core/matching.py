@@ -289,26 +289,6 @@ class DistributionMatching(_PerClass):
         return functional_call(self.model, theta, (x,), {"embed": True})
 
 
-def static_dm(model: nn.Module, theta: Params, x_syn: torch.Tensor, x_real: torch.Tensor, sizes: tuple[int, ...],
-              ipc: int, strategy: str | None, aug_real: AugParams | None = None, aug_syn: AugParams | None = None,
-              chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:meth:`DistributionMatching.eager` as (∂L_DM/∂x̃, L_DM), both tensors, for a CUDA graph to capture.
-
-    ``x_real``: the classes' real images one after another (``sizes`` of them); ``aug_real`` and
-    ``aug_syn``: the classes' draws per image (:func:`ddray.core.augment.stack_aug`), applied by
-    :func:`ddray.core.augment.apply_aug_select` (no branch on the draw). Nothing is read back
-    to the host. The same values and gradient as the eager per-class form.
-    """
-    x = x_syn.detach().requires_grad_()
-    with torch.enable_grad():
-        xr, xs = _augmented(x_real, x, strategy, aug_real, aug_syn)
-        mean_real = class_means(chunked_embed(model, theta, xr, chunk), list(sizes))
-        emb = functional_call(model, theta, (xs,), {"embed": True})
-        total = ((mean_real - class_means(emb, [ipc] * len(sizes))) ** 2).sum()
-        (gx,) = torch.autograd.grad(total, [x])
-    return gx, total.detach()
-
-
 def class_means(emb: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Means of consecutive row blocks of ``emb`` (B, D) with the given ``sizes`` → (classes, D)."""
     if len(set(sizes)) == 1:
@@ -321,8 +301,11 @@ def static_dc(model: nn.Module, theta: Params, x_syn: torch.Tensor, x_real: torc
               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:meth:`GradientMatching.match` as (∂L_DC/∂x̃, L_DC), both tensors, for a CUDA graph to capture.
 
-    Arguments as :func:`static_dm`'s (θ: the network of this outer step). Each class's real and
-    synthetic gradients and their distance as in the eager form; the same values and gradient.
+    θ: the network of this outer step; ``x_real``: the classes' real images one after another
+    (``sizes`` of them); ``aug_real`` and ``aug_syn``: the classes' draws per image
+    (:func:`ddray.core.augment.stack_aug`), applied by :func:`ddray.core.augment.apply_aug_select`
+    (no branch on the draw). Each class's real and synthetic gradients and their distance as in
+    the eager form: the same values and gradient. Nothing is read back to the host.
     """
     p = {n: v.detach().requires_grad_() for n, v in theta.items()}
     x = x_syn.detach().requires_grad_()
@@ -334,6 +317,24 @@ def static_dc(model: nn.Module, theta: Params, x_syn: torch.Tensor, x_real: torc
             loss = F.cross_entropy(functional_call(model, p, (xs,)), torch.full((len(xs),), c, device=x.device))
             g_syn = torch.autograd.grad(loss, list(p.values()), create_graph=True)
             total = total + sum(layer_distance(a.detach(), b) for a, b in zip(g_real, g_syn))
+        (gx,) = torch.autograd.grad(total, [x])
+    return gx, total.detach()
+
+
+def static_dm(model: nn.Module, theta: Params, x_syn: torch.Tensor, x_real: torch.Tensor, sizes: tuple[int, ...],
+              ipc: int, strategy: str | None, aug_real: AugParams | None = None, aug_syn: AugParams | None = None,
+              chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`DistributionMatching.eager` as (∂L_DM/∂x̃, L_DM), both tensors, for a CUDA graph to capture.
+
+    Arguments as :func:`static_dc`'s (θ: a fresh network). The same values and gradient as the
+    eager form; nothing is read back to the host.
+    """
+    x = x_syn.detach().requires_grad_()
+    with torch.enable_grad():
+        xr, xs = _augmented(x_real, x, strategy, aug_real, aug_syn)
+        mean_real = class_means(chunked_embed(model, theta, xr, chunk), list(sizes))
+        emb = functional_call(model, theta, (xs,), {"embed": True})
+        total = ((mean_real - class_means(emb, [ipc] * len(sizes))) ** 2).sum()
         (gx,) = torch.autograd.grad(total, [x])
     return gx, total.detach()
 
