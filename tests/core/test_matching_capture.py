@@ -125,19 +125,25 @@ def test_a_cpu_objective_never_captures(kind: str) -> None:
 # ----------------------------------------------------------------------------- on a GPU
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("kind", ["dc", "dm"])
-@pytest.mark.parametrize("strategy", [None, DEFAULT_STRATEGY])
-def test_cuda_replays_equal_eager(kind: str, strategy: str | None) -> None:
+def cuda_replays(obj, eager, images: torch.Tensor, raw: torch.Tensor, steps: int = 3) -> list[tuple]:
+    """(replayed, eager) results of ``steps`` meta-steps of two networks on the GPU: ``obj`` with CUDA
+    graphs, ``eager`` without; one graph must serve them all."""
     dev = torch.device("cuda")
-    obj, images, raw = _objective(kind, strategy, torch.float32)
-    eager, _, _ = _objective(kind, strategy, torch.float32, cuda_graphs=False)
     obj.model, eager.model = obj.model.to(dev), eager.model.to(dev)
     obj, eager = obj.to(dev), eager.to(dev)
     images, raw = images.to(dev), raw.to(dev)
     assert obj.graphs is not None and eager.graphs is None
-    for step in range(3):
-        got, want = obj(images, raw, step, [0, 1]), eager(images, raw, step, [0, 1])
+    out = [(obj(images, raw, step, [0, 1]), eager(images, raw, step, [0, 1])) for step in range(steps)]
+    assert len(obj.graphs.graphs) == 1 and not obj.graphs.refused
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["dc", "dm"])
+@pytest.mark.parametrize("strategy", [None, DEFAULT_STRATEGY])
+def test_cuda_replays_equal_eager(kind: str, strategy: str | None) -> None:
+    obj, images, raw = _objective(kind, strategy, torch.float32)
+    eager, _, _ = _objective(kind, strategy, torch.float32, cuda_graphs=False)
+    for got, want in cuda_replays(obj, eager, images, raw):
         torch.testing.assert_close(got.images, want.images, rtol=1e-4, atol=1e-6)
         assert got.loss == pytest.approx(want.loss, rel=1e-4)
-    assert len(obj.graphs.graphs) == 1 and not obj.graphs.refused

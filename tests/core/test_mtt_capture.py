@@ -20,6 +20,7 @@ from ddray.core.models import ConvNet
 from ddray.core.trajectory import TrajectoryMatching, static_mtt
 
 from test_capture import HostData, StandIn, stand_in  # noqa: F401  (stand_in: the fixture)
+from test_matching_capture import cuda_replays
 from test_methods import C, IPC, _experts, _setup
 
 
@@ -94,15 +95,9 @@ def test_a_cpu_objective_never_captures() -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("memory,strategy,batch_syn", CASES)
 def test_cuda_replays_equal_eager(memory: str, strategy: str | None, batch_syn: int | None) -> None:
-    dev = torch.device("cuda")
     obj, images, raw = _mtt(memory, strategy, batch_syn)
     eager, _, _ = _mtt(memory, strategy, batch_syn, cuda_graphs=False)
-    obj.model, eager.model = obj.model.to(dev), eager.model.to(dev)
-    obj, eager = obj.to(dev), eager.to(dev)
-    images, raw = images.to(dev), raw.to(dev)
-    assert obj.graphs is not None and eager.graphs is None
-    for step in range(3):
-        got, want = obj(images, raw, step, [0, 1]), eager(images, raw, step, [0, 1])
+    for got, want in cuda_replays(obj, eager, images, raw):
         torch.testing.assert_close(got.images, want.images, rtol=1e-9, atol=1e-12)  # float64 on the GPU
         torch.testing.assert_close(got.raw_lrs, want.raw_lrs, rtol=1e-9, atol=1e-12)
-    assert len(obj.graphs.graphs) == 1 and not obj.graphs.refused
+        assert got.loss == pytest.approx(want.loss, rel=1e-9)
