@@ -14,8 +14,9 @@ instance norm, average pooling), the papers' DSA strategy; random pixels stand i
   ones, Σ‖mean difference‖², one backward.
 * **MTT** (one student, ``--syn-steps`` steps on all N images from an expert segment). ddray:
   :class:`ddray.core.trajectory.TrajectoryMatching` (the unroll's VJP with the first-order distance
-  gradient; on a GPU replayed from a CUDA graph, ``ddray, no graphs`` beside it). Plain: MTT's own loop — a list of student parameters, ``autograd.grad(create_graph=True)``
-  per step, the normalised parameter distance, one backward through everything.
+  gradient; on a GPU replayed from a CUDA graph, ``ddray, no graphs`` beside it). Plain: MTT's own
+  loop — a list of student parameters, ``autograd.grad(create_graph=True)`` per step, the normalised
+  parameter distance, one backward through everything.
 
 Both rows of a method get the same θ₀ (or expert segment), real images and augmentation draws,
 so they compute the same gradient (tests/test_bench_methods.py checks it in float64); only the
@@ -109,9 +110,8 @@ def dm(sizes: Sizes, device: torch.device, dtype: torch.dtype = torch.float32, s
     model, x_real, y_real, images = _inputs(sizes, dtype, seed)
     sampler = _Cast(RandomInit(model, "default", seed), dtype)
     real = ClassBatches(x_real, y_real, CLASSES, sizes.real_per_class, seed)
-    objective = DistributionMatching(model, sampler, real, sizes.ipc, seed, STRATEGY).to(device)
-    kernel_by_kernel = DistributionMatching(model, sampler, real, sizes.ipc, seed, STRATEGY, cuda_graphs=False)
-    kernel_by_kernel.real = objective.real  # the same real images, already on the device
+    objective, kernel_by_kernel = (DistributionMatching(model, sampler, real, sizes.ipc, seed, STRATEGY,
+                                                        cuda_graphs=graphs).to(device) for graphs in (True, False))
     images, raw = images.to(device), torch.zeros(1, dtype=dtype, device=device)
     net = copy.deepcopy(model).to(device)
 

@@ -125,12 +125,11 @@ class TrajectoryMatching:
         batches = self.batches(step)
         if batches is not None:
             inputs["rows"] = [b.to(images.device) for b in batches]
-        if self.strategy is not None:
+        if self.strategy is not None:  # every step's draw in one block each: one copy per field, not per step
             sizes = [len(labels)] * self.syn_steps if batches is None else [len(b) for b in batches]
-            inputs["augs"] = [stack_aug([self.draw(step, n, size)], [size], self.strategy, images)
-                              for n, size in enumerate(sizes)]
-        k = len(scale)
-        return self.graphs(inputs, f"K={k}, images {tuple(images.shape)}", self.memory, self.strategy)
+            inputs["augs"] = stack_aug([self.draw(step, n, size) for n, size in enumerate(sizes)], sizes,
+                                       self.strategy, images)
+        return self.graphs(inputs, f"K={len(scale)}, images {tuple(images.shape)}", self.memory, self.strategy)
 
     def static(self, inputs: dict, memory: str, strategy: str | None) -> tuple:
         """What a graph captures (:func:`static_mtt`)."""
@@ -201,19 +200,21 @@ def distance_to(target: Params, scale: torch.Tensor) -> Callable[[Params], tuple
 
 def static_mtt(model: nn.Module, theta0: Params, target: Params, scale: torch.Tensor, images: torch.Tensor,
                labels: torch.Tensor, raw_lrs: torch.Tensor, memory: str, strategy: str | None,
-               augs: list[AugParams] | None = None,
+               augs: AugParams | None = None,
                rows: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                                 torch.Tensor]:
     """:class:`TrajectoryMatching`'s meta-gradient with eager kernels, as (∂/∂x̃, ∂/∂ρ per student step,
     ∂/∂z̃ or None, Σ L): every result a tensor, nothing read back to the host, for a CUDA graph to capture.
 
-    ``augs[n]``: student step n's draw per image (:func:`ddray.core.augment.stack_aug`), applied by
-    :func:`ddray.core.augment.apply_aug_select`; ``rows[n]``: B_n on the device. The same values and
-    gradients as the eager form.
+    ``augs``: the student steps' draws per image, one block per step in order
+    (:func:`ddray.core.augment.stack_aug`), applied by :func:`ddray.core.augment.apply_aug_select`;
+    ``rows[n]``: B_n on the device. The same values and gradients as the eager form.
     """
     transform: Transform | None = None
     if strategy is not None:
-        steps = cast(list[AugParams], augs)
+        sizes = [len(labels)] * len(raw_lrs) if rows is None else [len(r) for r in rows]  # each step's images
+        fields = {name: v.split(sizes) for name, v in cast(AugParams, augs).items()}
+        steps = [{name: parts[n] for name, parts in fields.items()} for n in range(len(sizes))]
 
         def transform(n: int, x: torch.Tensor) -> torch.Tensor:
             return apply_aug_select(x, steps[n], strategy)

@@ -75,7 +75,7 @@ def test_the_captured_function_reads_nothing_back_at_cifar10_shapes(memory: str)
     images = torch.empty(1, 100, 3, 32, 32, device=meta)
     labels, raw = torch.arange(10, device=meta).repeat_interleave(10), torch.empty(5, device=meta)
     g = torch.Generator().manual_seed(0)
-    augs = [stack_aug([sample_aug(DEFAULT_STRATEGY, 50, g)], [50], DEFAULT_STRATEGY, images) for _ in range(5)]
+    augs = stack_aug([sample_aug(DEFAULT_STRATEGY, 50, g) for _ in range(5)], [50] * 5, DEFAULT_STRATEGY, images)
     rows = [torch.empty(50, dtype=torch.long, device=meta) for _ in range(5)]
     with HostData() as seen:
         g_img, g_raw, g_lab, loss = static_mtt(model, theta0, target, torch.empty(2, device=meta), images, labels,
