@@ -270,13 +270,22 @@ def main() -> None:
     sizes = Sizes(args.ipc, args.width, args.real_per_class, args.syn_steps)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     print(f"# {where}, torch {torch.__version__}, {sizes}, median of {args.reps}")
-    figures, counts = {}, {}
+    figures, counts, peaks = {}, {}, {}
     for m in args.methods:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         rows = METHODS[m](sizes, device)
         figures[m] = time_rows(rows, device, args.reps)
         counts[m] = {name: launches(row, args.reps + 2, device) for name, row in rows.items()}
+        if device.type == "cuda":  # every row's, the captured ones' graphs (their memory pool) included
+            peaks[f"{m} peak GiB reserved"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
+        del rows
     print(table(figures, counts))
+    for name, gib in peaks.items():
+        print(f"# {name}: {gib:.2f}")
     flat = {f"{m} {row} ms": ms for m, rows in figures.items() for row, ms in rows.items()}
+    flat.update(peaks)
     flat.update({f"{m} ddray/plain": rows["ddray"] / rows["plain"] for m, rows in figures.items()})
     flat.update({f"{m} {row} {k}": v for m, rows in counts.items() for row, c in rows.items() for k, v in c.items()})
     print("FIGURES " + json.dumps(flat))  # for bench/gpu_check.py's results file

@@ -24,14 +24,20 @@ batch, dtype, memory mode). K moves when workers join or leave and a meta-step's
 be smaller; a new shape is captured on first sight:
 
 1. warm-up on a side stream (the eager function, twice: cuDNN and the allocator settle);
-2. capture into a graph with its own memory pool;
+2. capture into a graph, in the memory pool that every graph of the same :class:`Graphs` shares;
 3. one replay on the warm-up's inputs, checked against the warm-up's eager result
    (:data:`RTOL`/:data:`ATOL`): a graph that disagrees is never used.
 
 Where capture is impossible — not a CUDA device, an error while capturing, a replay that
 disagrees — the caller runs eagerly, and the log says why: a warning the first time in a
-process, an info line for each shape after that. On CPU nothing changes. Each graph holds its
-own buffers (inputs, outputs, activations), so at most :data:`MAX_GRAPHS` shapes are kept per
+process, an info line for each shape after that. On CPU nothing changes.
+
+Memory: each graph keeps its static inputs and outputs; its activations live in the memory pool
+that the graphs of one :class:`Graphs` share, so the pool holds about the largest graph's
+activations rather than the sum (DM's share at CIFAR-10's sizes embeds 2,560 real images: a few
+GB). Sharing is safe because a :class:`Graphs` replays one graph at a time, on one stream, and
+copies its outputs out before the next replay: what a later capture reuses of an earlier graph's
+memory is only ever scratch to both. At most :data:`MAX_GRAPHS` shapes are kept per
 :class:`Graphs`, the least recently used dropped.
 """
 
@@ -155,6 +161,7 @@ class Graphs:
         self.run, self.what = run, what
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.refused: dict[tuple, str] = {}  # key → why it runs eagerly
+        self.pool: Any = None  # the memory pool every graph here captures into (the first graph's)
 
     def __call__(self, inputs: Tree, shape: str, *consts: Any) -> tuple | None:
         key = tree_key(inputs, *consts)
@@ -182,7 +189,7 @@ class Graphs:
     def _capture(self, key: tuple, inputs: Tree, shape: str, consts: tuple) -> _Graph | None:
         static = _clone(inputs)
         try:
-            graph, outputs, expected = record(lambda: self.run(static, *consts))
+            graph, outputs, expected = record(lambda: self.run(static, *consts), self.pool)
         except Exception as e:  # capture raises many types (a host sync, an op that cannot be captured)
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             self.refused[key] = f"capture failed: {type(e).__name__}: {first}"
@@ -191,6 +198,8 @@ class Graphs:
             self.refused[key] = "a replay disagreed with the eager run"
             return None
         log.info("CUDA graphs: captured %s for %s", self.what, shape)
+        if self.pool is None:
+            self.pool = graph.pool()
         return _Graph(graph, static, outputs)
 
 
@@ -230,9 +239,10 @@ class MetaStepGraphs:
                                     static["raw_lrs"], static["x_real"], static["y_real"], memory)
 
 
-def record(run: Callable[[], tuple]) -> tuple[Any, tuple, tuple]:
-    """``run`` warmed up on a side stream, captured into a CUDA graph (its own memory pool) and replayed once:
-    (the graph, the output tensors each replay writes, the last warm-up's eager result)."""
+def record(run: Callable[[], tuple], pool: Any = None) -> tuple[Any, tuple, tuple]:
+    """``run`` warmed up on a side stream, captured into a CUDA graph and replayed once: (the graph, the
+    output tensors each replay writes, the last warm-up's eager result). ``pool``: another graph's memory
+    pool to capture into (``CUDAGraph.pool()``), or None for a pool of its own."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -240,7 +250,7 @@ def record(run: Callable[[], tuple]) -> tuple[Any, tuple, tuple]:
             expected = tuple(None if t is None else t.clone() for t in run())
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         outputs = run()
     graph.replay()
     torch.cuda.current_stream().synchronize()

@@ -135,9 +135,13 @@ class StandIn:
     closed over and writes the results into the very output tensors the capture returned."""
 
     captures = 0
+    pools: list = []  # the pool each capture was given
 
     def __init__(self, run, outputs: tuple) -> None:
         self.run, self.outputs = run, outputs
+
+    def pool(self) -> tuple:
+        return ("pool of", id(self))
 
     def replay(self) -> None:
         for out, new in zip(self.outputs, self.run()):
@@ -147,13 +151,14 @@ class StandIn:
 
 @pytest.fixture
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> type[StandIn]:
-    def record(run):
+    def record(run, pool=None):
         StandIn.captures += 1
+        StandIn.pools.append(pool)
         expected = tuple(None if t is None else t.clone() for t in run())
         outputs = run()
         return StandIn(run, outputs), outputs, expected
 
-    StandIn.captures = 0
+    StandIn.captures, StandIn.pools = 0, []
     monkeypatch.setattr(capture, "record", record)
     monkeypatch.setattr(capture, "capture_unavailable", lambda device: None)
     return StandIn
@@ -184,11 +189,14 @@ def test_a_new_k_is_captured_and_the_oldest_shape_dropped(stand_in: type[StandIn
     one = {n: v[:1] for n, v in params0.items()}
     graphs(one, images, labels, raw, x_real, y_real)  # K = 1 was dropped: captured again
     assert stand_in.captures == MAX_GRAPHS + 2
+    # the first capture made a pool; every later one went into it, the first graph evicted or not
+    assert stand_in.pools[0] is None and graphs.calls.pool is not None
+    assert set(stand_in.pools[1:]) == {graphs.calls.pool}
 
 
 def test_a_graph_that_disagrees_with_eager_is_never_used(monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    def record(run):
+    def record(run, pool=None):
         expected = tuple(None if t is None else t.clone() for t in run())
         outputs = tuple(None if t is None else t + 1 for t in run())  # a broken capture
         return object(), outputs, expected
@@ -204,7 +212,7 @@ def test_a_graph_that_disagrees_with_eager_is_never_used(monkeypatch: pytest.Mon
 
 
 def test_a_failed_capture_falls_back_to_eager_in_the_objective(monkeypatch: pytest.MonkeyPatch) -> None:
-    def record(run):
+    def record(run, pool=None):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
     monkeypatch.setattr(capture, "record", record)
@@ -262,14 +270,14 @@ def test_cuda_k_changes_capture_again_and_lenet_agrees_in_float32() -> None:
     images, raw = torch.randn(10, 10, 1, 28, 28, device=dev), torch.full((30,), -2.0, device=dev)
     labels = torch.arange(10, device=dev)
     graphs = MetaStepGraphs(model)
-    for k in (4, 3, 4):
+    for k in (4, 3, 4, 3):  # two graphs in one memory pool, replayed in turn
         params0 = {n: v.to(dev) for n, v in sampler.sample([(0, 0, i) for i in range(k)]).items()}
         got = graphs(params0, images, labels, raw, x, y)
         want = meta_gradient(model, params0, images, labels, raw, x, y)
         assert got is not None, graphs.refused
         torch.testing.assert_close(got.images, want.images, rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(got.raw_lrs, want.raw_lrs, rtol=1e-3, atol=1e-5)
-    assert len(graphs.graphs) == 2
+    assert len(graphs.graphs) == 2 and {g.graph.pool() for g in graphs.graphs.values()} == {graphs.calls.pool}
 
 
 @pytest.mark.cuda
