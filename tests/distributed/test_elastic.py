@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow
 
 FLAGS = ["--dataset", "mnist5k", "--steps", "2", "--epochs", "1", "--ipc", "1", "--batch-size", "64",
          "--nets", "2", "--eval-nets", "2", "--seed", "0", "--cpus-per-worker", "1", "--no-progress", "--no-scores"]
+# RAY_AUTH_MODE pinned for this module's cluster and its drivers alike: a local Ray started earlier in the
+# same pytest process (another module's) turns token authentication on in os.environ for what follows
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-       "PYTHONUNBUFFERED": "1"}
+       "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
 
 
 def free_port() -> int:
@@ -55,6 +57,7 @@ def cluster() -> Iterator[Any]:
         mp.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
         mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
         mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+        mp.setenv("RAY_AUTH_MODE", ENV["RAY_AUTH_MODE"])
         port = free_port()
         c = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
