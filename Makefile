@@ -27,15 +27,19 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/ddray distill --baselines --compile
 
+# two pytest-xdist workers, a test module each at a time (tests/conftest.py: tests/e2e as one, the modules with
+# slow tests first): most tests wait on processes and servers, so two share 2 cores well
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 # the whole suite: pyproject's addopts leave the slow tests out of a bare `pytest`
 test: $(VENV)/.installed e2e-deps
-	$(PY) -m pytest -q -m 'slow or not slow'
+	$(PY) -m pytest -q $(XDIST) -m 'slow or not slow'
 
 test-e2e: $(VENV)/.installed e2e-deps
 	$(PY) -m pytest -q -m e2e
 
 test-fast: $(VENV)/.installed e2e-deps
-	$(PY) -m pytest -q -m 'not slow'
+	$(PY) -m pytest -q $(XDIST) -m 'not slow'
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_core.py
